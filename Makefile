@@ -1,0 +1,35 @@
+# Two commands do everything: `make demo` (the main job) and `make test` (the test suite).
+# Each creates the virtual environment .venv first when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch and torchvision must be a matching pair; override for your platform, e.g.
+#   make TORCH_SPEC="torch==2.5.1 torchvision==0.20.1" demo
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+KERNEL := wsss
+
+.PHONY: demo test figures lab clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (wsss .venv)"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m wsss demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+figures: $(VENV)/.installed
+	$(PY) -m wsss.notebooks run notebooks/experiments/ablation_demo.yaml
+	$(PY) -m wsss.notebooks run notebooks/experiments/figures.yaml
+
+lab: $(VENV)/.installed
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-venv:
+	rm -rf $(VENV)

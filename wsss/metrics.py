@@ -1,0 +1,54 @@
+"""The one confusion-matrix accumulator behind every mIoU in the project."""
+
+from __future__ import annotations
+
+import torch
+
+from wsss.classes import IGNORE_INDEX
+
+
+class ConfusionMatrix:
+    """Accumulates a (C, C) confusion matrix over a whole split (rows: truth, cols: prediction).
+
+    ``num_classes`` counts background, so K foreground classes give K + 1. Pixels whose
+    target is ``ignore_index`` are skipped. Works on any device; metrics are computed from
+    the summed counts, not averaged per image.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu", ignore_index: int = IGNORE_INDEX):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        pred = torch.as_tensor(pred, device=self.mat.device).reshape(-1).long()
+        target = torch.as_tensor(target, device=self.mat.device).reshape(-1).long()
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction has {pred.numel()} pixels but target has {target.numel()}")
+        keep = target != self.ignore_index
+        pred, target = pred[keep], target[keep]
+        n = self.num_classes
+        if target.numel() and (int(target.max()) >= n or int(target.min()) < 0):
+            raise ValueError(f"target holds label {int(target.max())} outside 0..{n - 1} (and {self.ignore_index} = ignore)")
+        if pred.numel() and (int(pred.max()) >= n or int(pred.min()) < 0):
+            raise ValueError(f"prediction holds label {int(pred.max())} outside 0..{n - 1}")
+        self.mat += torch.bincount(target * n + pred, minlength=n * n).reshape(n, n)
+
+    def reset(self) -> None:
+        self.mat.zero_()
+
+    def merge(self, other: "ConfusionMatrix") -> None:
+        self.mat += other.mat.to(self.mat.device)
+
+    def compute(self) -> dict:
+        """Per-class IoU (NaN for a class absent from both truth and prediction), mIoU over
+        the classes that occur, and pixel accuracy."""
+        m = self.mat.double()
+        tp = m.diag()
+        union = m.sum(0) + m.sum(1) - tp
+        iou = tp / union  # 0/0 -> nan for classes never seen
+        valid = union > 0
+        miou = iou[valid].mean().item() if valid.any() else float("nan")
+        total = m.sum()
+        acc = (tp.sum() / total).item() if total > 0 else float("nan")
+        return {"iou": iou.tolist(), "miou": miou, "pixel_acc": acc}
