@@ -21,17 +21,19 @@ class ConfusionMatrix:
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        pred = torch.as_tensor(pred, device=self.mat.device).reshape(-1).long()
-        target = torch.as_tensor(target, device=self.mat.device).reshape(-1).long()
-        if pred.shape != target.shape:
-            raise ValueError(f"prediction has {pred.numel()} pixels but target has {target.numel()}")
+        pred = torch.as_tensor(pred, device=self.mat.device)
+        target = torch.as_tensor(target, device=self.mat.device)
+        if pred.squeeze().shape != target.squeeze().shape:
+            raise ValueError(f"prediction has shape {tuple(pred.shape)} but target has shape {tuple(target.shape)}")
+        pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
         keep = target != self.ignore_index
         pred, target = pred[keep], target[keep]
         n = self.num_classes
-        if target.numel() and (int(target.max()) >= n or int(target.min()) < 0):
-            raise ValueError(f"target holds label {int(target.max())} outside 0..{n - 1} (and {self.ignore_index} = ignore)")
-        if pred.numel() and (int(pred.max()) >= n or int(pred.min()) < 0):
-            raise ValueError(f"prediction holds label {int(pred.max())} outside 0..{n - 1}")
+        for what, x in (("target", target), ("prediction", pred)):
+            bad = x[(x < 0) | (x >= n)]
+            if bad.numel():
+                extra = f" (and {self.ignore_index} = ignore)" if what == "target" else ""
+                raise ValueError(f"{what} holds label {int(bad[0])} outside 0..{n - 1}{extra}")
         self.mat += torch.bincount(target * n + pred, minlength=n * n).reshape(n, n)
 
     def reset(self) -> None:

@@ -1,0 +1,24 @@
+"""Default locations, resolved from the repository root (never from the working directory).
+
+Override with the environment variables WSSS_DATA and WSSS_RUNS, or pass paths explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("WSSS_DATA", REPO_ROOT / "data"))
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("WSSS_RUNS", REPO_ROOT / "runs"))
+
+
+def benchmark_root(size: str = "demo", seed: int = 0) -> Path:
+    """Where the embedded benchmark of a given size lives by default: data/synthetic-SIZE[-sSEED]."""
+    return data_dir() / (f"synthetic-{size}" if seed == 0 else f"synthetic-{size}-s{seed}")
