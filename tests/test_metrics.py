@@ -163,10 +163,15 @@ def test_labels_out_of_range_raise(pred, target):
 
 
 def test_size_mismatch_raises():
-    with pytest.raises(ValueError, match="pixels"):
+    with pytest.raises(ValueError, match="shape"):
         ConfusionMatrix(3).update(torch.zeros(4, 4), torch.zeros(4, 5))
 
 
 def test_error_names_the_negative_label():
     with pytest.raises(ValueError, match="-1"):
         ConfusionMatrix(3).update(torch.tensor([0, 1]), torch.tensor([0, -1]))
+
+
+def test_transposed_mask_raises():
+    with pytest.raises(ValueError, match="shape"):
+        ConfusionMatrix(3).update(torch.zeros(2, 8), torch.zeros(4, 4))
