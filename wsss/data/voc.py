@@ -1,0 +1,403 @@
+"""PASCAL VOC 2012 reader (plus the SBD ``train_aug`` split): images, masks, image-level labels.
+
+Every stage reads its data through this module, on real VOC and on the embedded benchmark
+alike (DESIGN.md, "Data flow"). The on-disk layout is::
+
+    ROOT/JPEGImages/NAME.jpg
+    ROOT/SegmentationClass/NAME.png      palette PNG: 0 background, 1..K classes, 255 ignore
+    ROOT/SegmentationClassAug/NAME.png   SBD masks, used for the names of train_aug.txt
+    ROOT/ImageSets/Segmentation/SPLIT.txt   "NAME" or "NAME c1 c2 ..." per line
+    ROOT/classes.txt                     optional foreground class names (wsss.classes)
+
+The image-level labels l_m of METHOD.md sec. 1 are the foreground classes present in an
+image. A split file may carry them ("NAME c1 c2 ...", indices 1..K); otherwise they are
+derived from the masks (classes present, 0 and 255 excluded) and cached in
+``ROOT/.wsss_cache/labels_SPLIT.npz``, which is rebuilt when the split file changes (its
+mtime or size) or the mask folder's mtime does; after editing masks in place, delete
+``ROOT/.wsss_cache``. A read-only root simply gets no cache.
+
+Bad input raises :class:`DatasetError`, whose message names the file and the fix;
+data/README.md explains each case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from tqdm.auto import tqdm
+
+from wsss.classes import IGNORE_INDEX, load_class_names, voc_palette
+
+log = logging.getLogger(__name__)
+
+IMAGE_DIR = "JPEGImages"
+MASK_DIR = "SegmentationClass"
+AUG_MASK_DIR = "SegmentationClassAug"
+AUG_SPLIT = "train_aug"
+SPLIT_DIR = Path("ImageSets", "Segmentation")
+CACHE_DIR = ".wsss_cache"
+_HELP = "see data/README.md"
+
+
+class DatasetError(Exception):
+    """Missing or malformed dataset input. The message names the path and the fix."""
+
+
+def _error(message: str) -> DatasetError:
+    return DatasetError(f"{message} ({_HELP})")
+
+
+# ---------------------------------------------------------------------------------------
+# Paths and splits
+# ---------------------------------------------------------------------------------------
+
+def is_training_split(split: str) -> bool:
+    """Splits whose images train the classifier (train, train_aug, train_single, ...):
+    every image there needs at least one label."""
+    return split.startswith("train")
+
+
+def split_path(root: str | Path, split: str) -> Path:
+    return Path(root) / SPLIT_DIR / f"{split}.txt"
+
+
+def available_splits(root: str | Path) -> list[str]:
+    """Names of the split files under ROOT/ImageSets/Segmentation, sorted."""
+    folder = Path(root) / SPLIT_DIR
+    return sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
+
+
+def mask_dir(root: str | Path, split: str) -> Path:
+    """SegmentationClassAug for the SBD ``train_aug`` split, SegmentationClass otherwise."""
+    return Path(root) / (AUG_MASK_DIR if split == AUG_SPLIT else MASK_DIR)
+
+
+def _check_root(root: str | Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise _error(f"dataset root {root} does not exist: pass the folder that holds "
+                     f"JPEGImages/, SegmentationClass/ and ImageSets/Segmentation/, "
+                     f"or generate the embedded benchmark there")
+    return root
+
+
+def class_names(root: str | Path) -> list[str]:
+    """Foreground class names of the dataset (ROOT/classes.txt, else the 20 VOC classes)."""
+    try:
+        return load_class_names(root)
+    except ValueError as err:  # an empty classes.txt
+        raise _error(str(err)) from None
+
+
+def _check_split_file(root: Path, split: str) -> Path:
+    path = split_path(root, split)
+    if not path.is_file():
+        found = available_splits(root)
+        listing = ", ".join(found) if found else f"none: {path.parent} holds no .txt files"
+        raise _error(f"split file {path} does not exist; splits found: {listing}. "
+                     f"Choose one of those, or write {path.name} with one image name per line")
+    return path
+
+
+def _split_tokens(line: str) -> list[str]:
+    """Tokens of a split-file line. A DeepLab-style list line
+    "/JPEGImages/NAME.jpg /SegmentationClassAug/NAME.png" reads as plain "NAME"."""
+    tokens = line.split()
+    if tokens[0].endswith(".jpg"):
+        tokens = [Path(tokens[0]).stem] + [t for t in tokens[1:] if not t.endswith(".png")]
+    return tokens
+
+
+def parse_split_lines(lines: list[str], num_classes: int, path: str | Path = "<split>"
+                      ) -> tuple[list[str], dict[str, np.ndarray] | None]:
+    """Names, and multi-hot labels (K,) uint8 when any line carries class indices.
+
+    Pure core of :func:`read_split`; ``path`` only names the file in error messages.
+    A file is label-carrying when any of its lines has more than the name; a bare name
+    in such a file then means "no label". Lines in DeepLab's list format (image and mask
+    paths) are read as the bare name.
+    """
+    rows = [(i + 1, _split_tokens(line)) for i, line in enumerate(lines) if line.strip()]
+    if not rows:
+        raise _error(f"split file {path} is empty: list one image name per line, "
+                     f"or delete it")
+    names = [tokens[0] for _, tokens in rows]
+    seen: set[str] = set()
+    for (lineno, _), name in zip(rows, names):
+        if name in seen:
+            raise _error(f"image {name} is listed twice in {path} (again on line {lineno}): "
+                         f"remove the duplicate line")
+        seen.add(name)
+    if all(len(tokens) == 1 for _, tokens in rows):
+        return names, None
+    labels = {}
+    for lineno, tokens in rows:
+        vec = np.zeros(num_classes, dtype=np.uint8)
+        for tok in tokens[1:]:
+            if not tok.isdigit() or not 1 <= int(tok) <= num_classes:
+                raise _error(f"line {lineno} of {path} has label {tok!r}; labels must be class "
+                             f"indices 1..{num_classes} (background 0 excluded), as in "
+                             f"'NAME 3 15'. Fix the line, or add the class to classes.txt")
+            vec[int(tok) - 1] = 1
+        labels[tokens[0]] = vec
+    return names, labels
+
+
+def read_split(root: str | Path, split: str, num_classes: int | None = None
+               ) -> tuple[list[str], dict[str, np.ndarray] | None]:
+    """Image names of ``split``, and their (K,) uint8 labels when the split file carries them.
+
+    ``num_classes`` defaults to the length of the dataset's class list.
+    """
+    root = _check_root(root)
+    path = _check_split_file(root, split)
+    k = len(class_names(root)) if num_classes is None else num_classes
+    return parse_split_lines(path.read_text().splitlines(), k, path)
+
+
+# ---------------------------------------------------------------------------------------
+# Images and masks
+# ---------------------------------------------------------------------------------------
+
+def load_image(path: str | Path) -> np.ndarray:
+    """An RGB image as (H, W, 3) uint8."""
+    path = Path(path)
+    if not path.is_file():
+        raise _error(f"image {path} does not exist: add it, or remove its name from the split file")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise _error(f"image {path} cannot be read ({err}): the file is corrupt or not an "
+                     f"image; replace it, or remove its name from the split file") from None
+
+
+def load_mask(path: str | Path, num_classes: int) -> np.ndarray:
+    """A class-index mask as (H, W) uint8 with values in 0..K and 255 (checked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise _error(f"mask {path} does not exist: add it, or give the split file's lines "
+                     f"image-level labels ('NAME c1 c2 ...') if masks are not available")
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L"):
+                raise _error(f"mask {path} is a {im.mode!r} image; masks must be palette ('P') "
+                             f"or greyscale ('L') PNGs holding class indices, not colours: "
+                             f"convert it (e.g. with wsss.data.voc.save_mask)")
+            mask = np.asarray(im, dtype=np.uint8).copy()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise _error(f"mask {path} cannot be read ({err}): replace the file") from None
+    check_mask_values(mask, num_classes, path)
+    return mask
+
+
+def check_mask_values(mask: np.ndarray, num_classes: int, path: str | Path = "<mask>") -> None:
+    """Raise if ``mask`` holds a value outside 0..K and 255."""
+    present = np.flatnonzero(np.bincount(mask.ravel(), minlength=256))
+    bad = [int(v) for v in present if num_classes < v < IGNORE_INDEX or v > IGNORE_INDEX]
+    if bad:
+        raise _error(f"mask {path} holds label(s) {bad} outside 0..{num_classes} and "
+                     f"{IGNORE_INDEX} ({num_classes} foreground classes): fix the mask, or "
+                     f"list all classes in classes.txt in the dataset root")
+
+
+def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """Image-level multi-hot label (K,) uint8: the foreground classes present in ``mask``."""
+    counts = np.bincount(mask.ravel(), minlength=256)
+    return (counts[1:num_classes + 1] > 0).astype(np.uint8)
+
+
+def save_mask(path: str | Path, mask: np.ndarray) -> None:
+    """Write a (H, W) class-index mask as a VOC palette PNG, atomically (tmp + os.replace)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"save_mask({path}): mask must be (H, W), got shape {mask.shape}")
+    if mask.dtype != np.uint8:
+        if mask.size and (mask.min() < 0 or mask.max() > 255):
+            raise ValueError(f"save_mask({path}): values must lie in 0..255")
+        mask = mask.astype(np.uint8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(mask)
+    im.putpalette(voc_palette().ravel().tolist())
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        im.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Image-level labels (from the split file, or derived from the masks and cached)
+# ---------------------------------------------------------------------------------------
+
+def _cache_path(root: Path, split: str) -> Path:
+    return root / CACHE_DIR / f"labels_{split}.npz"
+
+
+def _cache_key(split_file: Path, masks: Path, num_classes: int) -> np.ndarray:
+    """What the cached labels depend on: the split file's mtime and size, the mask folder
+    (and its mtime, which changes when masks are added or replaced by save_mask), K."""
+    st = split_file.stat()
+    return np.array([str(st.st_mtime_ns), str(st.st_size), str(masks),
+                     str(masks.stat().st_mtime_ns), str(num_classes)])
+
+
+def _read_cache(path: Path, key: np.ndarray, names: list[str]) -> np.ndarray | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if np.array_equal(z["key"], key) and z["names"].tolist() == names:
+                return z["labels"].astype(np.uint8)
+    except (OSError, KeyError, ValueError):
+        pass
+    return None
+
+
+def _write_cache(path: Path, key: np.ndarray, names: list[str], labels: np.ndarray) -> None:
+    """Best effort: a read-only root, or any other failure, just means no cache."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez(buf, key=key, names=np.array(names), labels=labels)
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)
+    except OSError as err:
+        log.debug("label cache not written (%s): %s", path, err)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def _labels_from_masks(root: Path, split: str, names: list[str], num_classes: int) -> np.ndarray:
+    masks = mask_dir(root, split)
+    split_file = split_path(root, split)
+    if not masks.is_dir():
+        raise _error(f"{split_file} carries no labels, so they are derived from the masks in "
+                     f"{masks}, which does not exist: add the masks, or write the labels into "
+                     f"the split file ('NAME c1 c2 ...')")
+    key = _cache_key(split_file, masks, num_classes)
+    cache = _cache_path(root, split)
+    labels = _read_cache(cache, key, names)
+    if labels is not None:
+        return labels
+    log.info("deriving image-level labels of %d images (%s) from %s", len(names), split, masks)
+    labels = np.zeros((len(names), num_classes), dtype=np.uint8)
+    for i, name in enumerate(tqdm(names, desc=f"labels {split}", leave=False)):
+        labels[i] = labels_from_mask(load_mask(masks / f"{name}.png", num_classes), num_classes)
+    _write_cache(cache, key, names, labels)
+    return labels
+
+
+def _check_nonempty_labels(root: Path, split: str, names: list[str], labels: np.ndarray,
+                           from_file: bool) -> None:
+    empty = [names[i] for i in np.flatnonzero(labels.sum(1) == 0)]
+    if not empty or not is_training_split(split):
+        return
+    path = split_path(root, split)
+    more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+    where = ("its line lists no class" if from_file else
+             f"its mask {mask_dir(root, split) / (empty[0] + '.png')} holds no foreground class")
+    raise _error(f"image {empty[0]}{more} of training split {path} has no label ({where}): "
+                 f"remove it from the split, or give it a label ('NAME c1 c2 ...')")
+
+
+def image_labels(root: str | Path, split: str, num_classes: int | None = None) -> np.ndarray:
+    """Image-level labels of ``split``, (N, K) uint8 in split-file order.
+
+    From the split file when it carries them, else derived from the masks (cached).
+    In a training split every image must have at least one label.
+    """
+    root = _check_root(root)
+    k = len(class_names(root)) if num_classes is None else num_classes
+    names, file_labels = read_split(root, split, k)
+    if file_labels is not None:
+        labels = np.stack([file_labels[n] for n in names])
+    else:
+        labels = _labels_from_masks(root, split, names, k)
+    _check_nonempty_labels(root, split, names, labels, from_file=file_labels is not None)
+    return labels
+
+
+# ---------------------------------------------------------------------------------------
+# Dataset
+# ---------------------------------------------------------------------------------------
+
+def _check_files_exist(folder: Path, names: list[str], suffix: str, kind: str,
+                       split_file: Path) -> None:
+    listing = set(os.listdir(folder)) if folder.is_dir() else set()
+    missing = [n for n in names if f"{n}{suffix}" not in listing]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise _error(f"{kind} {folder / (missing[0] + suffix)}{more} listed in {split_file} "
+                     f"does not exist: add it to {folder}, or remove its name from the split")
+
+
+class VOCDataset(Dataset):
+    """One split of a VOC-layout dataset.
+
+    ``dataset[i]`` is a dict: ``name`` (str), ``index`` (int), ``image``
+    (tv_tensors.Image (3, H, W), uint8 before ``transforms``), ``mask``
+    (tv_tensors.Mask (H, W) int64, 255 = ignore; only when ``with_mask``) and ``label``
+    (float32 (K,), the multi-hot l_m of METHOD.md sec. 1). ``transforms`` is called as
+    ``transforms(image, mask)`` (or ``transforms(image)``) so that geometry is joint.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train", transforms=None,
+                 with_mask: bool = True):
+        self.root = _check_root(root)
+        self.split = split
+        self.transforms = transforms
+        self.with_mask = with_mask
+        self.class_names = class_names(self.root)
+        self.num_classes = len(self.class_names)
+        self.names, _ = read_split(self.root, split, self.num_classes)
+        split_file = split_path(self.root, split)
+        _check_files_exist(self.root / IMAGE_DIR, self.names, ".jpg", "image", split_file)
+        if with_mask:
+            _check_files_exist(mask_dir(self.root, split), self.names, ".png", "mask", split_file)
+        self.labels = image_labels(self.root, split, self.num_classes)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return (f"VOCDataset(root={str(self.root)!r}, split={self.split!r}, "
+                f"images={len(self)}, classes={self.num_classes})")
+
+    def image_path(self, name: str) -> Path:
+        return self.root / IMAGE_DIR / f"{name}.jpg"
+
+    def mask_path(self, name: str) -> Path:
+        """SegmentationClassAug when the split is train_aug, else SegmentationClass."""
+        return mask_dir(self.root, self.split) / f"{name}.png"
+
+    def __getitem__(self, index: int) -> dict:
+        name = self.names[index]
+        path = self.image_path(name)
+        image = tv_tensors.Image(torch.from_numpy(load_image(path)).permute(2, 0, 1))
+        item = {"name": name, "index": index,
+                "label": torch.from_numpy(self.labels[index].astype(np.float32))}
+        if self.with_mask:
+            mpath = self.mask_path(name)
+            mask = load_mask(mpath, self.num_classes)
+            if mask.shape != tuple(image.shape[-2:]):
+                raise _error(f"mask {mpath} is {mask.shape[1]}x{mask.shape[0]} but image {path} "
+                             f"is {image.shape[-1]}x{image.shape[-2]}: they must match")
+            mask = tv_tensors.Mask(torch.from_numpy(mask).long())
+            if self.transforms is not None:
+                image, mask = self.transforms(image, mask)
+            item["mask"] = mask
+        elif self.transforms is not None:
+            image = self.transforms(image)
+        item["image"] = image
+        return item
