@@ -1,0 +1,194 @@
+"""The fully supervised segmentation network trained on pseudo masks (METHOD.md section 4).
+
+``build_segmenter(name, num_classes_incl_bg)`` picks a model from :data:`SEGMENTERS`:
+- "deeplabv3_resnet50" / "deeplabv3_resnet101": torchvision's DeepLabV3 (dilated ResNet,
+  output stride 8, ASPP head). The paper trains DeepLab-LargeFOV on ResNet-101; DeepLabV3
+  is the closest model torchvision ships. The ImageNet backbone loads from a local
+  torchvision ResNet state-dict file; nothing is downloaded.
+- "tiny": a small fully convolutional net (output stride 4, dilated context) that trains
+  on 96 px images on a laptop CPU in a minute or two, for the embedded benchmark.
+Every model maps images (B, 3, H, W) to logits (B, C, H, W) at the input size and has
+``param_groups() -> (backbone_params, head_params)`` (the head usually gets 10x the lr).
+
+:func:`segmentation_loss` is cross-entropy that ignores 255; :func:`predict` averages the
+softmax over scales and horizontal flips (the reference tests at 0.5-1.5 with flips).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsss.classes import IGNORE_INDEX
+
+
+class TinySegmenter(nn.Module):
+    """Small FCN: two stride-2 stages (output stride 4), then dilated residual context.
+
+    Receptive field about 130 px, so every pixel sees a whole 96 px benchmark image;
+    about 0.24 GFLOPs per 96 px image forward (about 15-30 s per epoch of 600 such
+    images on two CPU cores, forward and backward).
+    """
+
+    def __init__(self, num_classes: int, width: int = 32, context_width: int = 64,
+                 dilations: Sequence[int] = (2, 4, 8), dropout: float = 0.1):
+        super().__init__()
+        self.stem = nn.Sequential(
+            _conv_bn(3, width, stride=2), _conv_bn(width, width),
+            _conv_bn(width, 2 * width, stride=2), _conv_bn(2 * width, 2 * width),
+        )
+        self.expand = _conv_bn(2 * width, context_width, kernel=1)
+        self.context = nn.ModuleList(_conv_bn(context_width, context_width, dilation=d) for d in dilations)
+        self.head = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(context_width, num_classes, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.expand(self.stem(x))
+        for block in self.context:
+            features = features + block(features)
+        logits = self.head(features)
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(feature params, classifier params); nothing here is pretrained."""
+        head = list(self.head.parameters())
+        head_ids = {id(p) for p in head}
+        return [p for p in self.parameters() if id(p) not in head_ids], head
+
+
+def _conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    padding = dilation * (kernel // 2)
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding, dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class TorchvisionSegmenter(nn.Module):
+    """Wraps a torchvision segmentation model so that forward returns the logits tensor.
+
+    torchvision's models return ``{"out": logits}``; ``.net`` is the wrapped model.
+    Note: the ASPP image-pooling branch has BatchNorm on a 1x1 map, so training needs
+    batches of two or more images.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)["out"]
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone params, head params): the pretrained ResNet and the new DeepLab head."""
+        return list(self.net.backbone.parameters()), list(self.net.classifier.parameters())
+
+
+def _deeplabv3(name: str) -> Callable[[int], nn.Module]:
+    """Constructor for torchvision's ``segmentation.<name>``, random weights, no aux head."""
+    def build(num_classes: int) -> nn.Module:
+        from torchvision.models import segmentation
+
+        factory = getattr(segmentation, name)
+        return TorchvisionSegmenter(factory(weights=None, weights_backbone=None,
+                                            num_classes=num_classes, aux_loss=False))
+    return build
+
+
+#: name -> constructor(num_classes_incl_bg)
+SEGMENTERS: dict[str, Callable[[int], nn.Module]] = {
+    "tiny": TinySegmenter,
+    "deeplabv3_resnet50": _deeplabv3("deeplabv3_resnet50"),
+    "deeplabv3_resnet101": _deeplabv3("deeplabv3_resnet101"),
+}
+
+
+def build_segmenter(name: str, num_classes_incl_bg: int, pretrained_backbone: str | Path | None = None) -> nn.Module:
+    """The segmentation model ``name`` with ``num_classes_incl_bg`` outputs (K + 1).
+
+    ``pretrained_backbone``: path of a torchvision ResNet state dict (e.g. the file
+    ``resnet101-63fe2227.pth`` from the torch hub cache) loaded into the DeepLab
+    backbone; None leaves it randomly initialised. "tiny" has no pretrained weights.
+    """
+    if name not in SEGMENTERS:
+        raise ValueError(f"unknown segmenter {name!r}; choose one of {sorted(SEGMENTERS)}")
+    if num_classes_incl_bg < 2:
+        raise ValueError(f"num_classes_incl_bg must count background plus at least one class, got {num_classes_incl_bg}")
+    if name == "tiny" and pretrained_backbone is not None:
+        raise ValueError("the 'tiny' segmenter has no pretrained backbone; pass pretrained_backbone=None")
+    model = SEGMENTERS[name](num_classes_incl_bg)
+    if pretrained_backbone is not None:
+        load_backbone_weights(model.net.backbone, pretrained_backbone)
+    return model
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Load a torchvision ResNet state dict from ``path`` into a DeepLab backbone (fc dropped).
+
+    Accepts a plain state dict or one wrapped as {"state_dict": ...} / {"model": ...},
+    with or without a "module." prefix (DataParallel checkpoints).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"backbone weights not found: {path}. Nothing is downloaded: put a torchvision ResNet "
+            "state dict there (e.g. from ~/.cache/torch/hub/checkpoints/) or pass pretrained_backbone=None")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
+    result = backbone.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path} does not match the backbone: missing {result.missing_keys[:5]}, unexpected "
+            f"{result.unexpected_keys[:5]} (of {len(result.missing_keys)} / {len(result.unexpected_keys)}); "
+            "pass a torchvision ResNet state dict of the same depth")
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pixel-wise cross-entropy averaged over the pixels whose target is not 255.
+
+    ``logits`` (B, C, H, W), ``target`` (B, H, W) integer labels. When every pixel is 255
+    the loss is 0 (still attached to the graph, so backward works and gives zero
+    gradients) instead of PyTorch's NaN for a mean over no pixels.
+    """
+    if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"segmentation_loss: logits (B, C, H, W) {tuple(logits.shape)} and "
+                         f"target (B, H, W) {tuple(target.shape)} do not match")
+    target = target.long()
+    total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    valid = (target != IGNORE_INDEX).sum().clamp(min=1)
+    return total / valid
+
+
+@torch.no_grad()
+def predict(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.0,), flip: bool = False) -> torch.Tensor:
+    """Softmax probabilities (B, C, H, W) averaged over ``scales`` and, with ``flip``, mirror images.
+
+    ``image`` (B, 3, H, W) is the normalised input. Each scale s resizes it (bilinear)
+    to round(s * H) x round(s * W); the logits are resized back to (H, W) and softmaxed;
+    a flipped pass is flipped back before averaging. The model's train/eval mode is left
+    as it is: call ``model.eval()`` first.
+    """
+    if image.ndim != 4:
+        raise ValueError(f"predict: image must be (B, 3, H, W), got shape {tuple(image.shape)}")
+    if not scales:
+        raise ValueError("predict: scales is empty")
+    size = image.shape[-2:]
+    total, count = None, 0
+    for scale in scales:
+        scaled = image if scale == 1.0 else F.interpolate(
+            image, size=(max(1, round(size[0] * scale)), max(1, round(size[1] * scale))),
+            mode="bilinear", align_corners=False)
+        views = [(scaled, False), (scaled.flip(-1), True)] if flip else [(scaled, False)]
+        for view, flipped in views:
+            logits = model(view)
+            if flipped:
+                logits = logits.flip(-1)
+            logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+            probs = logits.softmax(dim=1)
+            total = probs if total is None else total + probs
+            count += 1
+    return total / count
