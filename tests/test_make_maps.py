@@ -1,0 +1,306 @@
+"""Localization maps with cross-image context (wsss.stages.make_maps, METHOD.md sec. 2).
+
+The core is checked against a slow reference written from METHOD.md on top of the
+model's public ``cam`` / ``coatt_cam``; the stage on a hand-made VOC tree under tmp_path
+with a randomly initialised tiny classifier saved in the classifier stage's format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from wsss import config as C
+from wsss.classes import write_class_names
+from wsss.data.pairs import self_pair_views
+from wsss.data.voc import save_mask
+from wsss.engine import atomic_torch_save
+from wsss.models.classifier import CoAttentionClassifier
+from wsss.stages import make_maps as mm
+from wsss.stages.train_classifier import CLASSIFIER_FILE, ClassifierConfig, build_model
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return CoAttentionClassifier(K, backbone="tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def positive_model():
+    """Non-negative class heads on the non-negative (post-ReLU) features: no map is all zero."""
+    torch.manual_seed(0)
+    net = CoAttentionClassifier(K, backbone="tiny").eval()
+    with torch.no_grad():
+        net.phi0.weight.abs_()
+        net.phi.weight.abs_()
+    return net
+
+
+def _image(seed, h=40, w=36):
+    return torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------- slow reference
+
+def _norm(m):
+    m = m.clamp_min(0)
+    peak = m.amax(dim=(-2, -1), keepdim=True)
+    return torch.where(peak > 0, m / torch.where(peak > 0, peak, 1), 0)
+
+
+def _up(m, size):
+    return F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+@torch.no_grad()
+def reference_maps(model, x, classes, partners, kinds, transforms=mm.SELF_TRANSFORMS):
+    """METHOD.md sec. 2, one map at a time through model.cam / model.coatt_cam (single scale):
+    each map ReLU'd and max-normalised, resized, averaged per kind, kinds averaged, renormalised."""
+    size = x.shape[-2:]
+    views = {"identity": x, **self_pair_views(x)}
+    out = []
+    for c in classes:
+        per_kind = []
+        if "cam" in kinds:
+            per_kind.append(_up(_norm(model.cam(x)[0, c - 1]), size))
+        if "coatt" in kinds and partners.get(c):
+            maps = [_up(_norm(model.coatt_cam(x, p[None] if p.ndim == 3 else p)[0, c - 1]), size)
+                    for p in partners[c]]
+            per_kind.append(torch.stack(maps).mean(0))
+        if "self" in kinds:
+            maps = []
+            for t in transforms:
+                m = model.coatt_cam(views[t], x)[0, c - 1]
+                m = m.flip(-1) if t == "flip" else m
+                maps.append(_up(_norm(m), size))
+            per_kind.append(torch.stack(maps).mean(0))
+        out.append(_norm(torch.stack(per_kind).mean(0)))
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------- pure core
+
+def test_shared_backbone_pieces_equal_the_model_api(model):
+    x, p = _image(1), _image(2, 32, 32)
+    with torch.no_grad():
+        f_x, f_p = model.features([x, p])
+        assert torch.allclose(mm.coatt_map(model, f_x, f_p), model.coatt_cam(x, p), atol=1e-6)
+        assert torch.allclose(model.phi0(f_x), model.cam(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("kinds", [("cam",), ("coatt",), ("self",), ("cam", "coatt"), mm.KINDS])
+def test_maps_match_the_slow_reference(model, kinds):
+    x = _image(3)
+    partners = {1: [_image(4)[0], _image(5, 48, 40)[0]], 3: [_image(6)[0]]}
+    got = mm.localization_maps(model, x, [1, 3], partners, kinds)
+    want = reference_maps(model, x, [1, 3], partners, kinds)
+    assert got.shape == (2, 40, 36)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_shapes_and_normalisation(model):
+    x = _image(7)
+    maps = mm.localization_maps(model, x, [2, 4, 1], {2: [_image(8)], 4: [_image(9)], 1: [_image(8)]},
+                                scales=(1.0, 0.5, 1.5))
+    assert maps.shape == (3, 40, 36) and maps.dtype == torch.float32
+    assert torch.isfinite(maps).all() and maps.min() >= 0
+    assert torch.allclose(maps.amax(dim=(1, 2)), torch.ones(3))
+    assert mm.localization_maps(model, x, [2], {}, "cam", out_size=(50, 60)).shape == (1, 50, 60)
+
+
+def test_all_zero_maps_stay_zero_and_finite():
+    assert torch.equal(mm.normalise_maps(torch.zeros(2, 5, 5)), torch.zeros(2, 5, 5))
+    neg = -torch.rand(1, 4, 4)
+    assert torch.equal(mm.normalise_maps(neg), torch.zeros(1, 4, 4))
+    torch.manual_seed(0)
+    silent = CoAttentionClassifier(K, backbone="tiny").eval()
+    torch.nn.init.zeros_(silent.phi0.weight)
+    torch.nn.init.zeros_(silent.phi.weight)
+    maps = mm.localization_maps(silent, _image(1), [1, 2], {1: [_image(2)]})
+    assert torch.isfinite(maps).all() and torch.equal(maps, torch.zeros_like(maps))
+
+
+def test_classes_absent_from_the_label_get_no_map(model):
+    x = _image(1)
+    assert mm.localization_maps(model, x, [], {}).shape == (0, 40, 36)
+    one = mm.localization_maps(model, x, [3], {3: [_image(2)]})
+    two = mm.localization_maps(model, x, [1, 3], {1: [_image(5)], 3: [_image(2)]})
+    assert one.shape[0] == 1 and torch.allclose(one[0], two[1], atol=1e-6)  # rows follow `classes`
+    with pytest.raises(ValueError, match="outside 1..4"):
+        mm.localization_maps(model, x, [0], {})
+    with pytest.raises(ValueError, match="outside 1..4"):
+        mm.localization_maps(model, x, [K + 1], {})
+
+
+def test_k_identical_partners_equal_one_partner(model):
+    x, p = _image(1), _image(2)
+    one = mm.localization_maps(model, x, [2], {2: [p]}, "coatt")
+    three = mm.localization_maps(model, x, [2], {2: [p.clone(), p.clone(), p.clone()]}, "coatt")
+    assert torch.allclose(one, three, atol=1e-6)
+
+
+def test_image_as_its_own_partner_equals_the_identity_self_pair(model):
+    x = _image(1)
+    as_partner = mm.localization_maps(model, x, [1, 4], {1: [x.clone()], 4: [x.clone()]}, "coatt")
+    identity = mm.localization_maps(model, x, [1, 4], {}, "self", self_transforms=("identity",))
+    assert torch.allclose(as_partner, identity, atol=1e-6)
+
+
+def test_combine_selects_the_kinds(positive_model):
+    model = positive_model
+    x, p = _image(1), {1: [_image(2)]}
+    cam = mm.localization_maps(model, x, [1], p, "cam")
+    coatt = mm.localization_maps(model, x, [1], p, "coatt")
+    both = mm.localization_maps(model, x, [1], p, ("coatt", "cam"))
+    with torch.no_grad():
+        plain = _norm(_up(_norm(model.cam(x)[0, 0]), x.shape[-2:]))
+    assert torch.allclose(cam[0], plain, atol=1e-6)   # "cam" is plain single-image CAM
+    assert not torch.allclose(cam, coatt, atol=1e-3)
+    assert not torch.allclose(both, cam, atol=1e-3) and not torch.allclose(both, coatt, atol=1e-3)
+    assert torch.allclose(both, reference_maps(model, x, [1], p, ("cam", "coatt")), atol=1e-5)
+    assert torch.equal(mm.localization_maps(model, x, [1], p, "cam+coatt"), both)
+
+
+def test_class_without_partner_falls_back(model):
+    x = _image(1)
+    no_partner_coatt = mm.localization_maps(model, x, [2], {}, "coatt")
+    assert torch.allclose(no_partner_coatt, mm.localization_maps(model, x, [2], {}, "self"), atol=1e-6)
+    cam_coatt = mm.localization_maps(model, x, [2], {2: []}, ("cam", "coatt"))
+    assert torch.allclose(cam_coatt, mm.localization_maps(model, x, [2], {}, "cam"), atol=1e-6)
+
+
+def test_parse_combine():
+    assert mm.parse_combine("all") == mm.KINDS
+    assert mm.parse_combine("self,cam") == ("cam", "self")
+    assert mm.parse_combine(["coatt"]) == ("coatt",)
+    for bad in ("", "camm", ["cam", "grad"]):
+        with pytest.raises(ValueError, match="combine"):
+            mm.parse_combine(bad)
+    with pytest.raises(ValueError, match="self_transforms"):
+        mm.localization_maps(None, _image(1), [1], {}, "self", self_transforms=("rotate",))
+
+
+def test_save_and_load_maps(tmp_path):
+    maps = np.random.default_rng(0).random((2, 5, 6)).astype(np.float32)
+    mm.save_maps(tmp_path / "a.npz", maps, [3, 1])
+    got, classes = mm.load_maps(tmp_path / "a.npz")
+    assert got.dtype == np.float32 and np.allclose(got, maps, atol=1e-3)
+    assert classes.tolist() == [3, 1]
+    with np.load(tmp_path / "a.npz") as z:
+        assert z["maps"].dtype == np.float16 and z["classes"].dtype == np.int16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz"]  # no temporary file left
+    with pytest.raises(FileNotFoundError, match="maps stage"):
+        mm.load_maps(tmp_path / "b.npz")
+    with pytest.raises(ValueError, match="classes"):
+        mm.save_maps(tmp_path / "c.npz", maps, [1])
+
+
+# ----------------------------------------------------------------------- the stage
+
+H, W = 24, 32
+#: name -> classes drawn as bands; class 3 is held by one image only (no partner)
+IMAGES = {"a": (1,), "b": (1, 2), "c": (2,), "d": (1, 3), "e": (2, 1)}
+FAST = ("identity", "flip")  # the stage tests skip the rescaled self-pairs (the core tests cover them)
+
+
+def _voc_tree(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for i, (name, classes) in enumerate(IMAGES.items()):
+        mask = np.zeros((H, W), np.uint8)
+        for j, c in enumerate(classes):
+            mask[3 + 8 * j: 9 + 8 * j, 4:28] = c
+        (root / "JPEGImages").mkdir(parents=True, exist_ok=True)
+        rgb = (rng.random((H, W, 3)) * 60 + mask[..., None] * 50).astype(np.uint8)
+        Image.fromarray(rgb).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
+        save_mask(root / "SegmentationClass" / f"{name}.png", mask)
+    split = root / "ImageSets" / "Segmentation" / "train.txt"
+    split.parent.mkdir(parents=True, exist_ok=True)
+    split.write_text("".join(f"{n}\n" for n in IMAGES))
+    write_class_names(root, ["red", "green", "blue", "grey"])
+    return root
+
+
+def _save_classifier(run_dir: Path, data_root: Path) -> Path:
+    """A randomly initialised tiny classifier in the format of the classifier stage."""
+    cfg = ClassifierConfig(data_root=str(data_root), run_dir=str(run_dir))
+    torch.manual_seed(0)
+    net = build_model(cfg, K)
+    path = run_dir / CLASSIFIER_FILE
+    atomic_torch_save({"model": net.state_dict(), "cfg": C.to_dict(cfg), "num_classes": K, "metrics": {},
+                       "class_names": ["red", "green", "blue", "grey"]}, path)
+    return path
+
+
+@pytest.fixture()
+def stage(tmp_path):
+    root = _voc_tree(tmp_path / "voc")
+    run_dir = tmp_path / "run"
+    _save_classifier(run_dir, root)
+    return root, run_dir
+
+
+def test_run_writes_maps_then_skips_them(stage, caplog):
+    root, run_dir = stage
+    cfg = mm.MapsConfig(data_root=str(root), run_dir=str(run_dir), k=2, device="cpu", self_transforms=FAST)
+    with caplog.at_level("WARNING", logger="wsss.stages.make_maps"):
+        res = mm.run(cfg)
+    assert res["num_images"] == 5 and res["num_skipped"] == 0 and res["images_per_s"] > 0
+    assert res["num_no_partner"] == 1  # class 3 of image d
+    assert sum("no other train image contains" in r.message for r in caplog.records) == 1
+    for name, classes in IMAGES.items():
+        maps, ids = mm.load_maps(run_dir / "maps" / f"{name}.npz")
+        assert sorted(ids.tolist()) == sorted(classes) and maps.shape == (len(classes), H, W)
+        assert maps.min() >= 0 and np.allclose(maps.max(axis=(1, 2)), 1, atol=1e-3)
+    assert json.loads((run_dir / "maps" / mm.SETTINGS_FILE).read_text())["k"] == 2
+    assert C.load_yaml(mm.MapsConfig, run_dir / "config_maps.yaml") == cfg
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in (run_dir / "maps").glob("*.npz")}
+    again = mm.run(cfg)
+    assert again["num_images"] == 0 and again["num_skipped"] == 5
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "maps").glob("*.npz")} == stamps
+
+    with pytest.raises(ValueError, match="other settings.*combine.*overwrite=True"):
+        mm.run(mm.MapsConfig(data_root=str(root), run_dir=str(run_dir), k=2, combine=("cam",), device="cpu",
+                             self_transforms=FAST))
+    redo = mm.run({"data_root": str(root), "run_dir": str(run_dir), "k": 2, "combine": "cam", "device": "cpu",
+                   "overwrite": True, "limit": 2, "image_size": 16})
+    assert redo["num_images"] == 2
+    assert mm.load_maps(run_dir / "maps" / "a.npz")[0].shape == (1, H, W)  # native size whatever the input size
+
+
+def test_command_line_flags():
+    parser = mm.add_arguments(argparse.ArgumentParser())
+    cfg = mm.from_args(parser.parse_args(["--data-root", "D", "--run-dir", "R", "--combine", "cam", "self",
+                                          "--scales", "1.0", "0.5", "--image-size", "none", "--no-amp"]), parser)
+    assert (cfg.combine, cfg.scales, cfg.image_size, cfg.amp) == (("cam", "self"), (1.0, 0.5), None, False)
+
+
+def test_run_is_deterministic_and_resumes_a_partial_run(stage, tmp_path):
+    root, run_dir = stage
+    kw = dict(data_root=str(root), k=2, device="cpu", self_transforms=FAST)
+    mm.run(mm.MapsConfig(run_dir=str(run_dir), **kw))
+    other = tmp_path / "run2"
+    _save_classifier(other, root)
+    part = mm.run(mm.MapsConfig(run_dir=str(other), limit=2, **kw))
+    rest = mm.run(mm.MapsConfig(run_dir=str(other), workers=1, **kw))
+    assert (part["num_images"], rest["num_images"], rest["num_skipped"]) == (2, 3, 2)
+    for name in IMAGES:
+        a, _ = mm.load_maps(run_dir / "maps" / f"{name}.npz")
+        b, _ = mm.load_maps(other / "maps" / f"{name}.npz")
+        assert np.array_equal(a, b)
+
+
+def test_run_without_classifier_says_what_to_do(tmp_path):
+    root = _voc_tree(tmp_path / "voc")
+    with pytest.raises(FileNotFoundError, match="train the classifier first"):
+        mm.run(mm.MapsConfig(data_root=str(root), run_dir=str(tmp_path / "empty")))

@@ -1,0 +1,149 @@
+"""Command line: `python -m wsss SUBCOMMAND --help`.
+
+Each pipeline stage is one subcommand whose flags are generated from the stage's config
+dataclass (wsss.config), so the CLI, the notebooks and the tests call the same `run(cfg)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from wsss.paths import REPO_ROOT
+
+# subcommand -> (module, one-line help). Each module has add_arguments(parser),
+# from_args(args, parser) and run(cfg) -> dict of metrics.
+STAGES = {
+    "train-classifier": ("wsss.stages.train_classifier", "train the co-attention classifier on image pairs (METHOD.md sec 1)"),
+    "make-maps": ("wsss.stages.make_maps", "localization maps with cross-image context (METHOD.md sec 2)"),
+    "pseudo-masks": ("wsss.stages.pseudo_masks", "CRF-refined pseudo-masks from the maps (METHOD.md sec 3)"),
+    "train-segmenter": ("wsss.stages.train_segmenter", "train the segmentation network on the pseudo-masks (METHOD.md sec 4)"),
+    "evaluate": ("wsss.stages.evaluate", "mIoU of maps, pseudo-masks and segmentation into RUN/metrics.json"),
+    "pipeline": ("wsss.stages.pipeline", "run the stages above in order from one YAML config"),
+}
+
+
+def _add_benchmark_parser(sub) -> None:
+    p = sub.add_parser("make-benchmark", help="generate the embedded benchmark in VOC layout",
+                       description="Generate the seeded synthetic multi-label benchmark (VOC layout) and print its statistics.")
+    p.add_argument("--size", choices=["smoke", "demo", "full"], default="demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--root", default=None, help="output folder (default: data/synthetic-SIZE)")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--image-size", type=int, default=None)
+    p.add_argument("--num-train", type=int, default=None, help="training images (size 'full' needs it)")
+    p.add_argument("--num-val", type=int, default=None)
+    p.add_argument("--noise-rate", type=float, default=0.3, help="label noise of the 'web' split (setting 3)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _add_stats_parser(sub) -> None:
+    p = sub.add_parser("stats", help="label and pair statistics of a VOC-layout dataset",
+                       description="Print label frequency, co-occurrence and pair statistics of a dataset split.")
+    p.add_argument("--root", default=None, help="dataset root (default: data/synthetic-demo)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--p-common", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m wsss", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
+    p = sub.add_parser("demo", help="the main job: the whole pipeline on the embedded demo benchmark",
+                       description="Generate the demo benchmark if missing, run classifier -> maps -> pseudo-masks -> "
+                                   "segmenter -> evaluation, print the mIoU table and draw figures.")
+    p.add_argument("--config", default=str(REPO_ROOT / "configs" / "demo.yaml"), help="pipeline YAML (default: configs/demo.yaml)")
+    p.add_argument("--run-dir", default=None, help="override the config's run directory")
+    p.add_argument("--figures", default=None, help="folder for the figures (default: figures/)")
+    _add_benchmark_parser(sub)
+    _add_stats_parser(sub)
+    for name, (module, text) in STAGES.items():
+        importlib.import_module(module).add_arguments(sub.add_parser(name, help=text, description=text))
+    return parser
+
+
+def print_dataset_statistics(root, split: str = "train", p_common: float = 1.0, seed: int = 0) -> dict:
+    from wsss.data.pairs import format_statistics, pair_statistics
+    from wsss.data.voc import VOCDataset
+
+    ds = VOCDataset(root, split, with_mask=False)
+    stats = pair_statistics(ds.labels, ds.class_names, p_common=p_common, seed=seed)
+    print(f"dataset {root} split {split}: {len(ds)} images, {ds.num_classes} classes")
+    print(format_statistics(stats, ds.class_names))
+    return stats
+
+
+def _make_benchmark(args) -> None:
+    from wsss.data.synth import generate
+    from wsss.paths import benchmark_root
+
+    root = args.root or benchmark_root(args.size, args.seed)
+    stats = generate(root, size=args.size, seed=args.seed, num_classes=args.num_classes, image_size=args.image_size,
+                     num_train=args.num_train, num_val=args.num_val, noise_rate=args.noise_rate, overwrite=args.overwrite)
+    print(json.dumps(stats, indent=2, default=str))
+    print_dataset_statistics(root)
+
+
+def _demo(args) -> None:
+    """The main job: the whole pipeline on the embedded demo benchmark, a result table and figures."""
+    import time
+
+    from wsss import config as C
+    from wsss.paths import REPO_ROOT
+    from wsss.stages import pipeline
+
+    t0 = time.perf_counter()
+    cfg = C.load_yaml(pipeline.PipelineConfig, args.config)
+    if args.run_dir:
+        cfg.run_dir = args.run_dir
+    result = pipeline.run(cfg)
+    run_dir = Path(result["run_dir"])
+    figures = draw_run_figures(run_dir, result["data_root"], Path(args.figures) if args.figures else REPO_ROOT / "figures",
+                               prefix=Path(args.config).stem)
+    print()
+    print(pipeline.summary_table(run_dir))
+    print("\nseconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items())
+          + f"; total {time.perf_counter() - t0:.0f} s")
+    print(f"run directory: {run_dir}")
+    print("figures: " + ", ".join(str(f) for f in figures))
+
+
+def draw_run_figures(run_dir: Path, data_root, out_dir: Path, prefix: str = "demo", n: int = 6) -> list[Path]:
+    """The qualitative grid and the threshold sweep of a finished run, as PNGs in ``out_dir``."""
+    from wsss import viz
+    from wsss.data.voc import class_names
+    from wsss.stages.evaluate import METRICS_FILE, sweep_figure
+
+    out = [viz.save_figure(viz.qualitative_grid(viz.qualitative_rows(run_dir, data_root, n=n), class_names(data_root)),
+                           out_dir / f"{prefix}_qualitative.png")]
+    metrics = json.loads((run_dir / METRICS_FILE).read_text())
+    if "maps" in metrics and "sweep" in metrics["maps"]:
+        out.append(viz.save_figure(sweep_figure(metrics["maps"]["sweep"]), out_dir / f"{prefix}_threshold_sweep.png"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "demo":
+        _demo(args)
+    elif args.command == "make-benchmark":
+        _make_benchmark(args)
+    elif args.command == "stats":
+        from wsss.paths import benchmark_root
+        print_dataset_statistics(args.root or benchmark_root("demo"), args.split, args.p_common, args.seed)
+    else:
+        mod = importlib.import_module(STAGES[args.command][0])
+        metrics = mod.run(mod.from_args(args, parser))
+        print(json.dumps(metrics, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Stage configs: dataclass <-> dict / YAML / argparse, one generic implementation.
+
+Every pipeline stage has one typed config dataclass (STYLE.md rule 3). This module turns
+such a dataclass into command-line flags (``add_arguments`` / ``from_args``), reads it from
+a dict or a YAML file with strict key checking (``from_dict`` / ``load_yaml``) and writes it
+back (``to_dict`` / ``save_yaml``). Nested dataclasses (e.g. ``ClassifierConfig.loss``) are
+supported: in dicts either as a nested mapping ``{"loss": {"w_con": 0.5}}`` or as a dotted
+key ``{"loss.w_con": 0.5}`` (handy for flat papermill parameters); on the command line as
+``--loss.w-con 0.5`` and ``--loss.contrastive / --no-loss.contrastive``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = ["ConfigError", "to_dict", "from_dict", "save_yaml", "load_yaml", "add_arguments", "from_args"]
+
+
+class ConfigError(ValueError):
+    """A config value or key that does not fit the dataclass; the message lists what would."""
+
+
+# --------------------------------------------------------------------------- type helpers
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True); anything else -> (tp, False)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _sequence_item_type(tp):
+    """``tuple[int, ...]`` / ``list[int]`` -> int; None when ``tp`` is not such a sequence."""
+    origin = typing.get_origin(tp)
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return args[0] if args else str
+    return None
+
+
+def _coerce(value, tp, where: str):
+    """Check ``value`` against annotation ``tp`` and convert the harmless mismatches
+    (YAML's "1e-3" string for a float, a list for a tuple, an int for a float, a Path for a str)."""
+    inner, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: None is not allowed (expected {getattr(inner, '__name__', inner)})")
+    if typing.get_origin(inner) is Literal:
+        choices = typing.get_args(inner)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    item = _sequence_item_type(inner)
+    if item is not None:
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            value = [value]
+        seq = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(seq) if typing.get_origin(inner) is tuple else seq
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if inner is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if inner is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if inner is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- dict / yaml
+
+def to_dict(cfg) -> dict:
+    """The config as plain YAML/JSON-ready Python (tuples become lists, paths strings)."""
+
+    def plain(v):
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return plain(cfg)
+
+
+def _nest_dotted(data: dict) -> dict:
+    """{"loss.w_con": 1} -> {"loss": {"w_con": 1}} (merged with an existing nested mapping)."""
+    out: dict = {}
+    for key, value in data.items():
+        if isinstance(key, str) and "." in key:
+            head, rest = key.split(".", 1)
+            sub = out.setdefault(head, {})
+            if not isinstance(sub, dict):
+                raise ConfigError(f"key {key!r} conflicts with a non-mapping value for {head!r}")
+            sub.update(_nest_dotted({rest: value}))
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key].update(value)
+        else:
+            out[key] = value
+    return out
+
+
+def valid_keys(cls) -> list[str]:
+    """Every key ``from_dict(cls, ...)`` accepts, nested fields dotted."""
+    keys = []
+    for name, tp in _hints(cls).items():
+        if name not in {f.name for f in dataclasses.fields(cls)}:
+            continue
+        inner, _ = _strip_optional(tp)
+        if _is_dataclass_type(inner):
+            keys += [f"{name}.{k}" for k in valid_keys(inner)]
+        else:
+            keys.append(name)
+    return keys
+
+
+def from_dict(cls, data: dict | None, *, base=None):
+    """Build ``cls`` from a mapping, rejecting unknown keys with a message listing the valid ones.
+
+    Missing keys take the dataclass default, or the value from ``base`` (an instance of
+    ``cls``) when given. Values are type-checked against the annotations (see ``_coerce``).
+    """
+    data = _nest_dotted(dict(data or {}))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in data if k not in fields)
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {unknown} for {cls.__name__}; valid keys: {', '.join(valid_keys(cls))}"
+        )
+    hints = _hints(cls)
+    kwargs = {}
+    for name, f in fields.items():
+        inner, _ = _strip_optional(hints[name])
+        base_value = getattr(base, name) if base is not None else None
+        if _is_dataclass_type(inner):
+            sub = data.get(name)
+            if sub is not None and not isinstance(sub, dict) and not dataclasses.is_dataclass(sub):
+                raise ConfigError(f"{cls.__name__}.{name}: expected a mapping of {inner.__name__} fields, got {sub!r}")
+            if dataclasses.is_dataclass(sub):
+                sub = to_dict(sub)
+            if sub is None and name not in data and base is None:
+                continue  # default_factory
+            kwargs[name] = from_dict(inner, sub or {}, base=base_value)
+        elif name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{cls.__name__}.{name}")
+        elif base is not None:
+            kwargs[name] = base_value
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{cls.__name__} needs a value for {missing}")
+    return cls(**kwargs)
+
+
+def save_yaml(cfg, path: str | Path) -> Path:
+    """Write the config as YAML (atomically: a crash never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def load_yaml(cls, path: str | Path, *, base=None):
+    """Read a config of type ``cls`` from a YAML file (unknown keys are an error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of {cls.__name__} fields at the top level")
+    try:
+        return from_dict(cls, data, base=base)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+# --------------------------------------------------------------------------- argparse
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_optional(tp):
+    def parse(text: str):
+        if text.lower() in ("none", "null"):
+            return None
+        return tp(text)
+
+    parse.__name__ = getattr(tp, "__name__", "value")
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "", help_texts: dict | None = None) -> None:
+    """Add one typed flag per field of ``cls`` (``--field-name``; nested: ``--loss.field-name``).
+
+    Flags default to "not given" (argparse.SUPPRESS) so that ``from_args`` can layer them
+    over a ``--config`` YAML file and the dataclass defaults. Booleans get
+    ``--x / --no-x`` (BooleanOptionalAction), sequences take several values, Literal
+    fields become choices, ``X | None`` fields also accept the word ``none``.
+    """
+    help_texts = help_texts or {}
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, optional = _strip_optional(hints[f.name])
+        dest = prefix + f.name
+        flag = "--" + prefix.replace("_", "-") + f.name.replace("_", "-")
+        if _is_dataclass_type(tp):
+            add_arguments(parser, tp, prefix=dest + ".", help_texts=help_texts)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        text = help_texts.get(dest, "")
+        text = f"{text} (required unless in --config)" if required else f"{text} (default: {default})"
+        kw: dict = dict(dest=dest, default=argparse.SUPPRESS, help=text.strip())
+        item = _sequence_item_type(tp)
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is Literal:
+            choices = typing.get_args(tp)
+            kw.update(choices=choices, type=type(choices[0]))
+        elif item is not None:
+            kw.update(nargs="+", type=item)
+        elif tp in (int, float, str):
+            kw["type"] = _parse_optional(tp) if optional else tp
+        elif tp is dict:
+            kw.update(type=yaml.safe_load, metavar="YAML")  # e.g. --classifier '{epochs: 2}'
+        else:
+            kw["type"] = str
+        parser.add_argument(flag, **kw)
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help="read settings from a YAML file first; flags given on the command line override it")
+
+
+def from_args(cls, args: argparse.Namespace, *, parser: argparse.ArgumentParser | None = None):
+    """Build ``cls`` from dataclass defaults, then ``args.config`` (YAML) when given, then the
+    flags actually present on the command line. A missing required field is reported through
+    ``parser.error`` when a parser is given (a usage message and exit code 2)."""
+    given = {k: v for k, v in vars(args).items() if k in set(valid_keys(cls))}
+    try:
+        merged: dict = {}
+        config_path = getattr(args, "config", None)
+        if config_path:
+            path = Path(config_path)
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            data = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(data, dict):
+                raise ConfigError(f"{path}: expected a mapping of {cls.__name__} fields at the top level")
+            merged = _nest_dotted(data)
+        for k, v in _nest_dotted(given).items():
+            if isinstance(v, dict) and isinstance(merged.get(k), dict):
+                merged[k] = {**merged[k], **v}
+            else:
+                merged[k] = v
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in merged
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"the following arguments are required: {', '.join(_flag(m) for m in missing)} "
+                              f"(on the command line or in the --config YAML file)")
+        return from_dict(cls, merged)
+    except ConfigError as e:
+        if parser is not None:
+            parser.error(str(e))
+        raise

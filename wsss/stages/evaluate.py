@@ -1,0 +1,473 @@
+"""Stage 5: evaluation of maps, pseudo masks and the segmenter (METHOD.md sections 2-4).
+
+Every number here is a mean IoU over K + 1 classes from one confusion matrix summed over
+all pixels of a split (``wsss.metrics.ConfusionMatrix``), never a mean of per-image IoUs;
+ground-truth pixels labelled 255 are left out.
+
+- Localization maps (sec. 2), as the field reports them (PSA, IRN): a pixel is background
+  where the largest map of the image's classes is below a threshold, else the class of the
+  largest map. The threshold is swept, one confusion matrix per threshold, and the best
+  one is reported with its per-class IoU.
+- Pseudo masks (sec. 3): the PNGs of the pseudo-mask stage against the ground truth. A
+  pseudo mask's 255 ("not sure") pixels count as *background predictions* in ``miou``, as
+  IRN's ``eval_sem_seg.py`` does, so that a mask cannot raise its score by ignoring the
+  hard pixels. ``coverage`` is the fraction of pseudo-mask pixels that are not 255, and
+  ``miou_confident`` the mIoU over those pixels only (what the segmenter trains on).
+- Segmenter (sec. 4): predictions of ``wsss.models.segmenter.predict`` (multi-scale,
+  optional flips), with and without a dense CRF (``wsss.crf``).
+
+``run(cfg)`` evaluates the parts found in (or asked of) a run directory and merges the
+results into RUN/metrics.json under the keys "maps", "pseudo" and "segmenter".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from tqdm.auto import tqdm
+
+from wsss import config as C
+from wsss import engine as E
+from wsss.classes import IGNORE_INDEX
+from wsss.crf import CRFParams, crf_labels
+from wsss.data.transforms import eval_transforms
+from wsss.data.voc import class_names, load_image, load_mask, mask_dir, read_split
+from wsss.metrics import ConfusionMatrix
+from wsss.stages.make_maps import MAPS_DIR, load_maps, maps_path
+from wsss.stages.pseudo_masks import CRF_REFERENCE_SIZE
+from wsss.stages import train_segmenter
+from wsss.stages.train_segmenter import PSEUDO_DIR, SEGMENTER_FILE
+
+log = logging.getLogger(__name__)
+
+#: 0.05, 0.10, ..., 0.90
+DEFAULT_THRESHOLDS = tuple(round(float(t), 4) for t in np.arange(0.05, 0.95, 0.05))
+PARTS = ("maps", "pseudo", "segmenter")
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config_evaluate.yaml"
+
+
+# =========================================================================== pure functions
+
+def peak_and_labels(maps, classes) -> tuple[np.ndarray, np.ndarray]:
+    """(largest map value (H, W) float32, id of the largest map (H, W) int64; the first one on
+    ties) of localization maps (n, H, W) of the label ids ``classes``. No maps: zeros."""
+    maps = np.asarray(maps, dtype=np.float32)
+    classes = np.asarray(classes, dtype=np.int64).reshape(-1)
+    if maps.ndim != 3 or maps.shape[0] != classes.size:
+        raise ValueError(f"maps {maps.shape} must be (n, H, W) with n = {classes.size} classes")
+    if classes.size == 0:
+        return np.zeros(maps.shape[1:], np.float32), np.zeros(maps.shape[1:], np.int64)
+    return maps.max(axis=0), classes[maps.argmax(axis=0)]
+
+
+def maps_to_labels(maps, classes, bg_threshold: float) -> np.ndarray:
+    """Label map (H, W) int64 from localization maps (n, H, W) of the label ids ``classes``:
+    background (0) where the largest map is below ``bg_threshold``, else the id of the
+    largest map (the first one on ties). No maps: all background."""
+    peak, labels = peak_and_labels(maps, classes)
+    return np.where(peak < bg_threshold, 0, labels)
+
+
+def iou_by_name(iou: Sequence[float], names: Sequence[str]) -> dict[str, float | None]:
+    """{"background": IoU, class name: IoU, ...}; None where a class never occurred (NaN)."""
+    labels = ["background", *names]
+    if len(iou) != len(labels):
+        raise ValueError(f"{len(iou)} IoUs for {len(labels)} classes (background + {len(names)})")
+    return {n: _finite(v) for n, v in zip(labels, iou)}
+
+
+def _finite(v) -> float | None:
+    return None if v is None or not math.isfinite(float(v)) else float(v)
+
+
+def _summary(cm: ConfusionMatrix, names: Sequence[str]) -> dict:
+    m = cm.compute()
+    return {"miou": _finite(m["miou"]), "pixel_acc": _finite(m["pixel_acc"]), "iou": iou_by_name(m["iou"], names)}
+
+
+# =========================================================================== ground truth
+
+def _split_items(data_root, split: str, pred_path, allow_missing: bool, what: str, fix: str):
+    """(names with a prediction file, class names, number missing); raises when files are
+    missing unless ``allow_missing``, and when none is found."""
+    root = Path(data_root)
+    names_fg = class_names(root)
+    names, _ = read_split(root, split, len(names_fg))
+    present = [n for n in names if pred_path(n).is_file()]
+    missing = len(names) - len(present)
+    if missing and not allow_missing:
+        first = next(pred_path(n) for n in names if not pred_path(n).is_file())
+        raise FileNotFoundError(f"{missing} of {len(names)} {split} images have no {what} (e.g. {first}): {fix}, "
+                                f"or pass allow_missing=True to evaluate the {len(present)} that exist")
+    if not present:
+        raise FileNotFoundError(f"no {what} found for any {split} image (e.g. {pred_path(names[0])}): {fix}")
+    if missing:
+        log.warning("%d of %d %s images have no %s; evaluating the %d that do", missing, len(names), split, what,
+                    len(present))
+    return present, names_fg, missing
+
+
+def _gt_mask(root: Path, split: str, name: str, num_classes: int, shape, pred_file) -> np.ndarray:
+    path = mask_dir(root, split) / f"{name}.png"
+    mask = load_mask(path, num_classes)
+    if shape is not None and mask.shape != tuple(shape):
+        raise ValueError(f"{pred_file} is {shape[1]}x{shape[0]} but the ground truth {path} is "
+                         f"{mask.shape[1]}x{mask.shape[0]}: the prediction must have the image's size "
+                         f"(re-run the stage that wrote it)")
+    return mask
+
+
+# =========================================================================== maps
+
+def evaluate_maps(data_root, split: str, maps_dir, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, *,
+                  allow_missing: bool = False) -> dict:
+    """mIoU of the localization maps in ``maps_dir`` for each background threshold.
+
+    Returns {"split", "num_images", "num_missing", "sweep": [{"threshold", "miou",
+    "pixel_acc"}, ...], "best_threshold", "miou", "pixel_acc", "iou" (per class at the
+    best threshold, by name)}; the best threshold is the first one with the highest mIoU.
+    """
+    thresholds = [float(t) for t in thresholds]
+    if not thresholds:
+        raise ValueError("thresholds is empty")
+    root, maps_dir = Path(data_root), Path(maps_dir)
+    names, names_fg, missing = _split_items(
+        root, split, lambda n: maps_path(maps_dir, n), allow_missing, f"localization maps in {maps_dir}",
+        "run the maps stage (wsss.stages.make_maps) for this split")
+    num = len(names_fg) + 1
+    cms = [ConfusionMatrix(num) for _ in thresholds]
+    for name in tqdm(names, desc=f"eval maps {split}", leave=False, dynamic_ncols=True):
+        path = maps_path(maps_dir, name)
+        maps, classes = load_maps(path)
+        gt = torch.from_numpy(_gt_mask(root, split, name, len(names_fg), maps.shape[1:], path))
+        peak, labels = peak_and_labels(maps, classes)  # maps_to_labels, shared by every threshold
+        for t, cm in zip(thresholds, cms):
+            cm.update(torch.from_numpy(np.where(peak < t, 0, labels)), gt)
+    results = [cm.compute() for cm in cms]
+    scores = [r["miou"] if math.isfinite(r["miou"]) else -1.0 for r in results]
+    best = int(np.argmax(scores))
+    return {"split": split, "num_images": len(names), "num_missing": missing,
+            "sweep": [{"threshold": t, "miou": _finite(r["miou"]), "pixel_acc": _finite(r["pixel_acc"])}
+                      for t, r in zip(thresholds, results)],
+            "best_threshold": thresholds[best], **_summary(cms[best], names_fg)}
+
+
+# =========================================================================== pseudo masks
+
+def evaluate_masks(data_root, split: str, masks_dir, *, allow_missing: bool = False) -> dict:
+    """mIoU of the pseudo masks MASKS_DIR/NAME.png against the ground truth of ``split``.
+
+    ``miou`` counts a pseudo mask's 255 pixels as background (IRN's convention);
+    ``miou_confident`` leaves them out; ``coverage`` is the fraction of non-255 pixels;
+    ``num_ignored_images`` counts masks that are 255 everywhere.
+    """
+    root, masks_dir = Path(data_root), Path(masks_dir)
+    path_of = lambda n: masks_dir / f"{n}.png"  # noqa: E731
+    names, names_fg, missing = _split_items(root, split, path_of, allow_missing, f"pseudo masks in {masks_dir}",
+                                            "run the pseudo-mask stage for this split")
+    k = len(names_fg)
+    cm_all, cm_confident = ConfusionMatrix(k + 1), ConfusionMatrix(k + 1)
+    covered = total = ignored_images = 0
+    for name in tqdm(names, desc=f"eval pseudo {split}", leave=False, dynamic_ncols=True):
+        pred = load_mask(path_of(name), k)
+        gt = _gt_mask(root, split, name, k, pred.shape, path_of(name))
+        sure = pred != IGNORE_INDEX
+        covered, total = covered + int(sure.sum()), total + sure.size
+        ignored_images += int(not sure.any())
+        cm_all.update(torch.from_numpy(np.where(sure, pred, 0)), torch.from_numpy(gt))
+        cm_confident.update(torch.from_numpy(np.where(sure, pred, 0)),
+                            torch.from_numpy(np.where(sure, gt, IGNORE_INDEX)))
+    confident = _summary(cm_confident, names_fg)
+    return {"split": split, "num_images": len(names), "num_missing": missing, **_summary(cm_all, names_fg),
+            "coverage": covered / total if total else None, "num_ignored_images": ignored_images,
+            "miou_confident": confident["miou"], "pixel_acc_confident": confident["pixel_acc"],
+            "iou_confident": confident["iou"]}
+
+
+# =========================================================================== segmenter
+
+@torch.no_grad()
+def evaluate_segmenter(model, data_root, split: str = "val", crf: bool = False, scales: Sequence[float] = (1.0,),
+                       flip: bool = False, *, crf_params: CRFParams | None = None, crf_scale: bool = True,
+                       limit: int | None = None, amp: bool = False) -> dict:
+    """mIoU of a segmentation model on ``split`` at native resolution, and with ``crf``
+    also after a dense CRF on its softmax (``miou_crf``, ``pixel_acc_crf``, ``iou_crf``).
+
+    ``crf_params`` default to :class:`wsss.crf.CRFParams` (PASCAL VOC settings); with
+    ``crf_scale`` their spatial widths are scaled per image by max(H, W) / 500, as the
+    pseudo-mask stage does (``wsss.stages.pseudo_masks.crf_params_for``).
+
+    ``model`` maps (B, 3, H, W) to logits (B, K+1, H, W) and stays on its device; it is
+    put in eval mode. ``limit``: only the first N images of the split.
+    """
+    from wsss.models.segmenter import predict
+
+    root = Path(data_root)
+    names_fg = class_names(root)
+    names, _ = read_split(root, split, len(names_fg))
+    names = names[:limit] if limit is not None else names
+    if not names:
+        raise ValueError(f"split {split} of {root} has no images to evaluate (limit={limit})")
+    model.eval()
+    device = next(model.parameters()).device
+    to_input = eval_transforms(None)
+    k = len(names_fg)
+    cm, cm_crf = ConfusionMatrix(k + 1), ConfusionMatrix(k + 1)
+    image_dir = root / "JPEGImages"
+    for name in tqdm(names, desc=f"eval segmenter {split}", leave=False, dynamic_ncols=True):
+        image = load_image(image_dir / f"{name}.jpg")
+        gt = torch.from_numpy(_gt_mask(root, split, name, k, image.shape[:2], image_dir / f"{name}.jpg"))
+        x = to_input(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))).as_subclass(torch.Tensor)
+        x = x[None].to(device)
+        with E.autocast(device, amp):
+            probs = predict(model, x, scales=tuple(scales), flip=flip)[0].float()
+        if probs.shape[0] != k + 1:
+            raise ValueError(f"the model predicts {probs.shape[0]} classes but {root} has {k} + background")
+        cm.update(probs.argmax(0).cpu(), gt)
+        if crf:
+            params = crf_params or CRFParams()
+            params = params.scaled(max(image.shape[:2]) / CRF_REFERENCE_SIZE) if crf_scale else params
+            cm_crf.update(torch.from_numpy(crf_labels(image, probs.cpu().numpy(), params)), gt)
+    out = {"split": split, "num_images": len(names), "scales": [float(s) for s in scales], "flip": bool(flip),
+           **_summary(cm, names_fg)}
+    if crf:
+        out.update({f"{key}_crf": value for key, value in _summary(cm_crf, names_fg).items()})
+    return out
+
+
+def load_segmenter(run_dir, device):
+    """The trained segmenter of a run (the segmenter stage's loader; a name tests can replace)."""
+    return train_segmenter.load_segmenter(run_dir, device)
+
+
+# =========================================================================== figure
+
+def _curves(sweep) -> dict[str, tuple[list[float], list[float]]]:
+    """label -> (thresholds, mIoUs) from a result, a list of sweep points, or a mapping of them."""
+    def points(s):
+        s = s["sweep"] if isinstance(s, Mapping) and "sweep" in s else s
+        pts = [(float(p["threshold"]), p["miou"]) for p in s]
+        return [t for t, _ in pts], [float("nan") if m is None else float(m) for _, m in pts]
+
+    if isinstance(sweep, Mapping) and "sweep" not in sweep:
+        return {str(label): points(s) for label, s in sweep.items()}
+    return {"": points(sweep)}
+
+
+def sweep_figure(sweep, title: str = "localization maps: mIoU vs background threshold"):
+    """A matplotlib Figure of mIoU against the background threshold, best point marked.
+
+    ``sweep``: a result of :func:`evaluate_maps` (or its "sweep" list), or a mapping
+    label -> such results to compare several curves (e.g. single-image vs cross-image).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for label, (ts, mious) in _curves(sweep).items():
+        values = np.asarray(mious, dtype=float)
+        line, = ax.plot(ts, values, marker="o", markersize=3, label=label or None)
+        if np.isfinite(values).any():
+            best = int(np.nanargmax(values))
+            ax.plot(ts[best], values[best], marker="*", markersize=12, color=line.get_color())
+            right = ts[best] > (min(ts) + max(ts)) / 2  # keep the label inside the axes
+            ax.annotate(f"{values[best]:.3f} @ {ts[best]:.2f}", (ts[best], values[best]), textcoords="offset points",
+                        xytext=(-6 if right else 6, 6), ha="right" if right else "left", fontsize=8,
+                        color=line.get_color())
+    ax.set(xlabel="background threshold", ylabel="mIoU", title=title)
+    ax.grid(alpha=0.3)
+    if any(ax.get_legend_handles_labels()[1]):
+        ax.legend()
+    return fig
+
+
+# =========================================================================== stage
+
+@dataclass
+class EvalConfig:
+    """Settings of the evaluation stage.
+
+    ``parts``: any of "maps", "pseudo", "segmenter"; "auto" evaluates those whose inputs
+    exist in the run directory (naming a part whose input is missing is an error).
+    ``maps_dir`` / ``pseudo_dir``: folders inside ``run_dir`` (or absolute paths).
+    ``thresholds``: background thresholds swept for the maps. ``crf``, ``crf_params``,
+    ``crf_scale`` (spatial widths x max(H, W) / 500 per image), ``scales``, ``flip``: how
+    the segmenter is tested (reference: scales 0.5-1.5, flips and a CRF). ``allow_missing``:
+    evaluate only the images that have maps / pseudo masks. ``limit``: only the first N
+    images of the segmenter's split.
+    """
+
+    data_root: str
+    run_dir: str
+    parts: tuple[str, ...] = ("auto",)
+    maps_split: str = "train"
+    maps_dir: str = MAPS_DIR
+    pseudo_split: str = "train"
+    pseudo_dir: str = PSEUDO_DIR
+    seg_split: str = "val"
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    crf: bool = True
+    crf_params: CRFParams = field(default_factory=CRFParams)
+    crf_scale: bool = True
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    device: str = "auto"
+    amp: bool = True
+    allow_missing: bool = False
+    limit: int | None = None
+
+
+def _inputs(cfg: EvalConfig) -> dict[str, Path]:
+    run_dir = Path(cfg.run_dir)
+    return {"maps": run_dir / cfg.maps_dir, "pseudo": run_dir / cfg.pseudo_dir, "segmenter": run_dir / SEGMENTER_FILE}
+
+
+def _has_input(part: str, path: Path) -> bool:
+    if part == "segmenter":
+        return path.is_file()
+    return path.is_dir() and any(path.glob("*.npz" if part == "maps" else "*.png"))
+
+
+def choose_parts(cfg: EvalConfig) -> list[str]:
+    """The parts to evaluate: those asked for, or with "auto" those whose inputs exist."""
+    asked = list(dict.fromkeys(cfg.parts))
+    unknown = sorted(set(asked) - set(PARTS) - {"auto"})
+    if unknown or not asked:
+        raise ValueError(f"parts={list(cfg.parts)}: choose from {list(PARTS)} or 'auto'")
+    inputs = _inputs(cfg)
+    if "auto" in asked:
+        found = [p for p in PARTS if _has_input(p, inputs[p])]
+        if not found:
+            looked = ", ".join(str(p) for p in inputs.values())
+            raise FileNotFoundError(f"nothing to evaluate in {cfg.run_dir}: none of {looked} exists; run the maps, "
+                                    f"pseudo-mask or segmenter stage first")
+        return found
+    for part in asked:
+        if not _has_input(part, inputs[part]):
+            raise FileNotFoundError(f"parts includes {part!r} but {inputs[part]} is missing or empty: run that "
+                                    f"stage first, or leave {part!r} out")
+    return asked
+
+
+def _read_metrics(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): delete or fix it, then re-run") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object: delete it, then re-run")
+    return data
+
+
+def write_metrics(run_dir, results: dict) -> dict:
+    """Merge ``results`` (top-level keys replaced) into RUN/metrics.json, atomically."""
+    path = Path(run_dir) / METRICS_FILE
+    merged = {**_read_metrics(path), **results}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(merged, indent=2, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return merged
+
+
+def run(cfg: EvalConfig | dict) -> dict:
+    """Evaluate the chosen parts, merge them into RUN/metrics.json, and return the results
+    of this call ({part: metrics}); the settings go to RUN/config_evaluate.yaml."""
+    if isinstance(cfg, dict):
+        cfg = C.from_dict(EvalConfig, cfg)
+    parts = choose_parts(cfg)
+    inputs = _inputs(cfg)
+    run_dir = Path(cfg.run_dir)
+    C.save_yaml(cfg, run_dir / CONFIG_FILE)
+    results: dict = {}
+    for part in parts:
+        t0 = time.perf_counter()
+        if part == "maps":
+            res = evaluate_maps(cfg.data_root, cfg.maps_split, inputs["maps"], cfg.thresholds,
+                                allow_missing=cfg.allow_missing)
+        elif part == "pseudo":
+            res = evaluate_masks(cfg.data_root, cfg.pseudo_split, inputs["pseudo"], allow_missing=cfg.allow_missing)
+        else:
+            device = E.resolve_device(cfg.device)
+            model = load_segmenter(run_dir, device)
+            res = evaluate_segmenter(model, cfg.data_root, cfg.seg_split, crf=cfg.crf, scales=cfg.scales,
+                                     flip=cfg.flip, crf_params=cfg.crf_params, crf_scale=cfg.crf_scale,
+                                     limit=cfg.limit, amp=cfg.amp)
+        res["seconds"] = round(time.perf_counter() - t0, 3)
+        results[part] = res
+        crf_note = f", with CRF {res['miou_crf']:.4f}" if res.get("miou_crf") is not None else ""
+        log.info("%s: mIoU %s%s%s", part, f"{res['miou']:.4f}" if res["miou"] is not None else "n/a",
+                 f" at threshold {res['best_threshold']}" if part == "maps" else "", crf_note)
+    write_metrics(run_dir, results)
+    return results
+
+
+# =========================================================================== command line
+
+HELP = {
+    "data_root": "dataset root in VOC layout (ground-truth masks)",
+    "run_dir": "run directory (maps/, pseudo/, segmenter.pt; metrics.json is written here)",
+    "parts": "what to evaluate: maps pseudo segmenter, or auto (whatever exists)",
+    "maps_split": "split of the localization maps",
+    "maps_dir": "maps folder inside the run directory",
+    "pseudo_split": "split of the pseudo masks",
+    "pseudo_dir": "pseudo-mask folder inside the run directory",
+    "seg_split": "split the segmenter is tested on",
+    "thresholds": "background thresholds swept for the maps",
+    "crf": "also report the segmenter's mIoU after a dense CRF",
+    "crf_params.iters": "CRF mean-field iterations",
+    "crf_params.gauss_sxy": "CRF Gaussian width (px)", "crf_params.gauss_compat": "CRF Gaussian weight",
+    "crf_params.bilateral_sxy": "CRF bilateral spatial width (px)",
+    "crf_params.bilateral_srgb": "CRF bilateral colour width", "crf_params.bilateral_compat": "CRF bilateral weight",
+    "crf_scale": "scale the CRF spatial widths by max(H, W) / 500 per image (as the pseudo-mask stage)",
+    "scales": "test scales of the segmenter",
+    "flip": "average the segmenter over horizontal flips",
+    "device": "auto | cpu | cuda[:i]",
+    "amp": "bf16 autocast on CUDA for the segmenter",
+    "allow_missing": "evaluate only the images that have maps / pseudo masks",
+    "limit": "only the first N images of the segmenter's split",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Typed flags, one per EvalConfig field (``--crf-params.bilateral-sxy``, ...), plus --config."""
+    C.add_config_argument(parser)
+    C.add_arguments(parser, EvalConfig, help_texts=HELP)
+    return parser
+
+
+def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> EvalConfig:
+    return C.from_args(EvalConfig, args, parser=parser)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m wsss.stages.evaluate --data-root D --run-dir R [...]``."""
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="wsss evaluate", description="mIoU of maps, pseudo masks and the segmenter (METHOD.md sec. 2-4)."))
+    cfg = from_args(parser.parse_args(argv), parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    results = run(cfg)
+    print(json.dumps({part: {k: v for k, v in res.items() if not k.startswith("iou")} for part, res in results.items()},
+                     indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

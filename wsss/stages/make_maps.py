@@ -1,0 +1,507 @@
+"""Stage 2: object localization maps with cross-image context (METHOD.md section 2).
+
+For each ground-truth class c of an image I_m the map is an average of up to three kinds
+of class maps, chosen by ``combine``:
+
+- ``"cam"``: the single-image basic map S_m[c] = phi_0(F_m)[c] (plain CAM);
+- ``"coatt"``: the cross-image map S_m^{m∩n}[c], one per partner n among k images that
+  also contain c (reference: k = 3), averaged over the partners;
+- ``"self"``: co-attention maps of self-pairs: the transformed image T(I_m) paired with
+  I_m for T in identity / flip / 0.75x / 2x (as in training, ``wsss.data.pairs.
+  self_pair_views``); the map of T(I_m) is taken back to I_m's frame (the flipped map
+  is flipped back, every map is resized to one size).
+
+Every single map is rectified (ReLU) and divided by its maximum *before* averaging
+(an all-zero map stays zero), then resized to the image (bilinear). A kind's maps are
+averaged first (over partners, self-pair transforms and ``scales``), then the kinds are
+averaged with equal weight, and the result is divided by its maximum once more, so that
+every saved map lies in [0, 1] with a peak of exactly 1 (unless it is all zero), as the
+pseudo-mask rules of METHOD.md section 3 (``wsss.pseudo``) expect. Classes absent from
+the image-level label l_m get no map.
+
+A class that no other image of the split contains has no partner: its cross-image map
+is left out of the average (the remaining kinds decide), and when "coatt" is the only
+kind, the self-pair maps stand in (I_m is then the only image known to hold c). Such
+classes are counted and logged once.
+
+Files: RUN/maps/NAME.npz with ``maps`` float16 (n, H, W) at the native image size and
+``classes`` int16 (n,) (label ids 1..K), written atomically; RUN/maps/settings.json
+records what the maps depend on, so that a re-run skips finished images only when they
+were made the same way (``overwrite=True`` recomputes everything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from wsss import config as C
+from wsss import engine as E
+from wsss.data.pairs import partners_for_class, self_pair_views
+from wsss.data.transforms import eval_transforms
+from wsss.data.voc import VOCDataset
+from wsss.stages.train_classifier import classifier_path, load_classifier
+
+log = logging.getLogger(__name__)
+
+KINDS = ("cam", "coatt", "self")
+SELF_TRANSFORMS = ("identity", "flip", "down", "up")
+MAPS_DIR = "maps"
+SETTINGS_FILE = "settings.json"
+CONFIG_FILE = "config_{}.yaml"  # formatted with the maps folder's name: config_maps.yaml by default
+
+
+# =========================================================================== pure core
+
+def parse_combine(combine: str | Sequence[str]) -> tuple[str, ...]:
+    """Normalise ``combine`` to a tuple of kinds in canonical order.
+
+    Accepts a sequence of kinds, or one string: a kind, "all", or kinds joined by
+    "+" or "," (e.g. "cam+self").
+    """
+    if isinstance(combine, str):
+        parts = KINDS if combine.strip() == "all" else combine.replace("+", ",").split(",")
+    else:
+        parts = combine
+    chosen = {str(p).strip() for p in parts if str(p).strip()}
+    unknown = sorted(chosen - set(KINDS))
+    if unknown or not chosen:
+        raise ValueError(f"combine={combine!r}: choose one or more of {list(KINDS)} (or 'all'); "
+                         f"{'unknown: ' + str(unknown) if unknown else 'nothing chosen'}")
+    return tuple(k for k in KINDS if k in chosen)
+
+
+def _check_self_transforms(transforms: Sequence[str]) -> tuple[str, ...]:
+    transforms = tuple(transforms)
+    unknown = sorted(set(transforms) - set(SELF_TRANSFORMS))
+    if unknown or not transforms:
+        raise ValueError(f"self_transforms={transforms!r}: choose one or more of {list(SELF_TRANSFORMS)}")
+    return transforms
+
+
+def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
+    """ReLU, then divide each map (..., h, w) by its maximum; an all-zero map stays zero."""
+    maps = maps.float().clamp_min(0)
+    peak = maps.amax(dim=(-2, -1), keepdim=True)
+    return maps / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
+def _resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(n, h, w) -> (n, H, W), bilinear."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def _rescale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    if scale == 1.0:
+        return x
+    h, w = x.shape[-2:]
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class _Accumulator:
+    """Per-kind sums and counts of normalised maps, (n, H, W) each."""
+
+    def __init__(self, n: int, size: tuple[int, int], device: torch.device):
+        self.n, self.size, self.device = n, size, device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def add(self, kind: str, rows: torch.Tensor, raw_maps: torch.Tensor) -> None:
+        """Add raw class maps (len(rows), h, w) for the given class rows."""
+        if kind not in self.sums:
+            self.sums[kind] = torch.zeros(self.n, *self.size, device=self.device)
+            self.counts[kind] = torch.zeros(self.n, device=self.device)
+        maps = _resize(normalise_maps(raw_maps), self.size)
+        rows = rows.to(self.device)
+        self.sums[kind].index_add_(0, rows, maps.to(self.device))
+        self.counts[kind].index_add_(0, rows, torch.ones(len(rows), device=self.device))
+
+    def mean(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean maps (n, H, W), present (n,) bool) of one kind."""
+        if kind not in self.sums:
+            return torch.zeros(self.n, *self.size, device=self.device), torch.zeros(self.n, dtype=torch.bool,
+                                                                                  device=self.device)
+        counts = self.counts[kind]
+        return self.sums[kind] / counts.clamp_min(1).view(-1, 1, 1), counts > 0
+
+    def combine(self, kinds: Sequence[str], fallback: str | None) -> torch.Tensor:
+        """Equal-weight average over the kinds present for each class, then max-normalised;
+        a class with none of them takes the ``fallback`` kind."""
+        total = torch.zeros(self.n, *self.size, device=self.device)
+        used = torch.zeros(self.n, device=self.device)
+        for kind in kinds:
+            mean, present = self.mean(kind)
+            total += mean * present.view(-1, 1, 1)
+            used += present.float()
+        if fallback is not None:
+            mean, present = self.mean(fallback)
+            take = (used == 0) & present
+            total[take] = mean[take]
+            used[take] = 1
+        return normalise_maps(total / used.clamp_min(1).view(-1, 1, 1))
+
+
+def _as_batch(image: torch.Tensor, device: torch.device) -> torch.Tensor:
+    image = torch.as_tensor(image).as_subclass(torch.Tensor)
+    if image.ndim == 3:
+        image = image[None]
+    if image.ndim != 4 or image.shape[0] != 1 or image.shape[1] != 3:
+        raise ValueError(f"expected one normalised image (1, 3, H, W) or (3, H, W), got shape {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise ValueError("images must be normalised float tensors (wsss.data.transforms.eval_transforms), got "
+                         f"{image.dtype}")
+    return image.to(device)
+
+
+def _check_model(model) -> None:
+    missing = [a for a in ("features", "phi0", "phi", "coatt") if not hasattr(model, a)]
+    if missing:
+        raise TypeError(f"{type(model).__name__} lacks {missing}: localization_maps needs a "
+                        f"wsss.models.CoAttentionClassifier (unwrap DDP/compiled models first)")
+
+
+def coatt_map(model, f_m: torch.Tensor, f_n: torch.Tensor) -> torch.Tensor:
+    """S_m^{m∩n} = phi(F_m^{m∩n}) (B, K, h, w) from backbone features: what
+    ``model.coatt_cam(x_m, x_n)`` computes, with the features computed once by the caller."""
+    return model.phi(model.coatt(f_m, f_n)[0])
+
+
+def _features(model, images: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
+    """Backbone features of each (1, 3, h, w) image, at most ``batch`` images per call
+    (``model.features`` batches the images of one size together)."""
+    feats: list[torch.Tensor] = []
+    for start in range(0, len(images), batch):
+        feats += model.features(images[start:start + batch])
+    return feats
+
+
+@torch.no_grad()
+def localization_maps(model, image: torch.Tensor, classes: Sequence[int],
+                      partner_images: Mapping[int, Sequence[torch.Tensor]] | None = None,
+                      combine: str | Sequence[str] = KINDS, scales: Sequence[float] = (1.0,), *,
+                      out_size: tuple[int, int] | None = None,
+                      self_transforms: Sequence[str] = SELF_TRANSFORMS, batch: int = 8) -> torch.Tensor:
+    """Localization maps (len(classes), H, W) float32 in [0, 1] of one image (METHOD.md sec. 2).
+
+    ``model``: a CoAttentionClassifier in eval mode. ``image``: the normalised image
+    (1, 3, H, W). ``classes``: the image's label ids (1..K); row i of the result is the map
+    of ``classes[i]``. ``partner_images``: class id -> partner images (each (3, h, w) or
+    (1, 3, h, w), normalised) that contain the class; needed only for "coatt"; the same
+    tensor listed for several classes is run through the backbone once. ``combine``: the
+    kinds to average (module docstring). ``scales``: the image and its partners are
+    rescaled by each factor and every map counts once. ``out_size``: (H, W) of the result,
+    default the image's size. ``batch``: images per backbone call. Each backbone pass is
+    computed once and shared by every map that needs it: the maps equal those of
+    ``model.cam`` and ``model.coatt_cam`` (tests/test_make_maps.py checks this). The result
+    lives on the image's device.
+    """
+    kinds = parse_combine(combine)
+    transforms = _check_self_transforms(self_transforms)
+    _check_model(model)
+    if not scales:
+        raise ValueError("scales is empty: give at least one factor, e.g. (1.0,)")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    device = next(model.parameters()).device
+    out_device = torch.as_tensor(image).device
+    x0 = _as_batch(image, device)
+    size = tuple(int(s) for s in (out_size or x0.shape[-2:]))
+    classes = [int(c) for c in classes]
+    num_classes = getattr(model, "num_classes", None)
+    bad = [c for c in classes if c < 1 or (num_classes is not None and c > num_classes)]
+    if bad:
+        raise ValueError(f"class ids {bad} outside 1..{num_classes} (label ids; 0 is background)")
+    if len(set(classes)) != len(classes):
+        raise ValueError(f"classes has repeated ids: {classes}")
+    if not classes:
+        return torch.zeros(0, *size, device=out_device)
+
+    channels = torch.tensor([c - 1 for c in classes], dtype=torch.long, device=device)
+    # unique partner tensors, and which class rows use each
+    partner_images = partner_images or {}
+    unique: dict[int, tuple[torch.Tensor, list[int]]] = {}
+    if "coatt" in kinds:
+        for row, c in enumerate(classes):
+            for p in partner_images.get(c, ()):
+                unique.setdefault(id(p), (_as_batch(p, device), []))[1].append(row)
+    has_partner = {row for _, rows in unique.values() for row in rows}
+    fallback = "self" if kinds == ("coatt",) and len(has_partner) < len(classes) else None
+    use_self = "self" in kinds or fallback is not None
+    views = [t for t in transforms if t != "identity"] if use_self else []
+
+    acc = _Accumulator(len(classes), size, device)
+    all_rows = torch.arange(len(classes))
+    for scale in scales:
+        x = _rescale(x0, float(scale))
+        view_images = self_pair_views(x) if views else {}
+        partners = [(_rescale(p, float(scale)), rows) for p, rows in unique.values()]
+        feats = _features(model, [x] + [view_images[t] for t in views] + [p for p, _ in partners], batch)
+        f_x, f_views, f_partners = feats[0], dict(zip(views, feats[1:1 + len(views)])), feats[1 + len(views):]
+        if "cam" in kinds:
+            acc.add("cam", all_rows, model.phi0(f_x)[0, channels])
+        if use_self:
+            for t in transforms:  # the map of T(x) paired with x, back in x's frame
+                maps = coatt_map(model, f_views.get(t, f_x), f_x)[0, channels]
+                acc.add("self", all_rows, maps.flip(-1) if t == "flip" else maps)
+        for f_n, (_, rows) in zip(f_partners, partners):
+            maps = coatt_map(model, f_x, f_n)[0]
+            acc.add("coatt", torch.tensor(rows), maps[channels[rows]])
+    return acc.combine(kinds, fallback).to(out_device)
+
+
+# =========================================================================== files
+
+def maps_path(maps_dir: str | Path, name: str) -> Path:
+    return Path(maps_dir) / f"{name}.npz"
+
+
+def save_maps(path: str | Path, maps, classes) -> None:
+    """Write maps (n, H, W) as float16 and classes (n,) as int16 to ``path``, atomically."""
+    maps = np.asarray(maps, dtype=np.float16)
+    classes = np.asarray(classes, dtype=np.int16).reshape(-1)
+    if maps.ndim != 3 or maps.shape[0] != classes.size:
+        raise ValueError(f"save_maps({path}): maps {maps.shape} must be (n, H, W) with n = {classes.size} classes")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz" suffix
+            np.savez(f, maps=maps, classes=classes)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_maps(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(maps float32 (n, H, W), classes int64 (n,)) from a file written by this stage."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"localization maps {path} do not exist: run the maps stage "
+                                f"(wsss.stages.make_maps.run) for this image's split first")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            maps, classes = z["maps"].astype(np.float32), z["classes"].astype(np.int64)
+    except (OSError, KeyError, ValueError) as err:
+        raise ValueError(f"cannot read localization maps {path} ({err}): delete the file and re-run the maps "
+                         f"stage") from None
+    if maps.ndim != 3 or maps.shape[0] != classes.size:
+        raise ValueError(f"{path}: maps {maps.shape} do not match {classes.size} classes; delete it and re-run")
+    return maps, classes
+
+
+# =========================================================================== stage
+
+@dataclass
+class MapsConfig:
+    """Settings of the maps stage (METHOD.md section 2).
+
+    ``combine``: which kinds of map are averaged ("cam", "coatt", "self"); ("cam",) gives
+    the single-image baseline. ``maps_dir``: output folder, a name inside ``run_dir`` or
+    an absolute path (e.g. "maps_cam" to keep a baseline beside the default "maps").
+    ``image_size``: the network sees images resized to this square size (None: native);
+    maps are always saved at the native size. ``batch``: images per backbone call.
+    ``amp``: bf16 autocast on CUDA. ``workers``: DataLoader processes that load each image
+    and its partners. ``limit``: only the first ``limit`` images of the split (a quick look).
+    ``seed``: partners of image i are drawn with ``np.random.default_rng([seed, i])``.
+    """
+
+    data_root: str
+    run_dir: str
+    split: str = "train"
+    k: int = 3
+    combine: tuple[str, ...] = KINDS
+    scales: tuple[float, ...] = (1.0,)
+    self_transforms: tuple[str, ...] = SELF_TRANSFORMS
+    image_size: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    batch: int = 8
+    workers: int = 0
+    limit: int | None = None
+    maps_dir: str = MAPS_DIR
+    overwrite: bool = False
+
+
+def _settings(cfg: MapsConfig, checkpoint: Path) -> dict:
+    """What the saved maps depend on (split, limit, device and batching do not change them)."""
+    st = checkpoint.stat()
+    return {"combine": list(parse_combine(cfg.combine)), "k": cfg.k, "scales": [float(s) for s in cfg.scales],
+            "self_transforms": list(cfg.self_transforms), "image_size": cfg.image_size, "seed": cfg.seed,
+            "classifier": {"size": st.st_size, "mtime_ns": st.st_mtime_ns}}
+
+
+def _check_settings(out_dir: Path, settings: dict, overwrite: bool) -> None:
+    """Refuse to mix maps made with different settings in one folder (unless overwriting)."""
+    path = out_dir / SETTINGS_FILE
+    if overwrite or not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    if old != settings:
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        what = ", ".join("the classifier (classifier.pt was rewritten)" if k == "classifier" else k for k in changed)
+        raise ValueError(f"{out_dir} holds maps made with other settings than these ({what} differ from "
+                         f"{path}); pass overwrite=True to recompute them, or choose another maps_dir")
+
+
+def _write_settings(out_dir: Path, settings: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{SETTINGS_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(settings, indent=2) + "\n")
+    os.replace(tmp, out_dir / SETTINGS_FILE)
+
+
+class MapInputs(Dataset):
+    """Item i: the normalised image, its native size, its label ids and, when partners are
+    wanted, k partner images per class drawn with ``np.random.default_rng([seed, i])``
+    (the same draw with any number of workers)."""
+
+    def __init__(self, base, transform, k: int, seed: int, with_partners: bool):
+        self.base, self.transform, self.k, self.seed = base, transform, k, seed
+        self.with_partners = with_partners
+        self.labels = np.asarray(base.labels)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _image(self, i: int) -> torch.Tensor:
+        return self.transform(self.base[i]["image"]).as_subclass(torch.Tensor)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.base[i]
+        classes = [int(c) + 1 for c in np.flatnonzero(self.labels[i])]
+        partners: dict[int, list[torch.Tensor]] = {}
+        lonely: list[int] = []
+        if self.with_partners:
+            rng = np.random.default_rng([self.seed, i])
+            loaded: dict[int, torch.Tensor] = {}
+            for c in classes:
+                ids = partners_for_class(self.labels, i, c - 1, self.k, rng)
+                if not ids:
+                    lonely.append(c)
+                partners[c] = [loaded[j] if j in loaded else loaded.setdefault(j, self._image(j)) for j in ids]
+        return {"name": item["name"], "index": i, "size": tuple(item["image"].shape[-2:]),
+                "image": self.transform(item["image"]).as_subclass(torch.Tensor),
+                "classes": classes, "partners": partners, "lonely": lonely}
+
+
+def _first(batch: list):
+    return batch[0]
+
+
+def run(cfg: MapsConfig | dict) -> dict:
+    """Write RUN/MAPS_DIR/NAME.npz for every image of ``cfg.split`` (skipping finished ones)
+    and the settings to RUN/config_maps.yaml (config_NAME.yaml for another maps_dir NAME).
+
+    Returns {"num_images" (computed now), "num_skipped", "num_no_partner" (classes without
+    a partner), "seconds", "images_per_s", "maps_dir"}.
+    """
+    if isinstance(cfg, dict):
+        cfg = C.from_dict(MapsConfig, cfg)
+    kinds = parse_combine(cfg.combine)
+    _check_self_transforms(cfg.self_transforms)
+    if cfg.k < 1 and "coatt" in kinds:
+        raise ValueError(f"k={cfg.k}: cross-image maps need at least one partner per class (k >= 1)")
+    run_dir = Path(cfg.run_dir)
+    checkpoint = classifier_path(run_dir)  # raises, saying how to train or resume, when missing
+    out_dir = run_dir / cfg.maps_dir
+    settings = _settings(cfg, checkpoint)
+    _check_settings(out_dir, settings, cfg.overwrite)
+
+    base = VOCDataset(cfg.data_root, cfg.split, transforms=None, with_mask=False)
+    inputs = MapInputs(base, eval_transforms(cfg.image_size), cfg.k, cfg.seed, with_partners="coatt" in kinds)
+    count = len(base) if cfg.limit is None else min(len(base), max(0, cfg.limit))
+    todo = [i for i in range(count) if cfg.overwrite or not maps_path(out_dir, base.names[i]).is_file()]
+    _write_settings(out_dir, settings)
+    log.info("maps (%s) of %d %s images into %s: %d to compute, %d already there", "+".join(kinds), count,
+             cfg.split, out_dir, len(todo), count - len(todo))
+
+    C.save_yaml(cfg, run_dir / CONFIG_FILE.format(out_dir.name))
+    device = E.resolve_device(cfg.device)
+    model = load_classifier(checkpoint, device)
+    model.eval()
+    loader = DataLoader(Subset(inputs, todo), batch_size=1, shuffle=False, num_workers=cfg.workers,
+                        collate_fn=_first)
+    lonely, t0 = 0, time.perf_counter()
+    for item in tqdm(loader, desc=f"maps {cfg.split}", total=len(todo), dynamic_ncols=True):
+        if item["lonely"]:
+            if not lonely:
+                log.warning("image %s: no other %s image contains class(es) %s, so they get no cross-image map "
+                            "(the other kinds decide; with combine=('coatt',) the self-pair maps stand in). "
+                            "Logged once; the total is returned as num_no_partner.", item["name"], cfg.split,
+                            item["lonely"])
+            lonely += len(item["lonely"])
+        with E.autocast(device, cfg.amp):
+            maps = localization_maps(model, item["image"][None], item["classes"], item["partners"], kinds,
+                                     cfg.scales, out_size=item["size"], self_transforms=cfg.self_transforms,
+                                     batch=cfg.batch)
+        save_maps(maps_path(out_dir, item["name"]), maps.cpu().numpy(), item["classes"])
+    seconds = time.perf_counter() - t0
+    result = {"num_images": len(todo), "num_skipped": count - len(todo), "num_no_partner": lonely,
+              "seconds": round(seconds, 3), "images_per_s": round(len(todo) / seconds, 3) if todo else 0.0,
+              "maps_dir": str(out_dir)}
+    log.info("maps done: %s", result)
+    return result
+
+
+# =========================================================================== command line
+
+HELP = {
+    "data_root": "dataset root in VOC layout",
+    "run_dir": "run directory holding classifier.pt",
+    "split": "split whose images get maps (ImageSets/Segmentation/SPLIT.txt)",
+    "k": "partners per class for the cross-image maps",
+    "combine": "kinds of map averaged: cam (single image), coatt (cross-image), self (self-pairs)",
+    "scales": "inference scales (each rescales the image and its partners)",
+    "self_transforms": "self-pair transforms: identity flip down up",
+    "image_size": "resize images to this square size for the network (none: native); maps keep the native size",
+    "seed": "seed of the partner draws (one generator per image)",
+    "device": "auto | cpu | cuda[:i]",
+    "amp": "bf16 autocast on CUDA",
+    "batch": "images per backbone call",
+    "workers": "DataLoader worker processes (image and partner loading)",
+    "limit": "only the first N images of the split",
+    "maps_dir": "output folder inside the run directory (or an absolute path)",
+    "overwrite": "recompute maps that already exist",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Typed flags, one per MapsConfig field, plus --config."""
+    C.add_config_argument(parser)
+    C.add_arguments(parser, MapsConfig, help_texts=HELP)
+    return parser
+
+
+def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> MapsConfig:
+    return C.from_args(MapsConfig, args, parser=parser)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m wsss.stages.make_maps --data-root D --run-dir R [...]``."""
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="wsss make-maps", description="Localization maps with cross-image context (METHOD.md sec. 2)."))
+    cfg = from_args(parser.parse_args(argv), parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = run(cfg)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

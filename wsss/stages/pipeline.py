@@ -1,0 +1,159 @@
+"""The whole pipeline from one YAML file: classifier -> maps -> pseudo masks -> segmenter -> evaluation.
+
+Each stage is still its own ``run(cfg)`` reading and writing the run directory; this module
+only builds their configs from one file and calls them in order, so a half-finished
+pipeline picks up where it stopped (every stage skips or resumes finished work).
+
+YAML layout (every section optional; keys are the fields of that stage's config)::
+
+    run_dir: runs/demo              # absolute, or relative to the runs folder (wsss.paths.runs_dir)
+    data_root: null                 # a VOC-layout dataset; null = the embedded benchmark below
+    benchmark: demo                 # smoke | demo | full: generated on first use
+    seed: 0
+    stages: [classifier, maps, pseudo, segmenter, evaluate]
+    classifier: {backbone: tiny, epochs: 6}          # wsss.stages.train_classifier.ClassifierConfig
+    maps: {k: 3}                                     # wsss.stages.make_maps.MapsConfig
+    pseudo: {alpha: 4.0}                             # wsss.stages.pseudo_masks.PseudoConfig
+    segmenter: {model: tiny}                         # wsss.stages.train_segmenter.SegmenterConfig
+    evaluate: {crf: true}                            # wsss.stages.evaluate.EvalConfig
+
+``data_root``, ``run_dir`` and ``seed`` are filled into every stage. The merged settings are
+saved as RUN/config.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from wsss import config as C
+from wsss.paths import benchmark_root, runs_dir
+from wsss.stages import evaluate, make_maps, pseudo_masks, train_classifier, train_segmenter
+
+log = logging.getLogger(__name__)
+
+# stage name -> (module, config class); the order is the pipeline's order
+STAGES = {
+    "classifier": (train_classifier, train_classifier.ClassifierConfig),
+    "maps": (make_maps, make_maps.MapsConfig),
+    "pseudo": (pseudo_masks, pseudo_masks.PseudoConfig),
+    "segmenter": (train_segmenter, train_segmenter.SegmenterConfig),
+    "evaluate": (evaluate, evaluate.EvalConfig),
+}
+SEEDED = {"classifier", "maps", "segmenter"}
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = "demo"
+    data_root: str | None = None
+    benchmark: Literal["smoke", "demo", "full"] = "demo"
+    seed: int = 0
+    stages: tuple[str, ...] = tuple(STAGES)
+    classifier: dict = field(default_factory=dict)
+    maps: dict = field(default_factory=dict)
+    pseudo: dict = field(default_factory=dict)
+    segmenter: dict = field(default_factory=dict)
+    evaluate: dict = field(default_factory=dict)
+
+
+def resolve_run_dir(run_dir: str | Path) -> Path:
+    path = Path(run_dir).expanduser()
+    return path if path.is_absolute() else runs_dir() / path
+
+
+def stage_configs(cfg: PipelineConfig, data_root: Path, run_dir: Path) -> dict:
+    """Each chosen stage's config object, built from its section plus the shared fields."""
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise C.ConfigError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    out = {}
+    for name in cfg.stages:
+        _, cls = STAGES[name]
+        section = dict(getattr(cfg, name) or {})
+        shared = {"data_root": str(data_root), "run_dir": str(run_dir)}
+        if name in SEEDED:
+            shared["seed"] = cfg.seed
+        clash = sorted(set(section) & set(shared))
+        if clash:
+            raise C.ConfigError(f"section {name!r} sets {clash}: set them once at the top level of the pipeline config")
+        try:
+            out[name] = C.from_dict(cls, {**section, **shared})
+        except C.ConfigError as err:
+            raise C.ConfigError(f"section {name!r}: {err}") from None
+    return out
+
+
+def prepare_data(cfg: PipelineConfig) -> Path:
+    if cfg.data_root:
+        return Path(cfg.data_root).expanduser()
+    from wsss.data.synth import ensure_benchmark
+
+    return Path(ensure_benchmark(benchmark_root(cfg.benchmark), size=cfg.benchmark, seed=0))
+
+
+def run(cfg: PipelineConfig | dict) -> dict:
+    """Run the chosen stages in order; returns {stage: its metrics} and RUN/metrics.json's summary."""
+    if isinstance(cfg, dict):
+        cfg = C.from_dict(PipelineConfig, cfg)
+    run_dir = resolve_run_dir(cfg.run_dir)
+    data_root = prepare_data(cfg)
+    configs = stage_configs(cfg, data_root, run_dir)  # check every section before spending time
+    run_dir.mkdir(parents=True, exist_ok=True)
+    C.save_yaml(cfg, run_dir / "config.yaml")
+    results, seconds = {}, {}
+    for name, stage_cfg in configs.items():
+        module, _ = STAGES[name]
+        log.info("stage %s -> %s", name, run_dir)
+        t0 = time.perf_counter()
+        results[name] = module.run(stage_cfg)
+        seconds[name] = round(time.perf_counter() - t0, 1)
+    results["seconds"] = seconds
+    results["run_dir"] = str(run_dir)
+    results["data_root"] = str(data_root)
+    return results
+
+
+def summary_table(run_dir: str | Path) -> str:
+    """The headline numbers of a run (from RUN/metrics.json) as a small text table."""
+    path = Path(run_dir) / evaluate.METRICS_FILE
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+
+    def fmt(v):
+        return "  n/a" if v is None else f"{100 * v:5.1f}"
+
+    rows = []
+    if "maps" in metrics:
+        m = metrics["maps"]
+        rows.append(("localization maps (train, best bg threshold %s)" % m.get("best_threshold"), m.get("miou")))
+    if "pseudo" in metrics:
+        rows.append(("pseudo-masks (train)", metrics["pseudo"].get("miou")))
+    if "segmenter" in metrics:
+        rows.append(("segmentation (val)", metrics["segmenter"].get("miou")))
+        if metrics["segmenter"].get("miou_crf") is not None:
+            rows.append(("segmentation (val) + CRF", metrics["segmenter"]["miou_crf"]))
+    width = max([len(r[0]) for r in rows] + [10])
+    lines = [f"{'':{width}}  mIoU (%)", *(f"{name:{width}}  {fmt(v)}" for name, v in rows)]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    C.add_config_argument(parser)
+    C.add_arguments(parser, PipelineConfig, help_texts={
+        "run_dir": "run directory (relative paths go under runs/)",
+        "data_root": "VOC-layout dataset; leave unset to use the embedded benchmark",
+        "benchmark": "size of the embedded benchmark used when --data-root is unset",
+        "seed": "seed for every stage",
+        "stages": f"stages to run, in order, from {list(STAGES)}",
+        **{name: f"overrides of the {name} stage config as a YAML mapping of its fields" for name in STAGES},
+    })
+    return parser
+
+
+def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> PipelineConfig:
+    return C.from_args(PipelineConfig, args, parser=parser)

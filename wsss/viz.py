@@ -1,0 +1,113 @@
+"""Figures drawn from a run directory: the qualitative grid of the paper's figures.
+
+Rows are images; columns are the image, its ground truth, the single-image CAM, the
+cross-image co-attention map (k partners, METHOD.md sec. 2), the pseudo-mask (sec. 3) and
+the segmenter's prediction (sec. 4). Missing stages leave their column out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from wsss.classes import voc_palette
+from wsss.data.transforms import denormalize, eval_transforms
+from wsss.data.voc import VOCDataset, load_mask
+
+
+def colorize(mask: np.ndarray) -> np.ndarray:
+    """A label mask (H, W) as VOC palette colours (H, W, 3) uint8."""
+    return voc_palette()[np.asarray(mask, dtype=np.uint8)]
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
+    """A [0, 1] heat map (H, W) blended over an RGB image (H, W, 3) uint8."""
+    colours = matplotlib.colormaps[cmap](np.clip(heat, 0, 1))[..., :3]
+    return ((1 - alpha) * image / 255.0 + alpha * colours).clip(0, 1)
+
+
+def qualitative_rows(run_dir, data_root, names=None, n: int = 6, split: str = "train", k: int = 3,
+                     seed: int = 0, device: str = "cpu") -> list[dict]:
+    """The arrays behind ``qualitative_grid`` (one dict per image), for notebooks that plot their own way."""
+    from wsss.stages.make_maps import MapInputs, localization_maps
+    from wsss.stages.train_classifier import classifier_path, load_classifier
+    from wsss.stages.train_segmenter import load_segmenter, segmenter_path
+    from wsss.models.segmenter import predict
+
+    run_dir = Path(run_dir)
+    base = VOCDataset(data_root, split, with_mask=False)
+    index = {name: i for i, name in enumerate(base.names)}
+    names = list(names) if names is not None else base.names[:n]
+    missing = [x for x in names if x not in index]
+    if missing:
+        raise KeyError(f"{missing} are not in split {split!r} of {data_root}")
+    inputs = MapInputs(base, eval_transforms(), k=k, seed=seed, with_partners=True)
+    classifier = load_classifier(run_dir, device) if _exists(classifier_path, run_dir) else None
+    segmenter = load_segmenter(run_dir, device) if _exists(segmenter_path, run_dir) else None
+    rows = []
+    for name in names:
+        item = inputs[index[name]]
+        image = denormalize(item["image"])
+        row = {"name": name, "classes": item["classes"], "image": image,
+               "gt": load_mask(base.mask_path(name), base.num_classes)}
+        if classifier is not None and item["classes"]:
+            x = item["image"][None].to(device)
+            for kind in ("cam", "coatt"):
+                maps = localization_maps(classifier, x, item["classes"], item["partners"], combine=kind)
+                row[kind] = maps.max(0).values.cpu().numpy()
+        pseudo = run_dir / "pseudo" / f"{name}.png"
+        if pseudo.is_file():
+            row["pseudo"] = load_mask(pseudo, base.num_classes)
+        if segmenter is not None:
+            probs = predict(segmenter, item["image"][None].to(device))
+            row["pred"] = probs[0].argmax(0).cpu().numpy().astype(np.uint8)
+        rows.append(row)
+    return rows
+
+
+def _exists(path_fn, run_dir) -> bool:
+    try:
+        path_fn(run_dir)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+COLUMNS = {"image": "image", "gt": "ground truth", "cam": "CAM (single image)",
+           "coatt": "co-attention (k partners)", "pseudo": "pseudo-mask", "pred": "segmentation"}
+
+
+def qualitative_grid(rows: list[dict], class_names=None) -> Figure:
+    """Image / GT / CAM / co-attention map / pseudo-mask / prediction, one row per image."""
+    cols = [c for c in COLUMNS if any(c in r for r in rows)]
+    fig = Figure(figsize=(2.1 * len(cols), 2.1 * len(rows) + 0.4), layout="constrained")
+    axes = fig.subplots(len(rows), len(cols), squeeze=False)
+    for r, row in enumerate(rows):
+        for c, col in enumerate(cols):
+            ax = axes[r, c]
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(COLUMNS[col], fontsize=9)
+            if col not in row:
+                ax.axis("off")
+                continue
+            if col == "image":
+                ax.imshow(row["image"])
+                label = ", ".join(class_names[i - 1] for i in row["classes"]) if class_names else row["name"]
+                ax.set_ylabel(label, fontsize=8)
+            elif col in ("cam", "coatt"):
+                ax.imshow(overlay(row["image"], row[col]))
+            else:
+                ax.imshow(colorize(row[col]))
+    return fig
+
+
+def save_figure(fig: Figure, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
