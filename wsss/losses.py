@@ -1,0 +1,143 @@
+"""Losses of the co-attention classifier (METHOD.md sec. 1).
+
+CE is the multi-label soft-margin loss: per sample the mean over the K classes of the
+sigmoid binary cross-entropy, then the mean over the batch.
+
+    basic       = CE(s_m, l_m) + CE(s_n, l_n)
+    coatt       = CE(s_co_m, l_m ∩ l_n) + CE(s_co_n, l_m ∩ l_n)
+    contrastive = CE(s_con_m, l_m \\ l_n) + CE(s_con_n, l_n \\ l_m)
+
+A contrastive sample whose target set is empty carries no signal and is skipped (the
+mean runs over the samples with a non-empty target; a batch with none gives 0, still
+attached to the graph so every parameter receives a (zero) gradient, e.g. under DDP).
+The contrastive term is on from epoch ``con_warmup_epochs`` (0-based) onwards. The
+co-attention target l_m ∩ l_n is used even when empty ("nothing in common" is a signal).
+
+Self-pairs (I_m, T(I_m)) are pairs whose partner label is l_m: their basic and
+co-attention terms use target l_m on both sides (their contrastive targets are empty).
+
+``loss_terms`` returns the unweighted terms (always every key, 0 when switched off or
+warming up, for fixed logging columns) and ``total``:
+
+    total = w_basic*basic + w_coatt*coatt + w_con*contrastive
+            + w_self*(w_basic*self_basic + w_coatt*self_coatt)
+
+where each term enters only if its switch is on (and self_* only if ``self_pairs``);
+a term switched off adds 0 * term, so the value is unchanged but every parameter used in
+the forward pass gets a gradient (zero), which DistributedDataParallel expects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+TERMS = ("basic", "coatt", "contrastive", "self_basic", "self_coatt")
+
+
+@dataclass
+class LossConfig:
+    """Ablation switches and weights of the loss terms (METHOD.md sec. 1)."""
+
+    basic: bool = True
+    coatt: bool = True
+    contrastive: bool = True
+    self_pairs: bool = True
+    w_basic: float = 1.0
+    w_coatt: float = 1.0
+    w_con: float = 1.0
+    w_self: float = 1.0
+    con_warmup_epochs: int = 2
+
+    def __post_init__(self) -> None:
+        if not (self.basic or self.coatt or self.contrastive):
+            raise ValueError("LossConfig: at least one of basic, coatt, contrastive must be on")
+        if min(self.w_basic, self.w_coatt, self.w_con, self.w_self) < 0:
+            raise ValueError("LossConfig: loss weights must be >= 0")
+
+
+def multilabel_soft_margin(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample multi-label soft-margin loss (B,): mean over classes of BCE with logits.
+    Computed in float32 at least (scores from a bf16 autocast region are upcast)."""
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    return F.multilabel_soft_margin_loss(scores.to(dtype), targets.to(dtype), reduction="none")
+
+
+def ce(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CE of METHOD.md: the soft-margin loss averaged over the batch."""
+    return multilabel_soft_margin(scores, targets).mean()
+
+
+def ce_nonempty(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CE over the samples whose target set is non-empty; 0 (graph-attached) if none."""
+    per_sample = multilabel_soft_margin(scores, targets)
+    keep = (targets > 0).any(dim=1).to(per_sample.dtype)
+    return (per_sample * keep).sum() / keep.sum().clamp(min=1)
+
+
+def pair_terms(out: dict, l_m: torch.Tensor, l_n: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Unweighted basic / coatt / contrastive terms of one pair (METHOD.md sec. 1)."""
+    l_m, l_n = (l_m > 0).float(), (l_n > 0).float()
+    common = l_m * l_n
+    return {
+        "basic": ce(out["s_m"], l_m) + ce(out["s_n"], l_n),
+        "coatt": ce(out["s_co_m"], common) + ce(out["s_co_n"], common),
+        "contrastive": (ce_nonempty(out["s_con_m"], l_m * (1 - l_n))
+                        + ce_nonempty(out["s_con_n"], l_n * (1 - l_m))),
+    }
+
+
+def self_pair_terms(out: dict, l_m: torch.Tensor) -> dict[str, torch.Tensor]:
+    """basic and coatt terms summed over the self-pairs in out["self"] (target l_m)."""
+    per_view = [pair_terms(o, l_m, l_m) for o in out["self"].values()]
+    if not per_view:
+        raise ValueError("out['self'] holds no self-pairs")
+    return {"self_basic": sum(t["basic"] for t in per_view),
+            "self_coatt": sum(t["coatt"] for t in per_view)}
+
+
+def loss_terms(out: dict, l_m: torch.Tensor, l_n: torch.Tensor, cfg: LossConfig,
+               epoch: int) -> dict[str, torch.Tensor]:
+    """Every term in TERMS (unweighted; 0 when off) and the weighted ``total``.
+
+    ``out`` is CoAttentionClassifier.forward's dict; l_m, l_n (B, K) multi-hot labels.
+    Raises if cfg.self_pairs is on but ``out`` has no "self" entry.
+    """
+    terms = pair_terms(out, l_m, l_n)
+    con_on = cfg.contrastive and epoch >= cfg.con_warmup_epochs
+    if cfg.self_pairs:
+        if "self" not in out:
+            raise ValueError("LossConfig.self_pairs is on but the model output has no self-pairs; "
+                             "call the model with self_pairs=True or set self_pairs=False")
+        terms.update(self_pair_terms(out, l_m))
+    zero = terms["basic"].new_zeros(())
+    total = zero
+    if cfg.basic:
+        total = total + cfg.w_basic * terms["basic"]
+    if cfg.coatt:
+        total = total + cfg.w_coatt * terms["coatt"]
+    if con_on:
+        total = total + cfg.w_con * terms["contrastive"]
+    if cfg.self_pairs:
+        if cfg.basic:
+            total = total + cfg.w_self * cfg.w_basic * terms["self_basic"]
+        if cfg.coatt:
+            total = total + cfg.w_self * cfg.w_coatt * terms["self_coatt"]
+    switches = {"basic": cfg.basic, "coatt": cfg.coatt, "contrastive": con_on,
+                "self_basic": cfg.self_pairs and cfg.basic,
+                "self_coatt": cfg.self_pairs and cfg.coatt}
+    # Terms computed but switched off enter as 0 * term: same value, and every parameter of
+    # the forward pass still gets a (zero) gradient, so DDP needs no find_unused_parameters.
+    for name, term in terms.items():
+        if not switches[name]:
+            total = total + 0.0 * term
+    result = {name: (terms[name] if switches[name] else zero) for name in TERMS}
+    result["total"] = total
+    return result
+
+
+def log_values(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Detached Python floats of ``loss_terms``' output, for logging."""
+    return {k: float(v.detach()) for k, v in terms.items()}

@@ -1,0 +1,348 @@
+"""Feature extractors for the co-attention classifier (METHOD.md sec. 1, DESIGN.md "Models").
+
+A backbone maps images (B, 3, H, W) to features F (B, C, H/s, W/s) with output stride
+s in {8, 16}. Every backbone here is an ``nn.Module`` with
+
+- ``.out_channels``: C,
+- ``.output_stride``: s,
+- ``backbone_parameters()``: the body whose weights a pretrained checkpoint provides
+  (base learning rate; for ``tiny``, which is always trained from scratch, this is the
+  whole network so that the learning-rate recipe means the same thing for every
+  backbone),
+- ``new_parameters()``: layers added on top of the body (10x learning rate),
+- ``load_pretrained(path)``: strict loading of a torchvision state dict.
+
+They are chosen by name from the plain dict ``BACKBONES`` (no registry). Nothing ever
+downloads: ``pretrained`` is a local file or ``"hub"`` (the file torchvision would have
+put in the torch hub cache), and a missing file raises ``FileNotFoundError`` that says
+how to get it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torchvision
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+OUTPUT_STRIDES = (8, 16)
+
+#: torchvision weights whose files ``pretrained="hub"`` looks for, in order.
+HUB_WEIGHTS = {
+    "vgg16": ("VGG16_Weights.IMAGENET1K_V1",),
+    "resnet50": ("ResNet50_Weights.IMAGENET1K_V1", "ResNet50_Weights.IMAGENET1K_V2"),
+    "resnet101": ("ResNet101_Weights.IMAGENET1K_V1", "ResNet101_Weights.IMAGENET1K_V2"),
+}
+
+#: Checkpoint key prefixes that belong to the ImageNet classifier, not the body.
+_HEAD_PREFIXES = ("fc.", "classifier.")
+
+
+# --------------------------------------------------------------------------- helpers
+def _check_stride(output_stride: int) -> None:
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
+
+
+def _weights_url(enum_path: str) -> str:
+    """URL of a torchvision weights enum member given as 'ClassName.MEMBER'."""
+    cls_name, member = enum_path.split(".")
+    return getattr(getattr(torchvision.models, cls_name), member).url
+
+
+def hub_checkpoint_paths(name: str) -> list[Path]:
+    """Files in ``torch.hub.get_dir()/checkpoints`` where torchvision keeps ``name``'s weights."""
+    ckpt_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    return [ckpt_dir / _weights_url(w).rsplit("/", 1)[-1] for w in HUB_WEIGHTS.get(name, ())]
+
+
+def resolve_pretrained(name: str, pretrained: str | Path) -> Path:
+    """Turn ``pretrained`` (a file path or ``"hub"``) into an existing file, or raise.
+
+    Raises FileNotFoundError naming the path(s) looked at and how to fetch the file.
+    """
+    if str(pretrained) == "hub":
+        candidates = hub_checkpoint_paths(name)
+        if not candidates:
+            raise FileNotFoundError(f"backbone {name!r} has no torchvision weights; pass a local "
+                                    f"state-dict file or pretrained=None")
+        for path in candidates:
+            if path.is_file():
+                return path
+        url = _weights_url(HUB_WEIGHTS[name][0])
+        raise FileNotFoundError(
+            f"pretrained='hub' but no {name} weights in the torch hub cache (looked for "
+            f"{', '.join(str(p) for p in candidates)}). Nothing is downloaded automatically: fetch "
+            f"{url} into {candidates[0].parent} (e.g. `wget -P {candidates[0].parent} {url}`), "
+            f"or pass the local file path as pretrained.")
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        hint = ""
+        if name in HUB_WEIGHTS:
+            url = _weights_url(HUB_WEIGHTS[name][0])
+            hint = f" The torchvision ImageNet weights for {name} are at {url}."
+        raise FileNotFoundError(f"pretrained weights file not found: {path}. Download it and pass "
+                                f"its path (or pretrained='hub' after putting it in the torch hub "
+                                f"cache).{hint}")
+    return path
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Load a state dict, unwrapping {'state_dict': ...}/{'model': ...} and 'module.' prefixes."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise ValueError(f"cannot read weights file {path} ({err}); "
+                         f"is it a torch state dict?") from err
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__})")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_body_state(body: nn.Module, path: Path, what: str = "backbone",
+                    ignore_prefixes=_HEAD_PREFIXES) -> None:
+    """Load ``path`` into ``body`` strictly, ignoring the ImageNet classifier keys.
+
+    Every parameter and buffer of ``body`` must be in the file and the file may hold
+    nothing else except keys under ``ignore_prefixes``.
+    """
+    state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith(ignore_prefixes)}
+    try:
+        body.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise RuntimeError(f"weights in {path} do not match the {what}: {err}") from err
+    log.info("loaded pretrained backbone weights from %s", path)
+
+
+class Backbone(nn.Module):
+    """Common interface: ``body`` (pretrainable) + ``extra`` (new layers)."""
+
+    out_channels: int
+    output_stride: int
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.extra: nn.Module = nn.Identity()
+
+    def body_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.extra(self.body_forward(x))
+
+    def body_modules(self) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.body_modules().parameters() if p.requires_grad)
+
+    def new_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.extra.parameters() if p.requires_grad)
+
+    def load_pretrained(self, path: str | Path) -> None:
+        load_body_state(self.body_modules(), Path(path), what=type(self).__name__)
+
+
+# --------------------------------------------------------------------------- tiny
+def _conv_gn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    # GroupNorm normalises each sample on its own, so a batch's composition never changes
+    # a sample's features (BatchNorm would couple I_m with whatever it is batched with,
+    # breaking the exact shared vs per-pair equivalence in train mode).
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
+        nn.GroupNorm(8, cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class TinyBackbone(Backbone):
+    """Small CNN for CPU runs: 4 blocks, channels 32-64-128-128, GroupNorm + ReLU.
+
+    Strides 2-2-2-1 (output stride 8; the last block is dilated 2 so the receptive
+    field, ~100 px, covers objects of a 96 px image). With output_stride=16 the last
+    block has stride 2 and no dilation.
+    """
+
+    def __init__(self, output_stride: int = 8, width: int = 32) -> None:
+        super().__init__()
+        _check_stride(output_stride)
+        c1, c2, c3 = width, 2 * width, 4 * width
+        last_stride, dil = (1, 2) if output_stride == 8 else (2, 1)
+        self.body = nn.Sequential(
+            _conv_gn_relu(3, c1, stride=2),
+            nn.Sequential(_conv_gn_relu(c1, c2, stride=2), _conv_gn_relu(c2, c2)),
+            nn.Sequential(_conv_gn_relu(c2, c3, stride=2), _conv_gn_relu(c3, c3)),
+            nn.Sequential(_conv_gn_relu(c3, c3, stride=last_stride, dilation=dil),
+                          _conv_gn_relu(c3, c3, dilation=dil)),
+        )
+        self.out_channels = c3
+        self.output_stride = output_stride
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def body_modules(self) -> nn.Module:
+        # keys 'body.*': a saved TinyBackbone state dict is a valid pretrained file
+        return _Prefixed(body=self.body)
+
+    def body_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+# --------------------------------------------------------------------------- VGG16
+def _vgg16_features() -> nn.Sequential:
+    """torchvision's vgg16().features with its initialisation, without building the
+    120M-parameter ImageNet classifier (seconds of CPU time) only to throw it away."""
+    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    for m in features.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return features
+
+
+class VGG16Backbone(Backbone):
+    """torchvision VGG16 ``features`` as in the reference (DeepLab-LargeFOV style).
+
+    pool1-3 keep stride 2; for output stride 8, pool4 and pool5 become 3x3 stride-1 max
+    pools and conv5_1-3 are dilated 2; for output stride 16 only pool5 has stride 1.
+    On top: three new 3x3 conv layers, 512 channels, ReLU (``extra``, 10x lr).
+    Keys of ``features`` are those of torchvision's vgg16, so its checkpoint loads as is.
+    """
+
+    POOL4, POOL5, CONV5 = 23, 30, (24, 26, 28)
+
+    def __init__(self, output_stride: int = 8) -> None:
+        super().__init__()
+        _check_stride(output_stride)
+        features = _vgg16_features()
+        if output_stride == 8:
+            features[self.POOL4] = nn.MaxPool2d(3, stride=1, padding=1)
+            for i in self.CONV5:
+                features[i].dilation, features[i].padding = (2, 2), (2, 2)
+        features[self.POOL5] = nn.MaxPool2d(3, stride=1, padding=1)
+        self.features = features
+        layers = []
+        for _ in range(3):
+            layers += [nn.Conv2d(512, 512, 3, padding=1), nn.ReLU(inplace=True)]
+        self.extra = nn.Sequential(*layers)
+        for m in self.extra.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        self.out_channels = 512
+        self.output_stride = output_stride
+
+    def body_modules(self) -> nn.Module:
+        return _Prefixed(features=self.features)
+
+    def body_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class _Prefixed(nn.Module):
+    """A view holding submodules under given names, so their state-dict keys carry the
+    prefixes of the torchvision model ('features.0.weight', ...)."""
+
+    def __init__(self, **modules: nn.Module) -> None:
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name, module)
+
+
+# --------------------------------------------------------------------------- ResNet
+class ResNetBackbone(Backbone):
+    """torchvision ResNet-50/101 up to layer4 (2048 channels), dilated for stride 8/16.
+
+    ``frozen_bn``: BatchNorm layers stay in eval mode with their affine parameters
+    frozen (the usual choice with ImageNet weights and a few images per batch; it also
+    makes a sample's features independent of its batch). Default: frozen when
+    pretrained weights are loaded, trained otherwise.
+    """
+
+    def __init__(self, depth: int = 50, output_stride: int = 8, frozen_bn: bool = False) -> None:
+        super().__init__()
+        _check_stride(output_stride)
+        dilate = [False, output_stride == 8, True]
+        net = getattr(torchvision.models, f"resnet{depth}")(weights=None,
+                                                              replace_stride_with_dilation=dilate)
+        self.body = _Prefixed(conv1=net.conv1, bn1=net.bn1, relu=net.relu, maxpool=net.maxpool,
+                              layer1=net.layer1, layer2=net.layer2, layer3=net.layer3,
+                              layer4=net.layer4)
+        self.out_channels = 2048
+        self.output_stride = output_stride
+        self.frozen_bn = False
+        if frozen_bn:
+            self.freeze_bn()
+
+    def freeze_bn(self) -> None:
+        self.frozen_bn = True
+        for m in self.body.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+                for p in m.parameters():
+                    p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "ResNetBackbone":
+        super().train(mode)
+        if self.frozen_bn:
+            for m in self.body.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def body_modules(self) -> nn.Module:
+        return self.body
+
+    def body_forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.body
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        return b.layer4(b.layer3(b.layer2(b.layer1(x))))
+
+
+# --------------------------------------------------------------------------- builders
+def _build_tiny(pretrained, output_stride):
+    return TinyBackbone(output_stride=output_stride)
+
+
+def _build_vgg16(pretrained, output_stride):
+    return VGG16Backbone(output_stride=output_stride)
+
+
+def _build_resnet(depth):
+    def build(pretrained, output_stride):
+        return ResNetBackbone(depth, output_stride=output_stride, frozen_bn=pretrained is not None)
+    return build
+
+
+BACKBONES: dict[str, Callable[..., Backbone]] = {
+    "tiny": _build_tiny,
+    "vgg16": _build_vgg16,
+    "resnet50": _build_resnet(50),
+    "resnet101": _build_resnet(101),
+}
+
+
+def build_backbone(name: str, pretrained: str | Path | None = None,
+                   output_stride: int = 8) -> Backbone:
+    """Build backbone ``name`` (a key of BACKBONES) without downloading anything.
+
+    pretrained: None (random init), a local state-dict file of the torchvision model
+    (classifier/fc keys ignored, every body key required), or "hub" for torchvision's
+    file in the torch hub cache. A missing file raises FileNotFoundError.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    path = resolve_pretrained(name, pretrained) if pretrained is not None else None
+    backbone = BACKBONES[name](pretrained, output_stride)
+    if path is not None:
+        backbone.load_pretrained(path)
+    return backbone
