@@ -176,9 +176,12 @@ def from_dict(cls, data: dict | None, *, base=None):
                 raise ConfigError(f"{cls.__name__}.{name}: expected a mapping of {inner.__name__} fields, got {sub!r}")
             if dataclasses.is_dataclass(sub):
                 sub = to_dict(sub)
-            if sub is None and name not in data and base is None:
-                continue  # default_factory
-            kwargs[name] = from_dict(inner, sub or {}, base=base_value)
+            if base_value is None and f.default_factory is not dataclasses.MISSING:
+                base_value = f.default_factory()  # a nested default may differ from the inner class's own
+            try:
+                kwargs[name] = from_dict(inner, sub or {}, base=base_value)
+            except ConfigError as e:
+                raise ConfigError(f"in {cls.__name__}.{name}: {e}") from None
         elif name in data:
             kwargs[name] = _coerce(data[name], hints[name], f"{cls.__name__}.{name}")
         elif base is not None:
@@ -232,7 +235,8 @@ def _parse_optional(tp):
     return parse
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "", help_texts: dict | None = None) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "", help_texts: dict | None = None,
+                  defaults=None) -> None:
     """Add one typed flag per field of ``cls`` (``--field-name``; nested: ``--loss.field-name``).
 
     Flags default to "not given" (argparse.SUPPRESS) so that ``from_args`` can layer them
@@ -246,11 +250,17 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "", hel
         tp, optional = _strip_optional(hints[f.name])
         dest = prefix + f.name
         flag = "--" + prefix.replace("_", "-") + f.name.replace("_", "-")
+        if defaults is not None:
+            default = getattr(defaults, f.name)
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
         if _is_dataclass_type(tp):
-            add_arguments(parser, tp, prefix=dest + ".", help_texts=help_texts)
+            add_arguments(parser, tp, prefix=dest + ".", help_texts=help_texts, defaults=default)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         text = help_texts.get(dest, "")
         text = f"{text} (required unless in --config)" if required else f"{text} (default: {default})"

@@ -1,0 +1,414 @@
+"""Stage 1: train the co-attention classifier on image pairs (METHOD.md sec. 1).
+
+``run(cfg)`` trains ``CoAttentionClassifier`` on ``PairDataset(VOCDataset(split))``
+with the loss terms of ``wsss.losses`` (each logged on its own), evaluates image-level
+classification mAP on the val split after every epoch (sigmoid of the basic scores s_m),
+and writes into the run directory:
+
+    RUN/config_classifier.yaml   every setting of this stage
+    RUN/checkpoint_last.pt       resumable state (rerunning the same RUN continues from it)
+    RUN/log.jsonl                one JSON line per epoch: loss/TERM, lr/GROUP, val/map, seconds
+    RUN/classifier.pt            final weights + config + class names (``load_classifier``)
+    RUN/metrics_classifier.json  final val mAP, per-class AP, per-epoch history
+
+Single process or DDP: under ``torchrun --nproc_per_node=N -m wsss train-classifier ...``
+each process takes ``batch_size`` pairs per step (global batch N x batch_size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from wsss import config as C
+from wsss import engine as E
+from wsss.losses import LossConfig, loss_terms
+
+log = logging.getLogger(__name__)
+
+CLASSIFIER_FILE = "classifier.pt"
+METRICS_FILE = "metrics_classifier.json"
+CONFIG_FILE = "config_classifier.yaml"
+
+
+@dataclass
+class ClassifierConfig:
+    """Settings of stage 1. Defaults suit the embedded demo benchmark (1000 images of 96 px)
+    on a 2-core CPU in about 4 minutes; see ``REFERENCE_VOC`` for the paper's settings on
+    PASCAL VOC. Self-pairs are off by default: their 2x-upscaled view makes a step ~4x
+    dearer on CPU (turn them on with ``loss.self_pairs=True`` / ``--loss.self-pairs``).
+    The tiny backbone trains from scratch, hence a higher lr than the reference 1e-3."""
+
+    data_root: str
+    run_dir: str
+    split: str = "train"
+    val_split: str | None = "val"
+    # model
+    backbone: str = "tiny"
+    pretrained: str | None = None
+    output_stride: int = 8
+    coatt_impl: Literal["fused", "explicit"] = "fused"
+    # data
+    image_size: int = 96
+    scale: tuple[float, ...] = (0.7, 1.3)
+    flip: bool = True
+    jitter: float = 0.3
+    p_common: float = 1.0
+    batch_size: int = 8
+    eval_batch_size: int = 32
+    # optimisation
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    epochs: int = 10
+    lr: float = 0.015
+    new_lr_mult: float = 10.0
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: Literal["step", "poly", "constant"] = "poly"
+    step_epochs: tuple[int, ...] = (5, 10)
+    loss: LossConfig = field(default_factory=lambda: LossConfig(self_pairs=False))
+    # machinery
+    workers: int = 0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    log_every: int = 20
+    ckpt_every: int = 0
+    max_steps: int | None = None
+    resume: bool = True
+
+
+#: The reference training of the paper (METHOD.md, "Reference classifier training"), as
+#: overrides: ``C.from_dict(ClassifierConfig, {**REFERENCE_VOC, "data_root": ..., "run_dir": ...})``.
+REFERENCE_VOC = dict(backbone="vgg16", pretrained="hub", image_size=256, batch_size=5, epochs=15, lr=1e-3,
+                     optimizer="sgd", schedule="step", step_epochs=(5, 10), momentum=0.9, nesterov=True,
+                     weight_decay=5e-4, workers=4, loss={"self_pairs": True})
+
+HELP = {
+    "data_root": "dataset root in VOC layout",
+    "run_dir": "run directory for checkpoints, logs and classifier.pt",
+    "split": "training split (ImageSets/Segmentation/SPLIT.txt)",
+    "val_split": "split for the per-epoch mAP ('none' to skip)",
+    "backbone": "tiny | vgg16 | resnet50 | resnet101",
+    "pretrained": "backbone weights: a local file or 'hub' (torch hub cache); none = from scratch",
+    "output_stride": "backbone output stride (8 or 16)",
+    "coatt_impl": "co-attention implementation (fused never materialises HW x HW)",
+    "image_size": "training crop and val resize, pixels",
+    "scale": "random rescale range (low high)",
+    "flip": "random horizontal flips",
+    "jitter": "colour jitter strength (0 = off)",
+    "p_common": "probability that a partner shares a label with I_m",
+    "batch_size": "pairs per step per process",
+    "eval_batch_size": "images per val batch",
+    "optimizer": "sgd (reference: momentum, nesterov) or adamw",
+    "epochs": "training epochs",
+    "lr": "base learning rate (backbone body)",
+    "new_lr_mult": "learning-rate multiplier of the new layers",
+    "momentum": "SGD momentum",
+    "nesterov": "Nesterov momentum",
+    "weight_decay": "SGD weight decay",
+    "schedule": "learning-rate decay per step: poly (power 0.9), step (x0.1 at step_epochs) or constant",
+    "step_epochs": "epochs at which the step schedule divides the lr by 10",
+    "loss.basic": "basic (plain CAM) loss", "loss.coatt": "co-attention loss",
+    "loss.contrastive": "contrastive co-attention loss", "loss.self_pairs": "self-pairs (flip, 0.75x, 2x)",
+    "loss.w_basic": "weight of the basic loss", "loss.w_coatt": "weight of the co-attention loss",
+    "loss.w_con": "weight of the contrastive loss", "loss.w_self": "weight of the self-pair losses",
+    "loss.con_warmup_epochs": "epochs before the contrastive loss is switched on",
+    "workers": "DataLoader worker processes",
+    "seed": "seed of model init, pairs, order and augmentation",
+    "device": "auto | cpu | cuda[:i]",
+    "amp": "bf16 autocast on CUDA",
+    "channels_last": "channels_last memory format on CUDA",
+    "log_every": "progress-bar loss update every N steps",
+    "ckpt_every": "also checkpoint every N steps (0: once per epoch)",
+    "max_steps": "stop after this many optimizer steps in all (the lr schedule ends there)",
+    "resume": "continue from RUN/checkpoint_last.pt when present",
+}
+
+
+# =========================================================================== metrics
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-class average precision (K,) of scores (N, K) against 0/1 labels (N, K).
+
+    AP is the area under the precision-recall step curve: sum over the distinct score
+    thresholds t (descending) of (R(t) - R(t_prev)) * P(t), ties counted together, which
+    without ties is the mean over positives of the precision at each positive's rank.
+    A class without positives gets NaN.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels) > 0
+    if scores.shape != labels.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must both be (N, K)")
+    ap = np.full(scores.shape[1], np.nan)
+    for k in range(scores.shape[1]):
+        pos = labels[:, k].sum()
+        if pos == 0:
+            continue
+        order = np.argsort(-scores[:, k], kind="stable")
+        s, y = scores[order, k], labels[order, k]
+        tp = np.cumsum(y)
+        last_of_tie = np.r_[s[1:] != s[:-1], True]  # evaluate only where the threshold changes
+        tp, n = tp[last_of_tie], np.arange(1, len(s) + 1)[last_of_tie]
+        precision, recall = tp / n, tp / pos
+        ap[k] = np.sum(np.diff(np.r_[0.0, recall]) * precision)
+    return ap
+
+
+def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mean AP over the classes that have positives (NaN when none has)."""
+    ap = average_precision(scores, labels)
+    return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
+
+
+@torch.no_grad()
+def predict_scores(model, loader, device: torch.device, *, amp: bool = True, channels_last: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indices, sigmoid(s) (N, K), labels (N, K)) over ``loader``, s = GAP of the basic map S."""
+    model.eval()
+    idx, probs, labels = [], [], []
+    for batch in loader:
+        x = E.to_device(batch["image"], device, channels_last)
+        with E.autocast(device, amp):
+            s = model.cam(x).float().mean(dim=(2, 3))
+        idx.append(torch.as_tensor(batch["index"]).cpu())
+        probs.append(torch.sigmoid(s).cpu())
+        labels.append(batch["label"].cpu())
+    if not idx:
+        k = getattr(model, "num_classes", 0)
+        return np.zeros(0, int), np.zeros((0, k)), np.zeros((0, k))
+    return torch.cat(idx).numpy(), torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate_map(model, loader, device: torch.device, *, amp: bool = True, channels_last: bool = False) -> dict:
+    """Image-level classification mAP on a (possibly sharded) val loader: every rank scores
+    its shard, the shards are gathered and de-duplicated by index."""
+    parts = E.all_gather_objects(predict_scores(model, loader, device, amp=amp, channels_last=channels_last))
+    idx = np.concatenate([p[0] for p in parts])
+    _, first = np.unique(idx, return_index=True)
+    probs = np.concatenate([p[1] for p in parts])[first]
+    labels = np.concatenate([p[2] for p in parts])[first]
+    ap = average_precision(probs, labels)
+    return {"val/map": mean_average_precision(probs, labels),
+            "val/ap": [None if np.isnan(a) else float(a) for a in ap]}
+
+
+# =========================================================================== the stage
+
+def _datasets(cfg: ClassifierConfig):
+    from wsss.data.pairs import PairDataset
+    from wsss.data.transforms import eval_transforms, train_transforms
+    from wsss.data.voc import VOCDataset
+
+    scale = tuple(cfg.scale) if cfg.scale and tuple(cfg.scale) != (1.0, 1.0) else None
+    if scale is not None and len(scale) != 2:
+        raise ValueError(f"scale must be two numbers (low high), got {cfg.scale}")
+    train_tf = train_transforms(crop=cfg.image_size, scale=scale, flip=cfg.flip, jitter=cfg.jitter)
+    base = VOCDataset(cfg.data_root, cfg.split, transforms=train_tf, with_mask=False)
+    pairs = PairDataset(base, p_common=cfg.p_common, seed=cfg.seed)
+    val = None
+    if cfg.val_split:
+        val = VOCDataset(cfg.data_root, cfg.val_split, transforms=eval_transforms(cfg.image_size), with_mask=False)
+        if val.num_classes != base.num_classes:
+            raise ValueError(f"{cfg.val_split} has {val.num_classes} classes but {cfg.split} has {base.num_classes}")
+    return base, pairs, val
+
+
+def build_model(cfg: ClassifierConfig, num_classes: int):
+    from wsss.models.classifier import CoAttentionClassifier
+
+    return CoAttentionClassifier(num_classes, backbone=cfg.backbone, pretrained=cfg.pretrained,
+                                 output_stride=cfg.output_stride, coatt_impl=cfg.coatt_impl)
+
+
+def build_optimizer(cfg: ClassifierConfig, model) -> torch.optim.Optimizer:
+    """SGD (the reference, METHOD.md sec. 1) or AdamW over two groups: backbone body at lr,
+    new layers at new_lr_mult x lr."""
+    body, new = model.param_groups()
+    groups = E.param_groups(body, new, cfg.lr, cfg.weight_decay, cfg.new_lr_mult)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer != "sgd":
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                           weight_decay=cfg.weight_decay)
+
+
+def _float32(out):
+    """The model outputs in float32 (under bf16 autocast the losses are computed in full precision)."""
+    if isinstance(out, dict):
+        return {k: _float32(v) for k, v in out.items()}
+    return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
+
+
+def make_step_fn(loss_cfg: LossConfig):
+    """step_fn(model, batch, epoch) -> loss terms of one batch of pairs (wsss.losses.loss_terms):
+    the forward pass runs under the caller's autocast, the losses in float32."""
+
+    def step(model, batch, epoch):
+        m, n = batch["m"], batch["n"]
+        out = model(m["image"], n["image"], self_pairs=loss_cfg.self_pairs)
+        with torch.autocast(device_type=m["image"].device.type, enabled=False):
+            return loss_terms(_float32(out), m["label"], n["label"], loss_cfg, epoch)
+
+    return step
+
+
+def run(cfg: ClassifierConfig | dict) -> dict:
+    """Train (or resume) the co-attention classifier; returns the final metrics
+    (``val_map``, ``val_ap``, ``epochs``, ``steps``, ``seconds``, ``train_loss``, ...)."""
+    if isinstance(cfg, dict):
+        cfg = C.from_dict(ClassifierConfig, cfg)
+    t_start = time.perf_counter()
+    dist = E.init_distributed(cfg.device)
+    try:
+        return _run(cfg, dist, t_start)
+    finally:
+        E.cleanup_distributed(dist)
+
+
+def _run(cfg: ClassifierConfig, dist: E.DistInfo, t_start: float) -> dict:
+    run_dir = Path(cfg.run_dir)
+    device = E.resolve_device(cfg.device, dist.local_rank)
+    channels_last = E.use_channels_last(device, cfg.channels_last)
+    cfg_dict = C.to_dict(cfg)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        C.save_yaml(cfg, run_dir / CONFIG_FILE)
+
+    base, pairs, val = _datasets(cfg)
+    E.seed_everything(cfg.seed)  # same initial weights on every rank
+    model = build_model(cfg, base.num_classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    spe = E.steps_per_epoch(len(pairs), cfg.batch_size, dist.world_size)
+    total = E.total_steps(cfg.epochs, spe, cfg.max_steps)
+    scheduler = E.build_scheduler(optimizer, schedule=cfg.schedule, total_steps=total, steps_per_epoch=spe,
+                                  step_epochs=cfg.step_epochs)
+    ddp_model = E.wrap_ddp(model, device, dist, find_unused_parameters=False)  # losses touch every parameter
+    if dist.is_main:
+        log.info("classifier: %d %s pairs, %d val images, %d classes, %d steps/epoch x %d epochs on %s%s",
+                 len(pairs), cfg.split, len(val) if val is not None else 0, base.num_classes, spe, cfg.epochs,
+                 device, f" x {dist.world_size} processes" if dist.enabled else "")
+
+    evaluate = None
+    if val is not None:
+        val_loader = E.make_eval_loader(val, cfg.eval_batch_size, dist=dist, workers=cfg.workers)
+
+        def evaluate(plain_model, epoch):
+            return evaluate_map(plain_model, val_loader, device, amp=cfg.amp, channels_last=channels_last)
+
+    history = E.fit(ddp_model, optimizer, scheduler, pairs, make_step_fn(cfg.loss), run_dir=run_dir, cfg=cfg_dict,
+                    epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=device, dist=dist,
+                    max_steps=cfg.max_steps, amp=cfg.amp, channels_last=channels_last, workers=cfg.workers,
+                    evaluate=evaluate, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, resume=cfg.resume,
+                    extra={"class_names": list(base.class_names)}, desc="classifier")
+    metrics = _final_metrics(history, base.class_names, time.perf_counter() - t_start)
+    if dist.is_main:
+        E.atomic_torch_save({"model": model.state_dict(), "cfg": cfg_dict, "class_names": list(base.class_names),
+                             "num_classes": base.num_classes, "metrics": metrics}, run_dir / CLASSIFIER_FILE)
+        _write_json(run_dir / METRICS_FILE, metrics)
+        log.info("classifier done: val mAP %s, %s", metrics.get("val_map"), run_dir / CLASSIFIER_FILE)
+    E.barrier()
+    return metrics
+
+
+def _final_metrics(history: list[dict], class_names, seconds: float) -> dict:
+    last = history[-1] if history else {}
+    finished = [r for r in history if float(r["epoch"]).is_integer()]
+    return {
+        "val_map": last.get("val/map"),
+        "val_ap": dict(zip(class_names, last["val/ap"])) if "val/ap" in last else None,
+        "epochs": last.get("epoch", 0),
+        "steps": last.get("step", 0),
+        "train_loss": {k[len("loss/"):]: v for k, v in last.items() if k.startswith("loss/")},
+        "seconds_per_epoch": (float(np.mean([r["seconds"] for r in finished])) if finished else None),
+        "seconds": seconds,
+        "history": [{k: v for k, v in r.items() if k != "val/ap"} for r in history],
+    }
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+# =========================================================================== loading
+
+def classifier_path(run_dir_or_path: str | Path) -> Path:
+    """RUN/classifier.pt for a run directory, or the file itself."""
+    p = Path(run_dir_or_path)
+    if p.is_dir():
+        p = p / CLASSIFIER_FILE
+    if not p.is_file():
+        hint = (" training did not finish: rerun the same train-classifier command to resume from "
+                f"{p.parent / E.CHECKPOINT_LAST}" if (p.parent / E.CHECKPOINT_LAST).is_file()
+                else " train the classifier first (python -m wsss train-classifier --run-dir ...)")
+        raise FileNotFoundError(f"{p} does not exist;{hint}")
+    return p
+
+
+def classifier_info(run_dir_or_path: str | Path) -> dict:
+    """What classifier.pt records besides the weights: cfg (dict), class_names, num_classes, metrics."""
+    ckpt = torch.load(classifier_path(run_dir_or_path), map_location="cpu", weights_only=True)
+    return {k: v for k, v in ckpt.items() if k != "model"}
+
+
+def load_classifier(run_dir_or_path: str | Path, device: str | torch.device = "cpu", *,
+                    coatt_impl: str | None = None):
+    """The trained CoAttentionClassifier of a run (eval mode, on ``device``), with
+    ``.class_names`` and ``.train_config`` (ClassifierConfig) attached. ``coatt_impl``
+    overrides the co-attention implementation (e.g. "explicit" to look at attention)."""
+    path = classifier_path(run_dir_or_path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = C.from_dict(ClassifierConfig, ckpt["cfg"])
+    cfg.pretrained = None  # the weights below replace whatever the backbone was initialised from
+    if coatt_impl is not None:
+        cfg.coatt_impl = coatt_impl
+    model = build_model(cfg, int(ckpt["num_classes"]))
+    model.load_state_dict(ckpt["model"])
+    device = E.resolve_device(device) if isinstance(device, str) else device
+    model.to(device).eval()
+    model.class_names = list(ckpt["class_names"])
+    model.train_config = cfg
+    return model
+
+
+# =========================================================================== command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Typed flags, one per ClassifierConfig field (``--loss.w-con``, ``--no-amp``, ...), plus --config."""
+    C.add_config_argument(parser)
+    C.add_arguments(parser, ClassifierConfig, help_texts=HELP)
+    return parser
+
+
+def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> ClassifierConfig:
+    return C.from_args(ClassifierConfig, args, parser=parser)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m wsss.stages.train_classifier --data-root D --run-dir R [...]``."""
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="wsss train-classifier", description="Train the co-attention classifier (METHOD.md sec. 1)."))
+    cfg = from_args(parser.parse_args(argv), parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics = run(cfg)
+    if E.is_main():
+        print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
