@@ -1,0 +1,415 @@
+"""Stage 3: pseudo ground-truth masks from the localization maps (METHOD.md section 3).
+
+For every image of the split, ``run(cfg)`` reads its maps (RUN/maps/NAME.npz, written by
+:mod:`wsss.stages.make_maps`), the image and, in saliency mode, a saliency map, applies
+the rules of :func:`wsss.pseudo.scores_to_mask` (score floor, background score, conflict
+pixels, dense CRF, minimum foreground) and saves a VOC palette PNG (0 background, 1..K
+classes, 255 ignore) to RUN/pseudo/NAME.png.
+
+Files and re-runs:
+- Each PNG is written atomically (``save_mask``: a temporary file, then ``os.replace``),
+  so an interrupted run leaves only finished masks; re-running skips the images whose
+  PNG exists and computes the rest. Temporary files of processes that died are removed.
+- RUN/pseudo/settings.json records what the masks depend on (the rule parameters, the
+  saliency folder and the maps folder's own settings.json). A re-run with other settings
+  is refused instead of silently mixing masks made two ways; ``overwrite=True``
+  recomputes everything.
+
+The CRF's spatial widths are in pixels and its defaults suit PASCAL VOC images (about
+500 px on the long side); with ``crf_scale`` they are multiplied per image by
+``max(H, W) / 500`` (:meth:`wsss.crf.CRFParams.scaled`), so the smoothing reaches the
+same fraction of a small benchmark image as of a VOC image.
+
+Background cue: ``bg_mode="power"`` (default, no extra input: B = (1 - max_c M_c)^alpha,
+as PSA and IRN), ``"threshold"`` (a constant), or ``"saliency"`` (the reference
+pipeline: B = 1 - saliency, read from ``saliency_dir/NAME.png``, 0-255 greyscale).
+
+Workers are processes (the CRF is single-threaded C++), started with multiprocessing's
+default method (fork on Linux: no re-import; spawn on macOS); they run numpy, PIL and the
+CRF only, no torch operations. ``workers <= 1`` runs in this process. The masks do not
+depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from wsss import config as C
+from wsss.classes import IGNORE_INDEX
+from wsss.crf import CRFParams
+from wsss.data.voc import IMAGE_DIR, DatasetError, VOCDataset, load_image, load_mask, save_mask
+from wsss.pseudo import BG_MODES, PseudoMaskParams, scores_to_mask
+from wsss.stages.make_maps import MAPS_DIR, load_maps
+
+log = logging.getLogger(__name__)
+
+PSEUDO_DIR = "pseudo"
+SETTINGS_FILE = "settings.json"
+CONFIG_FILE = "config_{}.yaml"  # formatted with the output folder's name: config_pseudo.yaml by default
+#: the long side, in pixels, of the images the CRF defaults were chosen for (PASCAL VOC)
+CRF_REFERENCE_SIZE = 500
+#: save_mask's temporary files: ".NAME.png.PID.tmp"
+_TMP_PATTERN = re.compile(r"^\..+\.png\.(\d+)\.tmp$")
+
+
+# =========================================================================== config
+
+@dataclass
+class PseudoConfig:
+    """Settings of the pseudo-mask stage (METHOD.md section 3).
+
+    ``maps_dir`` / ``out_dir``: folders inside ``run_dir`` (or absolute paths).
+    The rule parameters (``bg_mode`` ... ``min_fg_fraction``, ``use_crf``, ``crf``) are
+    those of :class:`wsss.pseudo.PseudoMaskParams`; see :mod:`wsss.pseudo` for the rules.
+    ``limit``: only the first ``limit`` images of the split (a quick look).
+    """
+
+    data_root: str
+    run_dir: str
+    split: str = "train"
+    maps_dir: str = MAPS_DIR
+    out_dir: str = PSEUDO_DIR
+    saliency_dir: str | None = None
+    # rules (wsss.pseudo.PseudoMaskParams)
+    bg_mode: Literal["power", "threshold", "saliency"] = "power"
+    alpha: float = 4.0
+    bg_threshold: float = 0.2
+    saliency_threshold: float = 0.5
+    score_floor: float = 0.3
+    conflict: float = 0.99
+    min_fg_fraction: float = 0.01
+    use_crf: bool = True
+    crf: CRFParams = field(default_factory=CRFParams)
+    crf_scale: bool = True
+    # machinery
+    workers: int = 2
+    limit: int | None = None
+    overwrite: bool = False
+
+    def mask_params(self) -> PseudoMaskParams:
+        """The rule parameters as :class:`wsss.pseudo.PseudoMaskParams` (checks ``bg_mode``)."""
+        return PseudoMaskParams(bg_mode=self.bg_mode, alpha=self.alpha, bg_threshold=self.bg_threshold,
+                                saliency_threshold=self.saliency_threshold, score_floor=self.score_floor,
+                                conflict=self.conflict, min_fg_fraction=self.min_fg_fraction,
+                                use_crf=self.use_crf, crf=CRFParams(**asdict(self.crf)))
+
+
+HELP = {
+    "data_root": "dataset root in VOC layout",
+    "run_dir": "run directory holding the maps folder",
+    "split": "split whose images get pseudo masks (ImageSets/Segmentation/SPLIT.txt)",
+    "maps_dir": "localization maps folder inside the run directory (or an absolute path)",
+    "out_dir": "output folder inside the run directory (or an absolute path)",
+    "saliency_dir": "folder of saliency maps NAME.png (0-255), for bg_mode=saliency",
+    "bg_mode": f"background score: {' | '.join(BG_MODES)}",
+    "alpha": "power of the background score (1 - max_c M_c)^alpha",
+    "bg_threshold": "constant background score (bg_mode=threshold)",
+    "saliency_threshold": "saliency above which a pixel may not be background (bg_mode=saliency)",
+    "score_floor": "class scores below this are dropped",
+    "conflict": "pixels with two class scores above this are ignored (255)",
+    "min_fg_fraction": "images with less foreground than this fraction are ignored whole",
+    "use_crf": "refine the scores with a dense CRF",
+    "crf.iters": "CRF mean-field iterations",
+    "crf.gauss_sxy": "CRF Gaussian width (px at VOC size)", "crf.gauss_compat": "CRF Gaussian weight",
+    "crf.bilateral_sxy": "CRF bilateral spatial width (px at VOC size)",
+    "crf.bilateral_srgb": "CRF bilateral colour width", "crf.bilateral_compat": "CRF bilateral weight",
+    "crf_scale": f"scale the CRF spatial widths by max(H, W) / {CRF_REFERENCE_SIZE} per image",
+    "workers": "worker processes (<= 1: in this process)",
+    "limit": "only the first N images of the split",
+    "overwrite": "recompute masks that already exist",
+}
+
+
+# =========================================================================== pure core
+
+def crf_params_for(params: PseudoMaskParams, size: tuple[int, int], scale: bool) -> PseudoMaskParams:
+    """``params`` with the CRF spatial widths scaled by max(H, W) / 500 when ``scale``."""
+    if not scale:
+        return params
+    return replace(params, crf=params.crf.scaled(max(size) / CRF_REFERENCE_SIZE))
+
+
+def mask_counts(mask: np.ndarray) -> dict:
+    """Pixel counts of a pseudo mask: all, ignored (255) and foreground (1..K)."""
+    ignored = int(np.count_nonzero(mask == IGNORE_INDEX))
+    return {"pixels": int(mask.size), "ignored": ignored,
+            "foreground": int(mask.size) - ignored - int(np.count_nonzero(mask == 0))}
+
+
+# =========================================================================== files
+
+def maps_file(maps_dir: Path, name: str) -> Path:
+    return maps_dir / f"{name}.npz"
+
+
+def saliency_file(saliency_dir: Path, name: str) -> Path:
+    return saliency_dir / f"{name}.png"
+
+
+def load_saliency(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A saliency map NAME.png (greyscale or colour, 0-255) as (H, W) float32 in [0, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"saliency map {path} does not exist: put one 0-255 PNG per image there "
+                           f"(named like the image), or use bg_mode='power' (no saliency needed)")
+    try:
+        with Image.open(path) as im:
+            saliency = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DatasetError(f"saliency map {path} cannot be read ({err}): replace the file") from None
+    if size is not None and saliency.shape != tuple(size):
+        raise DatasetError(f"saliency map {path} is {saliency.shape[1]}x{saliency.shape[0]} but its image is "
+                           f"{size[1]}x{size[0]}: saliency maps must have the image's size")
+    return saliency
+
+
+def _read_maps(path: Path, image_path: Path, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    maps, classes = load_maps(path)
+    if maps.shape[1:] != tuple(size):
+        raise ValueError(f"localization maps {path} are {maps.shape[2]}x{maps.shape[1]} but image {image_path} "
+                         f"is {size[1]}x{size[0]}: they were made from other images; re-run the maps stage "
+                         f"with overwrite=True")
+    return maps, classes
+
+
+@dataclass
+class _Job:
+    """Everything a worker needs to make one image's mask (picklable, sent once per chunk)."""
+
+    image_dir: Path
+    maps_dir: Path
+    out_dir: Path
+    saliency_dir: Path | None
+    num_classes: int
+    params: PseudoMaskParams
+    crf_scale: bool
+    overwrite: bool
+
+
+def make_one(job: _Job, name: str) -> dict:
+    """Compute and save (or, when its PNG exists, read back) the mask of image ``name``.
+
+    Returns ``{"name", "skipped"}`` and the pixel counts of :func:`mask_counts`. Runs in
+    worker processes: numpy, PIL and the CRF only, no torch operations (safe in a forked
+    child of a process that used torch).
+    """
+    out = job.out_dir / f"{name}.png"
+    skipped = out.is_file() and not job.overwrite
+    if skipped:
+        mask = load_mask(out, job.num_classes)
+    else:
+        image_path = job.image_dir / f"{name}.jpg"
+        image = load_image(image_path)
+        size = image.shape[:2]
+        maps, classes = _read_maps(maps_file(job.maps_dir, name), image_path, size)
+        saliency = load_saliency(saliency_file(job.saliency_dir, name), size) if job.saliency_dir else None
+        params = crf_params_for(job.params, size, job.crf_scale)
+        mask = scores_to_mask(image, maps, classes, params, saliency)
+        save_mask(out, mask)
+    return {"name": name, "skipped": skipped, **mask_counts(mask)}
+
+
+def _check_inputs_exist(folder: Path, names: list[str], suffix: str, what: str, fix: str) -> None:
+    listing = set(os.listdir(folder)) if folder.is_dir() else set()
+    missing = [n for n in names if f"{n}{suffix}" not in listing]
+    if missing:
+        more = f" (and {len(missing) - 1} more of {len(names)})" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"{what} {folder / (missing[0] + suffix)}{more} does not exist: {fix}")
+
+
+def remove_stale_tmp(out_dir: Path) -> int:
+    """Delete temporary files left by ``save_mask`` in processes that no longer run."""
+    removed = 0
+    if not out_dir.is_dir():
+        return 0
+    for path in out_dir.iterdir():
+        match = _TMP_PATTERN.match(path.name)
+        if match and not _pid_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process writes nothing yet: any file of ours is from an earlier run
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _settings(cfg: PseudoConfig, maps_dir: Path) -> dict:
+    """What the masks depend on; the maps folder's own settings stand for the maps."""
+    maps_settings = maps_dir / SETTINGS_FILE
+    return {"params": C.to_dict(cfg.mask_params()), "crf_scale": cfg.crf_scale,
+            "saliency_dir": str(cfg.saliency_dir) if cfg.saliency_dir else None,
+            "maps": json.loads(maps_settings.read_text()) if maps_settings.is_file() else None}
+
+
+def _check_settings(out_dir: Path, settings: dict, overwrite: bool) -> None:
+    path = out_dir / SETTINGS_FILE
+    if overwrite or not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    if old != settings:
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        what = ", ".join("the maps (they were recomputed)" if k == "maps" else k for k in changed)
+        raise ValueError(f"{out_dir} holds pseudo masks made with other settings than these ({what} differ from "
+                         f"{path}); pass overwrite=True to recompute them, or choose another out_dir")
+
+
+def _write_settings(out_dir: Path, settings: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{SETTINGS_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(settings, indent=2) + "\n")
+    os.replace(tmp, out_dir / SETTINGS_FILE)
+
+
+# =========================================================================== stage
+
+def _results(job: _Job, names: list[str], workers: int):
+    """Yield make_one's result for every name, in order: in this process, or from worker
+    processes (multiprocessing's default start method; chunks of names per task)."""
+    fn = partial(make_one, job)
+    if workers <= 1 or len(names) <= 1:
+        yield from map(fn, names)
+        return
+    chunk = max(1, min(32, len(names) // (4 * workers)))
+    pool = ProcessPoolExecutor(max_workers=workers)
+    try:
+        yield from pool.map(fn, names, chunksize=chunk)
+    finally:
+        # On an error or interrupt: running chunks finish (save_mask never leaves half a
+        # file), queued ones are dropped.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class MaskTally:
+    """Sums of :func:`make_one`'s results over the split (quality against ground truth is
+    the evaluation stage's job: ``wsss.stages.evaluate.evaluate_masks``)."""
+
+    def __init__(self):
+        self.computed = self.skipped = self.pixels = self.ignored = self.foreground = self.all_ignored = 0
+
+    def add(self, result: dict) -> None:
+        self.skipped += result["skipped"]
+        self.computed += not result["skipped"]
+        self.pixels += result["pixels"]
+        self.ignored += result["ignored"]
+        self.foreground += result["foreground"]
+        self.all_ignored += result["ignored"] == result["pixels"]
+
+    def summary(self, seconds: float) -> dict:
+        return {"num_images": self.computed, "num_skipped": self.skipped, "seconds": round(seconds, 3),
+                "images_per_s": round(self.computed / seconds, 3) if self.computed and seconds > 0 else 0.0,
+                "ignored_fraction": self.ignored / self.pixels if self.pixels else None,
+                "fg_fraction": self.foreground / self.pixels if self.pixels else None,
+                "num_all_ignored": self.all_ignored}
+
+
+def run(cfg: PseudoConfig | dict) -> dict:
+    """Write RUN/OUT_DIR/NAME.png for every image of ``cfg.split`` (skipping finished ones)
+    and the settings to RUN/config_pseudo.yaml (config_NAME.yaml for another out_dir NAME).
+
+    Returns {"num_images" (computed now), "num_skipped", "seconds", "images_per_s",
+    "ignored_fraction", "fg_fraction" (over all pixels of all the split's masks, new and
+    skipped), "num_all_ignored" (images ignored whole), "out_dir"}. Their quality against
+    ground truth: ``wsss.stages.evaluate.evaluate_masks``.
+    """
+    if isinstance(cfg, dict):
+        cfg = C.from_dict(PseudoConfig, cfg)
+    params = cfg.mask_params()
+    if params.bg_mode == "saliency" and not cfg.saliency_dir:
+        raise ValueError("bg_mode='saliency' needs saliency_dir (a folder of NAME.png saliency maps); "
+                         "without saliency use bg_mode='power'")
+    run_dir = Path(cfg.run_dir)
+    maps_dir, out_dir = run_dir / cfg.maps_dir, run_dir / cfg.out_dir
+    dataset = VOCDataset(cfg.data_root, cfg.split, transforms=None, with_mask=False)
+    names = dataset.names if cfg.limit is None else dataset.names[:max(0, cfg.limit)]
+    _check_inputs_exist(maps_dir, names, ".npz", "localization maps",
+                        f"run the maps stage first (python -m wsss make-maps --data-root {cfg.data_root} "
+                        f"--run-dir {run_dir} --split {cfg.split}, or wsss.stages.make_maps.run)")
+    saliency_dir = Path(cfg.saliency_dir) if cfg.saliency_dir and params.bg_mode == "saliency" else None
+    if saliency_dir is not None:
+        _check_inputs_exist(saliency_dir, names, ".png", "saliency map",
+                            "put one 0-255 PNG per image there (named like the image), or use bg_mode='power'")
+    settings = _settings(cfg, maps_dir)
+    _check_settings(out_dir, settings, cfg.overwrite)
+    _write_settings(out_dir, settings)
+    C.save_yaml(cfg, run_dir / CONFIG_FILE.format(out_dir.name))
+    stale = remove_stale_tmp(out_dir)
+    if stale:
+        log.info("removed %d temporary file(s) of an interrupted run from %s", stale, out_dir)
+
+    job = _Job(image_dir=dataset.root / IMAGE_DIR, maps_dir=maps_dir, out_dir=out_dir, saliency_dir=saliency_dir,
+               num_classes=dataset.num_classes, params=params, crf_scale=cfg.crf_scale, overwrite=cfg.overwrite)
+    todo = sum(1 for n in names if cfg.overwrite or not (out_dir / f"{n}.png").is_file())
+    workers = max(1, min(cfg.workers, todo))
+    log.info("pseudo masks of %d %s images into %s: %d to compute, %d already there (%s, CRF %s, %d worker(s))",
+             len(names), cfg.split, out_dir, todo, len(names) - todo, params.bg_mode,
+             "on" if params.use_crf else "off", workers)
+
+    tally = MaskTally()
+    t0 = time.perf_counter()
+    for result in tqdm(_results(job, names, workers), total=len(names), desc=f"pseudo masks {cfg.split}",
+                       dynamic_ncols=True):
+        tally.add(result)
+    metrics = {**tally.summary(time.perf_counter() - t0), "out_dir": str(out_dir)}
+    log.info("pseudo masks done: %s", metrics)
+    _warn_if_mostly_ignored(metrics, len(names), maps_dir)
+    return metrics
+
+
+def _warn_if_mostly_ignored(metrics: dict, num_images: int, maps_dir: Path) -> None:
+    """Masks that are 255 (nearly) everywhere teach the segmenter nothing: say so and why."""
+    if num_images and metrics["num_all_ignored"] > num_images // 2:
+        log.warning("%d of %d pseudo masks are ignored whole (255 everywhere: under min_fg_fraction foreground, "
+                    "or conflicting classes); the segmenter learns nothing from them. The localization maps in "
+                    "%s are probably (nearly) empty or flat: train the classifier longer, or lower "
+                    "min_fg_fraction / score_floor.", metrics["num_all_ignored"], num_images, maps_dir)
+
+
+# =========================================================================== command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Typed flags, one per PseudoConfig field (``--crf.iters``, ``--no-use-crf``, ...), plus --config."""
+    C.add_config_argument(parser)
+    C.add_arguments(parser, PseudoConfig, help_texts=HELP)
+    return parser
+
+
+def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> PseudoConfig:
+    return C.from_args(PseudoConfig, args, parser=parser)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m wsss.stages.pseudo_masks --data-root D --run-dir R [...]``."""
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="wsss pseudo-masks", description="Pseudo ground-truth masks from localization maps (METHOD.md sec. 3)."))
+    cfg = from_args(parser.parse_args(argv), parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = run(cfg)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+"""Stage 4: train a fully supervised segmenter on the pseudo masks (METHOD.md section 4).
+
+``run(cfg)`` trains a model of :mod:`wsss.models.segmenter` on (image, pseudo mask)
+pairs: the images of ``split`` from the dataset, the masks from RUN/pseudo/NAME.png
+(written by :mod:`wsss.stages.pseudo_masks`; 255 pixels are ignored by the loss). Joint
+random scale / crop / flip, SGD with the head at ``new_lr_mult`` x lr, poly decay per
+step; the mean IoU over K + 1 classes on ``val_split`` (ground truth, one confusion
+matrix over the split, single scale) after every epoch. Files:
+
+    RUN/config_segmenter.yaml      every setting of this stage
+    RUN/segmenter_train/           resumable state: checkpoint_last.pt and log.jsonl (one
+                                   JSON line per epoch: loss/total, lr/GROUP, val/miou, seconds);
+                                   rerunning the same RUN continues from it
+    RUN/segmenter.pt               final weights + config + class names (``load_segmenter``)
+    RUN/metrics_segmenter.json     final val mIoU, per-class IoU, per-epoch history
+
+The loop, checkpoints (with RNG states, written atomically), resume, the non-finite loss
+guard, bf16 autocast and DDP are :mod:`wsss.engine`'s, exactly as for the classifier
+(:mod:`wsss.stages.train_classifier`). Under ``torchrun --nproc_per_node=N`` each process
+takes ``batch_size`` images per step; BatchNorm is synchronised across GPUs (``sync_bn``).
+
+``masks_dir`` may point anywhere, e.g. at the dataset's SegmentationClass folder to train
+on ground truth (the fully supervised upper bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from wsss import config as C
+from wsss import engine as E
+from wsss.data.voc import VOCDataset
+from wsss.metrics import ConfusionMatrix
+from wsss.models.segmenter import build_segmenter, predict, segmentation_loss
+
+log = logging.getLogger(__name__)
+
+SEGMENTER_FILE = "segmenter.pt"
+METRICS_FILE = "metrics_segmenter.json"
+CONFIG_FILE = "config_segmenter.yaml"
+#: the engine's checkpoint_last.pt and log.jsonl of this stage live here, apart from the classifier's
+STATE_DIR = "segmenter_train"
+PSEUDO_DIR = "pseudo"
+
+
+@dataclass
+class SegmenterConfig:
+    """Settings of stage 4. Defaults suit the embedded demo benchmark on a CPU; see
+    ``REFERENCE_VOC`` for the reference settings on PASCAL VOC.
+
+    Calibration on the demo benchmark (1000 train images of 96 px, ground-truth masks as
+    the training masks, i.e. the fully supervised upper bound): with these settings and
+    ``epochs=12`` the val mIoU is 0.41 after 6 epochs and 0.64 after 12, at about 15 s of
+    CPU time per epoch on one thread; a 10x head (0.11 after 6 epochs at lr 1e-2) and
+    ``lr=0.1`` (0.09) fail to train the from-scratch "tiny" model.
+    """
+
+    data_root: str
+    run_dir: str
+    split: str = "train"
+    masks_dir: str = PSEUDO_DIR
+    val_split: str | None = "val"
+    # model
+    model: Literal["tiny", "deeplabv3_resnet50", "deeplabv3_resnet101"] = "tiny"
+    pretrained_backbone: str | None = None
+    # data
+    crop: int = 96
+    scale: tuple[float, ...] = (0.7, 1.3)
+    flip: bool = True
+    jitter: float = 0.0
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    # optimisation
+    epochs: int = 10
+    max_steps: int | None = None
+    lr: float = 3e-2
+    new_lr_mult: float | None = None  # None: 10 with a pretrained backbone, else 1 (see head_lr_mult)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["poly", "step", "constant"] = "poly"
+    poly_power: float = 0.9
+    step_epochs: tuple[int, ...] = ()
+    # machinery
+    workers: int = 0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    sync_bn: bool = True
+    log_every: int = 20
+    ckpt_every: int = 0
+    resume: bool = True
+
+
+#: The reference setting (METHOD.md section 4: crop 321, poly decay, 16k iterations), as
+#: overrides: ``C.from_dict(SegmenterConfig, {**REFERENCE_VOC, "data_root": ..., "run_dir": ...,
+#: "pretrained_backbone": "~/.cache/torch/hub/checkpoints/resnet101-63fe2227.pth"})``.
+#: DeepLab-LargeFOV's lr (1e-3, 10x for the head), momentum and weight decay; DeepLabV3 on
+#: ResNet-101 stands in for DeepLab-LargeFOV (the closest model torchvision ships).
+REFERENCE_VOC = dict(split="train_aug", model="deeplabv3_resnet101", crop=321, scale=(0.5, 1.5), batch_size=10,
+                     eval_batch_size=1, epochs=16, max_steps=16000, lr=1e-3, new_lr_mult=10.0, momentum=0.9,
+                     weight_decay=5e-4, schedule="poly", workers=4)
+
+HELP = {
+    "data_root": "dataset root in VOC layout",
+    "run_dir": "run directory (pseudo masks in, segmenter.pt out)",
+    "split": "training split (ImageSets/Segmentation/SPLIT.txt)",
+    "masks_dir": "training masks: a folder inside the run directory (pseudo) or an absolute path",
+    "val_split": "split with ground truth for the per-epoch mIoU ('none' to skip)",
+    "model": "tiny | deeplabv3_resnet50 | deeplabv3_resnet101",
+    "pretrained_backbone": "torchvision ResNet state-dict file for the DeepLab backbone (none: from scratch)",
+    "crop": "training crop, pixels (padded with ignore where the image is smaller)",
+    "scale": "random rescale range (low high)",
+    "flip": "random horizontal flips",
+    "jitter": "colour jitter strength (0 = off)",
+    "batch_size": "images per step per process",
+    "eval_batch_size": "images per val batch (images of different sizes are run apart)",
+    "epochs": "training epochs",
+    "max_steps": "stop after this many optimizer steps in all (the lr schedule ends there)",
+    "lr": "base learning rate (backbone)",
+    "new_lr_mult": "learning-rate multiplier of the head (none: 10 with a pretrained backbone, else 1)",
+    "momentum": "SGD momentum",
+    "weight_decay": "SGD weight decay",
+    "schedule": "learning-rate decay per step: poly, step (x0.1 at step_epochs) or constant",
+    "poly_power": "power of the poly decay (1 - step / total) ** power",
+    "step_epochs": "epochs at which the step schedule divides the lr by 10",
+    "workers": "DataLoader worker processes",
+    "seed": "seed of model init, order and augmentation",
+    "device": "auto | cpu | cuda[:i]",
+    "amp": "bf16 autocast on CUDA",
+    "channels_last": "channels_last memory format on CUDA",
+    "sync_bn": "synchronise BatchNorm across GPUs under DDP",
+    "log_every": "progress-bar loss update every N steps",
+    "ckpt_every": "also checkpoint every N steps (0: once per epoch)",
+    "resume": "continue from RUN/segmenter_train/checkpoint_last.pt when present",
+}
+
+
+# =========================================================================== data
+
+class PseudoMaskDataset(VOCDataset):
+    """The images of a VOC split with their masks taken from ``masks_dir/NAME.png``
+    (e.g. RUN/pseudo) instead of the dataset's ground truth. Items as VOCDataset's."""
+
+    def __init__(self, root: str | Path, split: str, masks_dir: str | Path, transforms=None):
+        super().__init__(root, split, transforms=transforms, with_mask=False)
+        self.masks_dir = Path(masks_dir)
+        self.with_mask = True  # VOCDataset.__getitem__ then reads self.mask_path(name)
+        _check_masks_exist(self.masks_dir, self.names, split)
+
+    def mask_path(self, name: str) -> Path:
+        return self.masks_dir / f"{name}.png"
+
+
+def _check_masks_exist(folder: Path, names: list[str], split: str) -> None:
+    listing = set(os.listdir(folder)) if folder.is_dir() else set()
+    missing = [n for n in names if f"{n}.png" not in listing]
+    if missing:
+        more = f" (and {len(missing) - 1} more of {len(names)})" if len(missing) > 1 else ""
+        raise FileNotFoundError(
+            f"training mask {folder / (missing[0] + '.png')}{more} does not exist: run the pseudo-mask stage "
+            f"for split {split} first (python -m wsss pseudo-masks ..., or wsss.stages.pseudo_masks.run), "
+            f"or point masks_dir at a folder of NAME.png masks")
+
+
+def _scale(cfg: SegmenterConfig) -> tuple[float, float] | None:
+    scale = tuple(cfg.scale) if cfg.scale else None
+    if scale is not None and len(scale) != 2:
+        raise ValueError(f"scale must be two numbers (low high), got {cfg.scale}")
+    return None if scale == (1.0, 1.0) else scale
+
+
+def _datasets(cfg: SegmenterConfig) -> tuple[PseudoMaskDataset, VOCDataset | None]:
+    from wsss.data.transforms import eval_transforms, train_transforms
+
+    masks_dir = Path(cfg.run_dir) / cfg.masks_dir  # an absolute masks_dir stays as it is
+    train_tf = train_transforms(crop=cfg.crop, scale=_scale(cfg), flip=cfg.flip, jitter=cfg.jitter)
+    train = PseudoMaskDataset(cfg.data_root, cfg.split, masks_dir, transforms=train_tf)
+    val = None
+    if cfg.val_split:
+        val = VOCDataset(cfg.data_root, cfg.val_split, transforms=eval_transforms(None), with_mask=True)
+        if val.num_classes != train.num_classes:
+            raise ValueError(f"{cfg.val_split} has {val.num_classes} classes but {cfg.split} has {train.num_classes}")
+    return train, val
+
+
+def collate_list(items: list[dict]) -> list[dict]:
+    """Keep a val batch as a list: VOC images differ in size (see ``same_size_groups``)."""
+    return items
+
+
+def same_size_groups(items: list[dict]) -> list[list[dict]]:
+    """Runs of consecutive items whose images have one size (each becomes one forward pass)."""
+    groups: list[list[dict]] = []
+    for item in items:
+        if groups and groups[-1][0]["image"].shape == item["image"].shape:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+# =========================================================================== model, loss, metric
+
+def build_model(cfg: SegmenterConfig, num_classes: int) -> nn.Module:
+    """The segmenter with K + 1 outputs (background + ``num_classes``)."""
+    return build_segmenter(cfg.model, num_classes + 1, cfg.pretrained_backbone)
+
+
+def head_lr_mult(cfg: SegmenterConfig) -> float:
+    """``new_lr_mult``, or when None: 10 for a new head on a pretrained backbone (the DeepLab
+    recipe), 1 when everything starts from scratch (a 10x head then destabilises training)."""
+    if cfg.new_lr_mult is not None:
+        return float(cfg.new_lr_mult)
+    return 10.0 if cfg.pretrained_backbone else 1.0
+
+
+def build_optimizer(cfg: SegmenterConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD over (backbone: lr, head: head_lr_mult x lr) (METHOD.md section 4)."""
+    backbone, head = model.param_groups()
+    groups = E.param_groups(backbone, head, cfg.lr, cfg.weight_decay, head_lr_mult(cfg))
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def step_fn(model: nn.Module, batch: dict, epoch: int) -> dict:
+    """Loss terms of one batch: cross-entropy over the pixels whose mask is not 255."""
+    return {"total": segmentation_loss(model(batch["image"]), batch["mask"])}
+
+
+@torch.no_grad()
+def evaluate_miou(model: nn.Module, loader, device: torch.device, num_classes: int, *, amp: bool = True,
+                  channels_last: bool = False) -> dict:
+    """mIoU over K + 1 classes of single-scale predictions on a (possibly sharded) val
+    loader of ``collate_list`` batches: one confusion matrix per rank, summed over ranks."""
+    model.eval()
+    cm = ConfusionMatrix(num_classes + 1, device)
+    for items in loader:
+        for group in same_size_groups(items):
+            x = E.to_device(torch.stack([it["image"].as_subclass(torch.Tensor) for it in group]), device,
+                            channels_last)
+            target = torch.stack([it["mask"].as_subclass(torch.Tensor) for it in group]).to(device)
+            with E.autocast(device, amp):
+                probs = predict(model, x)
+            cm.update(probs.argmax(1), target)
+    total = ConfusionMatrix(num_classes + 1)
+    for mat in E.all_gather_objects(cm.mat.cpu()):
+        total.mat += mat
+    result = total.compute()
+    return {"val/miou": result["miou"], "val/pixel_acc": result["pixel_acc"],
+            "val/iou": [None if np.isnan(v) else float(v) for v in result["iou"]]}
+
+
+# =========================================================================== the stage
+
+def run(cfg: SegmenterConfig | dict) -> dict:
+    """Train (or resume) the segmenter; returns the final metrics (``val_miou``, ``val_iou``,
+    ``val_pixel_acc``, ``epochs``, ``steps``, ``train_loss``, ``seconds_per_epoch``, ``seconds``, ...)."""
+    if isinstance(cfg, dict):
+        cfg = C.from_dict(SegmenterConfig, cfg)
+    t_start = time.perf_counter()
+    dist = E.init_distributed(cfg.device)
+    try:
+        return _run(cfg, dist, t_start)
+    finally:
+        E.cleanup_distributed(dist)
+
+
+def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
+    run_dir = Path(cfg.run_dir)
+    device = E.resolve_device(cfg.device, dist.local_rank)
+    channels_last = E.use_channels_last(device, cfg.channels_last)
+    cfg_dict = C.to_dict(cfg)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        C.save_yaml(cfg, run_dir / CONFIG_FILE)
+
+    if cfg.model.startswith("deeplabv3") and cfg.batch_size < 2:
+        raise ValueError(f"model={cfg.model} needs batch_size >= 2 per process: the BatchNorm of its ASPP "
+                         f"image-pooling branch sees one value per image (got batch_size={cfg.batch_size})")
+    train, val = _datasets(cfg)
+    E.seed_everything(cfg.seed)  # same initial weights on every rank
+    model = build_model(cfg, train.num_classes).to(device)
+    if cfg.sync_bn and dist.enabled and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model)
+    spe = E.steps_per_epoch(len(train), cfg.batch_size, dist.world_size)
+    total = E.total_steps(cfg.epochs, spe, cfg.max_steps)
+    scheduler = E.build_scheduler(optimizer, schedule=cfg.schedule, total_steps=total, steps_per_epoch=spe,
+                                  step_epochs=cfg.step_epochs, power=cfg.poly_power)
+    ddp_model = E.wrap_ddp(model, device, dist, find_unused_parameters=False)
+    if dist.is_main:
+        log.info("segmenter %s: %d %s images (masks %s), %d val images, %d classes + background, "
+                 "%d steps/epoch x %d epochs (%d steps) on %s%s", cfg.model, len(train), cfg.split, train.masks_dir,
+                 len(val) if val is not None else 0, train.num_classes, spe, cfg.epochs, total, device,
+                 f" x {dist.world_size} processes" if dist.enabled else "")
+
+    evaluate = None
+    if val is not None:
+        val_loader = E.make_eval_loader(val, cfg.eval_batch_size, dist=dist, workers=cfg.workers,
+                                        collate_fn=collate_list)
+
+        def evaluate(plain_model, epoch):
+            return evaluate_miou(plain_model, val_loader, device, train.num_classes, amp=cfg.amp,
+                                 channels_last=channels_last)
+
+    history = E.fit(ddp_model, optimizer, scheduler, train, step_fn, run_dir=run_dir / STATE_DIR, cfg=cfg_dict,
+                    epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=device, dist=dist,
+                    max_steps=cfg.max_steps, amp=cfg.amp, channels_last=channels_last, workers=cfg.workers,
+                    evaluate=evaluate, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, resume=cfg.resume,
+                    extra={"class_names": list(train.class_names)}, desc="segmenter")
+    if dist.is_main and any(r.get("loss/total") == 0.0 for r in history):
+        log.warning("the training loss was exactly 0 in some epoch: every pixel of its masks is 255 (ignored), "
+                    "so the segmenter learned nothing there; check the masks in %s (the pseudo-mask stage "
+                    "reports num_all_ignored)", train.masks_dir)
+    metrics = _final_metrics(history, ["background", *train.class_names], time.perf_counter() - t_start)
+    if dist.is_main:
+        E.atomic_torch_save({"model": model.state_dict(), "cfg": cfg_dict, "class_names": list(train.class_names),
+                             "num_classes": train.num_classes, "metrics": metrics}, run_dir / SEGMENTER_FILE)
+        _write_json(run_dir / METRICS_FILE, metrics)
+        log.info("segmenter done: val mIoU %s, %s", metrics.get("val_miou"), run_dir / SEGMENTER_FILE)
+    E.barrier()
+    return metrics
+
+
+def _final_metrics(history: list[dict], names_with_bg: list[str], seconds: float) -> dict:
+    last = history[-1] if history else {}
+    finished = [r for r in history if float(r["epoch"]).is_integer()]
+    return {
+        "val_miou": last.get("val/miou"),
+        "val_pixel_acc": last.get("val/pixel_acc"),
+        "val_iou": dict(zip(names_with_bg, last["val/iou"])) if "val/iou" in last else None,
+        "epochs": last.get("epoch", 0),
+        "steps": last.get("step", 0),
+        "train_loss": {k[len("loss/"):]: v for k, v in last.items() if k.startswith("loss/")},
+        "seconds_per_epoch": float(np.mean([r["seconds"] for r in finished])) if finished else None,
+        "seconds": seconds,
+        "history": [{k: v for k, v in r.items() if k != "val/iou"} for r in history],
+    }
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+# =========================================================================== loading
+
+def segmenter_path(run_dir_or_path: str | Path) -> Path:
+    """RUN/segmenter.pt for a run directory, or the file itself."""
+    p = Path(run_dir_or_path)
+    if p.is_dir():
+        p = p / SEGMENTER_FILE
+    if not p.is_file():
+        state = p.parent / STATE_DIR / E.CHECKPOINT_LAST
+        hint = (f" training did not finish: rerun the same train-segmenter command to resume from {state}"
+                if state.is_file() else " train the segmenter first (python -m wsss train-segmenter --run-dir ...)")
+        raise FileNotFoundError(f"{p} does not exist;{hint}")
+    return p
+
+
+def load_segmenter(run_dir_or_path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The trained segmenter of a run (eval mode, on ``device``): maps normalised images
+    (B, 3, H, W) to logits (B, K + 1, H, W); ``.class_names`` (K foreground names) and
+    ``.train_config`` (SegmenterConfig) are attached."""
+    path = segmenter_path(run_dir_or_path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = C.from_dict(SegmenterConfig, ckpt["cfg"])
+    cfg.pretrained_backbone = None  # the weights below replace the backbone's initialisation
+    model = build_model(cfg, int(ckpt["num_classes"]))
+    model.load_state_dict(ckpt["model"])
+    device = E.resolve_device(device) if isinstance(device, str) else device
+    model.to(device).eval()
+    model.class_names = list(ckpt["class_names"])
+    model.train_config = cfg
+    return model
+
+
+# =========================================================================== command line
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Typed flags, one per SegmenterConfig field (``--crop``, ``--no-amp``, ...), plus --config."""
+    C.add_config_argument(parser)
+    C.add_arguments(parser, SegmenterConfig, help_texts=HELP)
+    return parser
+
+
+def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> SegmenterConfig:
+    return C.from_args(SegmenterConfig, args, parser=parser)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m wsss.stages.train_segmenter --data-root D --run-dir R [...]``."""
+    parser = add_arguments(argparse.ArgumentParser(
+        prog="wsss train-segmenter", description="Train the segmenter on the pseudo masks (METHOD.md sec. 4)."))
+    cfg = from_args(parser.parse_args(argv), parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics = run(cfg)
+    if E.is_main():
+        print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
