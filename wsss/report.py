@@ -1,0 +1,660 @@
+"""What the numbered notebooks call: configs, re-runnable pipeline calls, tables and figures.
+
+STYLE.md rule 5: a notebook holds its parameters cell, narrative, short calls into
+``wsss`` and plots; anything longer than a few lines lives here, where tests reach it
+(tests/test_report.py). Results leave a notebook as files in its run directory.
+
+- Pipeline configs: :func:`load_pipeline` reads configs/SIZE.yaml (or any pipeline YAML)
+  and applies a notebook's overrides; :func:`ablation_pipeline_config` maps the ablation
+  notebook's LOSSES / INFERENCE strings to stage settings (METHOD.md sec. 1-2).
+- Re-runnable runs: :func:`run_pipeline` runs the stages a notebook needs but leaves a
+  trained classifier / segmenter of the run directory alone when it was trained with the
+  same settings (and refuses, naming the differences, when it was not), so the notebooks
+  of a sequence build on one run directory; :func:`run_ablation` also trains each
+  classifier once for the inference modes that share it.
+- Reading runs: the training log (:func:`loss_log`), the ablation grid
+  (:func:`collect_ablation`, :func:`ablation_table`), per-image IoU of masks
+  (:func:`per_image_iou`), the pseudo-mask rules one step at a time (:func:`pseudo_mask_steps`).
+- Figures: loss curves, example pairs, pseudo-mask steps, ablation bars; every saved
+  figure gets a caption file naming the notebook and parameters that drew it
+  (:func:`save_with_caption`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from wsss import config as C
+from wsss.paths import REPO_ROOT, runs_dir
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = REPO_ROOT / "configs"
+ABLATION_FILE = "ablation.json"
+#: ClassifierConfig / SegmenterConfig fields that do not change the trained weights
+MACHINERY_KEYS = frozenset({"data_root", "run_dir", "workers", "device", "log_every", "ckpt_every", "resume",
+                            "amp", "channels_last", "eval_batch_size"})
+#: training stage -> the file it leaves in the run directory
+TRAINED_FILES = {"classifier": "classifier.pt", "segmenter": "segmenter.pt"}
+#: files of a classifier run copied when one classifier serves several ablation runs
+CLASSIFIER_RUN_FILES = ("classifier.pt", "metrics_classifier.json", "config_classifier.yaml", "log.jsonl")
+
+#: the ablation's loss settings (METHOD.md sec. 1): LossConfig switches per LOSSES string
+LOSSES = {
+    "basic": dict(basic=True, coatt=False, contrastive=False, self_pairs=False),
+    "basic+coatt": dict(basic=True, coatt=True, contrastive=False, self_pairs=False),
+    "basic+coatt+con": dict(basic=True, coatt=True, contrastive=True, self_pairs=False),
+    "all": dict(basic=True, coatt=True, contrastive=True, self_pairs=True),
+}
+#: the ablation's inference modes (METHOD.md sec. 2): the kinds of map averaged by the maps stage
+INFERENCE = {"single": ("cam",), "cross": ("cam", "coatt", "self")}
+#: metrics.json entries gathered by collect_ablation: column -> (part, key)
+ABLATION_METRICS = {"maps_miou": ("maps", "miou"), "maps_threshold": ("maps", "best_threshold"),
+                    "pseudo_miou": ("pseudo", "miou"), "pseudo_miou_confident": ("pseudo", "miou_confident"),
+                    "pseudo_coverage": ("pseudo", "coverage")}
+
+
+# =========================================================================== configs
+
+def pipeline_config_path(data_size: str = "demo", config: str | Path | None = None) -> Path:
+    """The pipeline YAML of a notebook: ``config`` when given (a relative path is relative to
+    the repository root), else configs/DATA_SIZE.yaml."""
+    path = Path(config).expanduser() if config else CONFIG_DIR / f"{data_size}.yaml"
+    path = path if path.is_absolute() else REPO_ROOT / path
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"pipeline config {path} does not exist: set DATA_SIZE to one of [{known}] "
+                                f"or CONFIG to a pipeline YAML file (see wsss/stages/pipeline.py)")
+    return path
+
+
+def merge_sections(base: Mapping, overrides: Mapping) -> dict:
+    """``base`` with ``overrides`` merged in, nested mappings merged key by key; an override
+    of None leaves the value alone (a notebook parameter left at None means "the config's")."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_sections(out[key], value)
+        elif isinstance(value, Mapping):
+            out[key] = merge_sections({}, value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_pipeline(data_size: str = "demo", config: str | Path | None = None, run_dir: str | Path | None = None, *,
+                  seed: int | None = None, epochs: int | None = None, stages: Sequence[str] | None = None,
+                  overrides: Mapping[str, Mapping] | None = None):
+    """A PipelineConfig from configs/DATA_SIZE.yaml (or ``config``) with a notebook's overrides.
+
+    ``run_dir`` None keeps the config's run directory (runs/demo for configs/demo.yaml: the
+    run ``make demo`` writes, so a notebook opened afterwards looks at it); a relative path
+    goes under the runs folder. ``epochs`` sets the classifier's epochs, ``stages`` the
+    stages to run, ``overrides`` stage sections, e.g. {"classifier": {"loss": {"coatt":
+    False}}, "segmenter": {"epochs": 3}} (merged, see :func:`merge_sections`). The result's
+    run_dir is absolute.
+    """
+    from wsss.stages import pipeline
+
+    cfg = C.load_yaml(pipeline.PipelineConfig, pipeline_config_path(data_size, config))
+    cfg.run_dir = str(pipeline.resolve_run_dir(run_dir if run_dir is not None else cfg.run_dir))
+    if seed is not None:
+        cfg.seed = int(seed)
+    overrides = merge_sections(overrides or {}, {"classifier": {"epochs": epochs}})
+    unknown = sorted(set(overrides) - set(pipeline.STAGES))
+    if unknown:
+        raise ValueError(f"overrides for unknown stage section(s) {unknown}; sections: {list(pipeline.STAGES)}")
+    for section, values in overrides.items():
+        setattr(cfg, section, merge_sections(getattr(cfg, section) or {}, values))
+    if stages is not None:
+        cfg.stages = tuple(stages)
+    return cfg
+
+
+SWITCHES = ("basic", "coatt", "contrastive", "self_pairs")
+
+
+def loss_switches(basic: bool | None = None, coatt: bool | None = None, contrastive: bool | None = None,
+                  self_pairs: bool | None = None) -> dict:
+    """The ``loss`` overrides of a classifier config from the notebooks' USE_* switches; a
+    switch left at None keeps the configured value (it is left out)."""
+    given = dict(basic=basic, coatt=coatt, contrastive=contrastive, self_pairs=self_pairs)
+    return {name: bool(on) for name, on in given.items() if on is not None}
+
+
+def effective_switches(cfg) -> dict:
+    """The loss switches the classifier of pipeline ``cfg`` trains with (its section over the
+    ClassifierConfig defaults)."""
+    from wsss.stages import pipeline
+
+    one = dataclasses.replace(cfg, stages=("classifier",))
+    loss = C.to_dict(pipeline.stage_configs(one, Path("."), Path("."))["classifier"].loss)
+    return {name: loss[name] for name in SWITCHES}
+
+
+def switches_run_dir(data_size: str, switches: Mapping[str, bool]) -> str:
+    """Default run directory of a classifier trained with these loss switches: the pipeline's
+    own (e.g. "demo") when they change nothing, else named after what they change, e.g.
+    "demo-no-coatt-self_pairs" (co-attention off, self-pairs on)."""
+    base = load_pipeline(data_size, run_dir=".")
+    default = effective_switches(base)
+    wanted = effective_switches(load_pipeline(data_size, run_dir=".", overrides={"classifier": {"loss": switches}}))
+    name = C.load_yaml(_pipeline_cls(), pipeline_config_path(data_size)).run_dir
+    return name + "".join(f"-{'' if wanted[k] else 'no-'}{k}" for k in SWITCHES if wanted[k] != default[k])
+
+
+def _pipeline_cls():
+    from wsss.stages.pipeline import PipelineConfig
+
+    return PipelineConfig
+
+
+# =========================================================================== running
+
+def config_differences(old: Mapping, new: Mapping, ignore=MACHINERY_KEYS, prefix: str = "") -> list[str]:
+    """"key: old -> new" for every setting that differs (nested dicts dotted). ``ignore``d keys
+    and keys only one side records (a field added to or removed from a config class since the
+    checkpoint was written) are left out."""
+    out = []
+    for key in sorted(set(old) & set(new)):
+        if key in ignore:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_differences(a, b, ignore, f"{prefix}{key}.")
+        elif _plain(a) != _plain(b):
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _plain(value):
+    """Tuples and lists compare equal (YAML gives lists, dataclasses tuples)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def trained_config(path: str | Path) -> dict:
+    """The settings a checkpoint (classifier.pt / segmenter.pt) was trained with."""
+    import torch
+
+    return dict(torch.load(path, map_location="cpu", weights_only=True)["cfg"])
+
+
+def finished_training(stage_cfgs: Mapping, run_dir: str | Path) -> list[str]:
+    """The training stages of ``stage_cfgs`` whose model is already in ``run_dir`` with the
+    same settings; raises ValueError naming the differences when it was trained otherwise."""
+    done = []
+    for stage, file in TRAINED_FILES.items():
+        path = Path(run_dir) / file
+        if stage not in stage_cfgs or not path.is_file():
+            continue
+        diff = config_differences(trained_config(path), C.to_dict(stage_cfgs[stage]))
+        if diff:
+            raise ValueError(f"{path} was trained with other settings ({'; '.join(diff)}): set RUN_DIR to another "
+                             f"run directory, or delete {path.name} and what was made from it to retrain")
+        done.append(stage)
+    return done
+
+
+def run_pipeline(cfg, skip_trained: bool = True) -> dict:
+    """``wsss.stages.pipeline.run(cfg)``, except that a classifier or segmenter already
+    trained in the run directory with the same settings is kept (not resumed and rewritten,
+    which would invalidate the maps made from it). Returns the pipeline's result plus
+    ``run_dir``, ``data_root`` and ``skipped`` (the training stages left alone)."""
+    from wsss.stages import pipeline
+
+    data_root = pipeline.prepare_data(cfg)
+    run_dir = pipeline.resolve_run_dir(cfg.run_dir)
+    skipped = finished_training(pipeline.stage_configs(cfg, data_root, run_dir), run_dir) if skip_trained else []
+    stages = tuple(s for s in cfg.stages if s not in skipped)
+    if skipped:
+        log.info("%s: %s already trained with these settings; not retrained", run_dir, " and ".join(skipped))
+    result = pipeline.run(dataclasses.replace(cfg, stages=stages)) if stages else {}
+    return {**result, "run_dir": str(run_dir), "data_root": str(data_root), "skipped": skipped}
+
+
+# =========================================================================== ablation
+
+def ablation_run_id(losses: str, inference: str, seed: int) -> str:
+    return f"{losses}__{inference}__seed{seed}"
+
+
+def ablation_pipeline_config(losses: str = "all", inference: str = "cross", size: str = "demo", seed: int = 0,
+                             run_dir: str | Path | None = None, *, epochs: int | None = None,
+                             limit: int | None = None, config: str | Path | None = None):
+    """The pipeline of one ablation run (notebooks/04_ablation.ipynb): classifier -> maps ->
+    pseudo-masks -> evaluation of maps and pseudo-masks, no segmenter.
+
+    ``losses``: a key of :data:`LOSSES` (which loss terms train the classifier);
+    ``inference``: a key of :data:`INFERENCE` ("single": plain CAM, "cross": CAM +
+    co-attention with k partners + self-pairs). Everything else comes from
+    configs/SIZE.yaml (or ``config``). ``limit``: maps, pseudo-masks and their evaluation
+    on the first ``limit`` training images only. ``run_dir`` None: runs/ablation/ID.
+    """
+    if losses not in LOSSES:
+        raise ValueError(f"LOSSES={losses!r}: choose one of {list(LOSSES)}")
+    if inference not in INFERENCE:
+        raise ValueError(f"INFERENCE={inference!r}: choose one of {list(INFERENCE)}")
+    if run_dir is None:
+        run_dir = runs_dir() / "ablation" / ablation_run_id(losses, inference, seed)
+    limit = None if limit is None else int(limit)
+    return load_pipeline(size, config, run_dir, seed=seed, epochs=epochs,
+                         stages=("classifier", "maps", "pseudo", "evaluate"),
+                         overrides={"classifier": {"loss": LOSSES[losses]},
+                                    "maps": {"combine": list(INFERENCE[inference]), "limit": limit},
+                                    "pseudo": {"limit": limit},
+                                    "evaluate": {"parts": ["maps", "pseudo"], "allow_missing": limit is not None}})
+
+
+def classifier_key(cfg) -> str:
+    """A name for the classifier an ablation run trains: equal exactly when the training
+    settings (everything but machinery, data and run folders) are."""
+    from wsss.stages import pipeline
+
+    stage = pipeline.stage_configs(dataclasses.replace(cfg, stages=("classifier",)), Path("."), Path("."))
+    settings = {k: v for k, v in C.to_dict(stage["classifier"]).items() if k not in MACHINERY_KEYS}
+    settings["data"] = cfg.data_root or f"benchmark:{cfg.benchmark}"
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"classifier-{digest}"
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` (POSIX; elsewhere no lock): parallel runs that need one
+    classifier train it once, the others wait and reuse it."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: run the grid with --jobs 1
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_ablation(cfg, share_dir: str | Path | None = None) -> dict:
+    """Run an ablation pipeline (:func:`ablation_pipeline_config`). With ``share_dir`` the
+    classifier is trained once per set of training settings in SHARE_DIR/KEY
+    (:func:`classifier_key`) and copied into the run directory, so runs that differ only in
+    inference reuse it (the same weights they would train themselves: training is seeded)."""
+    run_dir = Path(cfg.run_dir)
+    if share_dir is not None and "classifier" in cfg.stages and not (run_dir / TRAINED_FILES["classifier"]).is_file():
+        shared = Path(share_dir) / classifier_key(cfg)
+        with _locked(shared.with_suffix(".lock")):
+            run_pipeline(dataclasses.replace(cfg, run_dir=str(shared), stages=("classifier",)))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name in CLASSIFIER_RUN_FILES:
+            if (shared / name).is_file():
+                shutil.copy2(shared / name, run_dir / name)  # copy2 keeps the mtime the maps settings record
+        log.info("classifier of %s taken from %s", run_dir, shared)
+    return run_pipeline(cfg)
+
+
+def write_ablation_record(run_dir: str | Path, **params) -> Path:
+    """RUN/ablation.json: the parameters of an ablation run (written last: it marks the run finished)."""
+    path = Path(run_dir) / ABLATION_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(params, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _ordered(df, column: str, order: Sequence[str]):
+    import pandas as pd
+
+    values = list(order) + sorted(set(df[column].dropna()) - set(order))
+    df[column] = pd.Categorical(df[column], categories=values, ordered=True)
+
+
+def collect_ablation(root: str | Path):
+    """One row per finished ablation run under ``root`` (ROOT/*/ablation.json with a
+    metrics.json beside it): its parameters (losses, inference, seed, ...), ``run`` (the
+    folder) and the metrics of :data:`ABLATION_METRICS`. Sorted by losses, inference, seed."""
+    import pandas as pd
+
+    root = Path(root)
+    rows = []
+    for record in sorted(root.glob(f"*/{ABLATION_FILE}")):
+        metrics_path = record.parent / "metrics.json"
+        if not metrics_path.is_file():
+            log.warning("%s has no metrics.json (run unfinished?); left out", record.parent)
+            continue
+        metrics = json.loads(metrics_path.read_text())
+        row = {**json.loads(record.read_text()), "run": record.parent.name}
+        for column, (part, key) in ABLATION_METRICS.items():
+            row[column] = (metrics.get(part) or {}).get(key)
+        rows.append(row)
+    if not rows:
+        raise FileNotFoundError(f"no finished ablation runs (*/{ABLATION_FILE} + metrics.json) under {root}: run the "
+                                f"grid first (python -m wsss.notebooks run notebooks/experiments/ablation_demo.yaml)")
+    df = pd.DataFrame(rows)
+    for column in ABLATION_METRICS:
+        df[column] = pd.to_numeric(df[column], errors="coerce")
+    _ordered(df, "losses", list(LOSSES))
+    _ordered(df, "inference", list(INFERENCE))
+    return df.sort_values(["losses", "inference", "seed"]).reset_index(drop=True)
+
+
+def ablation_table(df, metrics: Sequence[str] = ("maps_miou", "pseudo_miou")):
+    """Mean, standard deviation (over seeds, ddof=1: NaN for a single seed) and number of
+    runs of each metric per (losses, inference); columns METRIC_mean, METRIC_std, runs."""
+    grouped = df.groupby(["losses", "inference"], observed=True)
+    table = grouped[list(metrics)].agg(["mean", "std"])
+    table.columns = [f"{metric}_{stat}" for metric, stat in table.columns]
+    table["runs"] = grouped.size()
+    return table.reset_index()
+
+
+def table_markdown(table, metrics: Sequence[str] = ("maps_miou", "pseudo_miou"), scale: float = 100.0) -> str:
+    """The ablation table as markdown, each cell "mean ± std" (x ``scale``: percent)."""
+    def cell(mean, std):
+        if mean is None or not math.isfinite(mean):
+            return "n/a"
+        return f"{scale * mean:.1f}" + (f" ± {scale * std:.1f}" if std is not None and math.isfinite(std) else "")
+
+    header = ["losses", "inference", *(m.replace("_", " ") for m in metrics), "runs"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, r in table.iterrows():
+        cells = [str(r["losses"]), str(r["inference"]),
+                 *(cell(float(r[f"{m}_mean"]), float(r[f"{m}_std"])) for m in metrics), str(int(r["runs"]))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def ablation_figure(df, metric: str = "pseudo_miou", title: str | None = None):
+    """Bars of a metric (percent) per loss setting, one colour per inference mode, error bars
+    = standard deviation over seeds, dots = the single runs."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    data = df.assign(value=100 * df[metric])
+    fig = Figure(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    sns.barplot(data=data, x="losses", y="value", hue="inference", errorbar="sd", ax=ax, alpha=0.8, capsize=0.1)
+    sns.stripplot(data=data, x="losses", y="value", hue="inference", dodge=True, ax=ax, size=3, legend=False,
+                  palette=dict.fromkeys(data["inference"].unique(), "k"))
+    ax.set(xlabel="loss terms", ylabel=f"{metric.replace('_', ' ')} (%)",
+           title=title or f"{metric.replace('_', ' ')}: mean ± std over seeds")
+    return fig
+
+
+def mean_sweep(sweeps: Sequence[Sequence[Mapping]]) -> list[dict]:
+    """The pointwise mean of several threshold sweeps (lists of {"threshold", "miou"}) over
+    the thresholds they share."""
+    if not sweeps:
+        raise ValueError("mean_sweep needs at least one sweep")
+    tables = [{round(float(p["threshold"]), 6): p["miou"] for p in s} for s in sweeps]
+    shared = sorted(set.intersection(*(set(t) for t in tables)))
+    out = []
+    for t in shared:
+        values = [tab[t] for tab in tables if tab[t] is not None]
+        out.append({"threshold": t, "miou": float(np.mean(values)) if values else None})
+    return out
+
+
+def sweeps_by(df, root: str | Path, by: str = "inference", **where) -> dict[str, dict]:
+    """label -> {"sweep": mean sweep over the runs of df with that ``by`` value}, runs
+    restricted by ``where`` (e.g. losses="all"): the mapping form of
+    ``wsss.stages.evaluate.sweep_figure``."""
+    rows = df
+    for key, value in where.items():
+        rows = rows[rows[key] == value]
+    out = {}
+    for label, group in rows.groupby(by, observed=True):
+        sweeps = [json.loads((Path(root) / run / "metrics.json").read_text())["maps"]["sweep"] for run in group["run"]]
+        out[str(label)] = {"sweep": mean_sweep(sweeps)}
+    return out
+
+
+def pick_run(df, losses: str | None = None, inference: str | None = "cross") -> str:
+    """The folder of one ablation run: the first with these ``losses`` (None: the last loss
+    setting present, i.e. the most terms) and ``inference`` (if present, else any)."""
+    losses = losses if losses is not None else str(df["losses"].dropna().max())
+    rows = df[df["losses"] == losses]
+    if rows.empty:
+        raise ValueError(f"no ablation run with losses={losses!r}; present: {sorted(map(str, set(df['losses'])))}")
+    preferred = rows[rows["inference"] == inference]
+    return str((preferred if not preferred.empty else rows).iloc[0]["run"])
+
+
+def run_data_root(run_dir: str | Path) -> str:
+    """The dataset a run was made from (the data_root its stage configs record)."""
+    import yaml
+
+    for name in ("config_maps.yaml", "config_classifier.yaml", "config_pseudo.yaml", "config_evaluate.yaml"):
+        path = Path(run_dir) / name
+        if path.is_file():
+            return str((yaml.safe_load(path.read_text()) or {})["data_root"])
+    raise FileNotFoundError(f"{run_dir} holds no stage config (config_maps.yaml, ...): is it a run directory?")
+
+
+def resolve_path(path: str | Path | None, default: str | Path, base: str | Path) -> Path:
+    """``path`` (``default`` when None); a relative one is taken under ``base`` (never the
+    working directory, which for a notebook is notebooks/)."""
+    path = Path(path if path is not None else default).expanduser()
+    return path if path.is_absolute() else Path(base) / path
+
+
+# =========================================================================== training curves
+
+def loss_log(path: str | Path):
+    """RUN/log.jsonl (one line per epoch, wsss.engine.fit) as a DataFrame; ``path`` is the file
+    or the folder holding it (the classifier's run directory, RUN/segmenter_train)."""
+    import pandas as pd
+
+    path = Path(path)
+    path = path / "log.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: train first (it is written after every epoch)")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in records])
+
+
+def loss_curves_figure(df, title: str = "training"):
+    """Loss terms against epochs (terms that stay 0, i.e. switched off, are left out) and,
+    when logged, the validation metrics (val/*) on a second panel."""
+    from matplotlib.figure import Figure
+
+    losses = [c for c in df.columns if c.startswith("loss/") and df[c].abs().sum() > 0]
+    vals = [c for c in df.columns if c.startswith("val/")]
+    fig = Figure(figsize=(10 if vals else 6, 3.8), layout="constrained")
+    axes = fig.subplots(1, 2 if vals else 1, squeeze=False)[0]
+    for column in losses:
+        axes[0].plot(df["epoch"], df[column], marker="o", label=column[len("loss/"):])
+    axes[0].set(xlabel="epoch", ylabel="mean loss", title=f"{title}: loss terms")
+    axes[0].legend(fontsize=8)
+    for column in vals:
+        axes[1].plot(df["epoch"], df[column], marker="o", label=column)
+    if vals:
+        axes[1].set(xlabel="epoch", title=f"{title}: validation")
+        axes[1].legend(fontsize=8)
+    return fig
+
+
+# =========================================================================== pairs (notebook 01)
+
+def example_pairs(labels: np.ndarray, n: int = 4, p_common: float = 1.0, seed: int = 0) -> list[dict]:
+    """``n`` pairs drawn as ``PairDataset(p_common, seed)`` draws them in epoch 0, with the
+    label sets of METHOD.md sec. 1: ids (1..K) of l_m, l_n, l_m ∩ l_n, l_m \\ l_n, l_n \\ l_m."""
+    from wsss.data.pairs import pair_rng, sample_partner
+
+    labels = np.asarray(labels) > 0
+    ids = lambda row: [int(c) + 1 for c in np.flatnonzero(row)]  # noqa: E731
+    out = []
+    for m in range(min(n, len(labels))):
+        j = sample_partner(labels.astype(np.uint8), m, p_common, pair_rng(seed, 0, m))
+        lm, ln = labels[m], labels[j]
+        out.append({"m": m, "n": int(j), "l_m": ids(lm), "l_n": ids(ln), "common": ids(lm & ln),
+                    "m_only": ids(lm & ~ln), "n_only": ids(ln & ~lm)})
+    return out
+
+
+def pairs_figure(dataset, pairs: Sequence[Mapping], class_names: Sequence[str]):
+    """One row per pair: I_m and I_n with their labels, l_m ∩ l_n (the co-attention target)
+    and l_m \\ l_n (the contrastive target) in the titles."""
+    from matplotlib.figure import Figure
+
+    from wsss.data.transforms import denormalize
+
+    names = lambda ids: ", ".join(class_names[c - 1] for c in ids) or "∅"  # noqa: E731
+    fig = Figure(figsize=(6.4, 3.1 * len(pairs)), layout="constrained")
+    axes = fig.subplots(len(pairs), 2, squeeze=False)
+    for row, p in zip(axes, pairs):
+        for ax, key, label in ((row[0], "m", "I_m"), (row[1], "n", "I_n")):
+            ax.imshow(denormalize(dataset[p[key]]["image"]))
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(f"{label}: {names(p['l_' + key])}", fontsize=9)
+        row[0].set_xlabel(f"l_m ∩ l_n: {names(p['common'])}", fontsize=9)
+        row[1].set_xlabel(f"l_m \\ l_n: {names(p['m_only'])}   l_n \\ l_m: {names(p['n_only'])}", fontsize=9)
+    return fig
+
+
+# =========================================================================== masks (notebook 05)
+
+def image_miou(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> float:
+    """mIoU of one image over the K + 1 classes present in its truth or prediction; a
+    prediction's 255 ("not sure") counts as background, as in wsss.stages.evaluate."""
+    import torch
+
+    from wsss.classes import IGNORE_INDEX
+    from wsss.metrics import ConfusionMatrix
+
+    pred = np.where(np.asarray(pred) == IGNORE_INDEX, 0, pred)
+    cm = ConfusionMatrix(num_classes + 1)
+    cm.update(torch.from_numpy(pred.astype(np.int64)), torch.from_numpy(np.asarray(gt).astype(np.int64)))
+    return float(cm.compute()["miou"])
+
+
+def per_image_iou(data_root: str | Path, split: str, masks_dir: str | Path, names: Sequence[str] | None = None):
+    """Per-image mIoU of the masks MASKS_DIR/NAME.png against the ground truth, lowest first
+    (DataFrame: name, miou, fg_fraction). Images without a mask are left out."""
+    import pandas as pd
+
+    from wsss.data.voc import VOCDataset, load_mask
+
+    base = VOCDataset(data_root, split, with_mask=False)
+    rows = []
+    for name in names if names is not None else base.names:
+        path = Path(masks_dir) / f"{name}.png"
+        if not path.is_file():
+            continue
+        pred = load_mask(path, base.num_classes)
+        gt = load_mask(base.mask_path(name), base.num_classes)
+        rows.append({"name": name, "miou": image_miou(pred, gt, base.num_classes),
+                     "fg_fraction": float(np.mean((pred > 0) & (pred != 255)))})
+    if not rows:
+        raise FileNotFoundError(f"no masks of split {split} in {masks_dir}: run the pseudo-mask stage first")
+    return pd.DataFrame(rows).sort_values("miou", kind="stable").reset_index(drop=True)
+
+
+def run_mask_params(run_dir: str | Path, **overrides):
+    """The pseudo-mask rules a run used (RUN/config_pseudo.yaml; defaults without one), with
+    ``overrides`` (e.g. alpha=8) applied: a wsss.pseudo.PseudoMaskParams."""
+    from wsss.pseudo import PseudoMaskParams
+    from wsss.stages.pseudo_masks import PseudoConfig
+
+    path = Path(run_dir) / "config_pseudo.yaml"
+    params = C.load_yaml(PseudoConfig, path).mask_params() if path.is_file() else PseudoMaskParams()
+    return dataclasses.replace(params, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def pseudo_mask_steps(run_dir: str | Path, data_root: str | Path, name: str, params=None, split: str = "train",
+                      crf_scale: bool = True) -> dict:
+    """METHOD.md sec. 3 one step at a time for image ``name``: its localization maps
+    (RUN/maps), the background score, the mask without and with the dense CRF
+    (``wsss.pseudo.scores_to_mask``), and the per-image mIoU of both against the truth."""
+    from wsss.data.voc import VOCDataset, load_image, load_mask
+    from wsss.pseudo import background_score, scores_to_mask
+    from wsss.stages.make_maps import load_maps, maps_path
+    from wsss.stages.pseudo_masks import crf_params_for
+
+    params = params if params is not None else run_mask_params(run_dir)
+    base = VOCDataset(data_root, split, with_mask=False)
+    image = load_image(base.image_path(name))
+    gt = load_mask(base.mask_path(name), base.num_classes)
+    maps, classes = load_maps(maps_path(Path(run_dir) / "maps", name))
+    params = crf_params_for(params, image.shape[:2], crf_scale)
+    plain = scores_to_mask(image, maps, classes, dataclasses.replace(params, use_crf=False))
+    crf = scores_to_mask(image, maps, classes, dataclasses.replace(params, use_crf=True))
+    k = base.num_classes
+    return {"name": name, "image": image, "gt": gt, "maps": maps, "classes": [int(c) for c in classes],
+            "peak": maps.max(0) if len(maps) else np.zeros(gt.shape, np.float32),
+            "background": background_score(maps, params), "mask": plain, "mask_crf": crf,
+            "miou": image_miou(plain, gt, k), "miou_crf": image_miou(crf, gt, k)}
+
+
+def pseudo_steps_figure(steps: Sequence[Mapping], class_names: Sequence[str] | None = None):
+    """Rows of image / ground truth / largest class map / background score / mask without
+    CRF / mask with CRF (per-image mIoU in the titles)."""
+    from matplotlib.figure import Figure
+
+    from wsss.viz import colorize, overlay
+
+    titles = ["image", "ground truth", "max class map", "background score", "mask, no CRF", "mask + CRF"]
+    fig = Figure(figsize=(2.1 * len(titles), 2.2 * len(steps) + 0.3), layout="constrained")
+    axes = fig.subplots(len(steps), len(titles), squeeze=False)
+    for row, s in zip(axes, steps):
+        panels = [s["image"], colorize(s["gt"]), overlay(s["image"], s["peak"]), s["background"],
+                  colorize(s["mask"]), colorize(s["mask_crf"])]
+        for ax, panel in zip(row, panels):
+            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+        label = ", ".join(class_names[c - 1] for c in s["classes"]) if class_names else s["name"]
+        row[0].set_ylabel(label, fontsize=8)
+        row[4].set_xlabel(f"mIoU {s['miou']:.2f}", fontsize=8)
+        row[5].set_xlabel(f"mIoU {s['miou_crf']:.2f}", fontsize=8)
+    for ax, title in zip(axes[0], titles):
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+# =========================================================================== saving
+
+def save_with_caption(fig, path: str | Path, caption: str, notebook: str, parameters: Mapping | None = None) -> Path:
+    """Save ``fig`` as PATH (PNG) and its caption as PATH.txt, naming the notebook and the
+    parameter set that drew it (DESIGN.md: figures/ names the notebook behind each figure)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    params = ", ".join(f"{k}={v!r}" for k, v in (parameters or {}).items())
+    text = f"{path.name}: {caption}\nDrawn by {notebook}" + (f" with {params}" if params else "") + ".\n"
+    path.with_suffix(path.suffix + ".txt").write_text(text)
+    return path
+
+
+def write_json(path: str | Path, obj) -> Path:
+    """Write ``obj`` as JSON (atomically); non-finite floats become null."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, Mapping):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, np.generic):
+            return clean(v.item())
+        return v
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(clean(obj), indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
