@@ -7,7 +7,6 @@ from torch import nn
 
 from wsss.data.pairs import self_pair_views
 from wsss.losses import LossConfig, loss_terms
-from wsss.models import backbones as bb
 from wsss.models import CoAttentionClassifier, build_backbone
 from wsss.models.classifier import gap
 from wsss.models.coattention import co_attention

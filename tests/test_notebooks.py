@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 
 from wsss.notebooks import has_outputs, load_grid, notebook_parameters, run_grid, validate_all
 from wsss.paths import REPO_ROOT
@@ -23,6 +24,7 @@ NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 GRID_DIR = NOTEBOOK_DIR / "experiments"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 GRIDS = sorted(GRID_DIR.glob("*.yaml"))
+SMOKE_EPOCHS = yaml.safe_load((REPO_ROOT / "configs" / "smoke.yaml").read_text())["classifier"]["epochs"]
 
 # notebook stem -> files it writes, relative to the smoke run directory RUNS/smoke
 # (07_figures: relative to its FIGURES_DIR)
@@ -115,7 +117,7 @@ def test_every_notebook_runs_at_smoke_size(tmp_path, monkeypatch):
     assert {"maps", "pseudo", "segmenter"} <= set(metrics) and 0 <= metrics["segmenter"]["miou"] <= 1
     ablation = json.loads((smoke / "INFERENCE=cross__SEED=1" / "ablation.json").read_text())
     assert ablation == {"losses": "basic+coatt", "inference": "cross", "seed": 1, "data_size": "smoke",
-                        "epochs": 1, "limit": 16}
+                        "epochs": SMOKE_EPOCHS, "limit": 16}
     assert "| basic+coatt | cross |" in (figures / "ablation_table.md").read_text()
     assert "notebooks/07_figures.ipynb" in (figures / "ablation_qualitative.png.txt").read_text()
     assert repo_files() - before == set(), "a notebook wrote into the repository"

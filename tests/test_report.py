@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 import torch
 from PIL import Image
 
@@ -152,7 +153,7 @@ def test_ablation_config_defaults_and_bad_strings(tmp_path):
     cfg = report.ablation_pipeline_config("basic", "single", "smoke", run_dir="mine")
     assert Path(cfg.run_dir) == tmp_path / "runs" / "mine"
     assert "limit" not in cfg.maps and cfg.evaluate["allow_missing"] is False
-    assert cfg.classifier["epochs"] == 1  # configs/smoke.yaml's
+    assert cfg.classifier["epochs"] == report.load_pipeline("smoke").classifier["epochs"]  # configs/smoke.yaml's
     with pytest.raises(ValueError, match="basic\\+coatt\\+con"):
         report.ablation_pipeline_config("coatt")
     with pytest.raises(ValueError, match="single"):
@@ -175,9 +176,9 @@ def test_load_pipeline_overrides_and_run_dir(tmp_path):
     cfg = report.load_pipeline("smoke", run_dir=tmp_path / "x", seed=3, epochs=None, stages=["classifier"],
                                overrides={"classifier": {"loss": {"coatt": False}}, "segmenter": {"epochs": None}})
     assert cfg.run_dir == str(tmp_path / "x") and cfg.seed == 3 and cfg.stages == ("classifier",)
-    assert cfg.classifier == {"backbone": "tiny", "image_size": 64, "batch_size": 4, "epochs": 1,
-                              "loss": {"coatt": False}}
-    assert cfg.segmenter["epochs"] == 1  # None leaves the config's value
+    smoke = yaml.safe_load((report.CONFIG_DIR / "smoke.yaml").read_text())
+    assert cfg.classifier == {**smoke["classifier"], "loss": {"coatt": False}}
+    assert cfg.segmenter["epochs"] == smoke["segmenter"]["epochs"]  # None leaves the config's value
     with pytest.raises(ValueError, match="unknown stage"):
         report.load_pipeline("smoke", overrides={"classifer": {"epochs": 1}})
     with pytest.raises(FileNotFoundError, match="demo"):
@@ -238,24 +239,21 @@ def test_finished_training_keeps_a_matching_classifier_and_refuses_another(tmp_p
         report.finished_training(pipeline.stage_configs(other, Path("/d"), run_dir), run_dir)
 
 
-def test_run_pipeline_leaves_a_trained_classifier_alone(tmp_path, monkeypatch):
+def test_run_pipeline_reports_a_trained_classifier(tmp_path, monkeypatch):
     cfg = report.load_pipeline("smoke", run_dir=tmp_path / "run", stages=["classifier", "maps"])
     _fake_classifier(Path(cfg.run_dir), cfg)
     calls = []
     monkeypatch.setattr(pipeline, "prepare_data", lambda c: Path("/data"))
     monkeypatch.setattr(pipeline, "run", lambda c: calls.append(c.stages) or {"seconds": {}})
     result = report.run_pipeline(cfg)
-    assert calls == [("maps",)] and result["skipped"] == ["classifier"]
+    assert calls == [("classifier", "maps")] and result["skipped"] == ["classifier"]
     assert result["run_dir"] == cfg.run_dir and result["data_root"] == "/data"
-    calls.clear()
-    report.run_pipeline(report.load_pipeline("smoke", run_dir=tmp_path / "run", stages=["classifier"]))
-    assert calls == []  # nothing left to run
 
 
 def test_run_ablation_trains_one_classifier_for_both_inference_modes(tmp_path, monkeypatch):
     trained = []
 
-    def fake_run_pipeline(cfg, skip_trained=True):
+    def fake_run_pipeline(cfg):
         run_dir = Path(cfg.run_dir)
         if "classifier" in cfg.stages and not (run_dir / "classifier.pt").is_file():
             trained.append(run_dir)

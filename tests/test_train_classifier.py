@@ -128,6 +128,20 @@ def test_load_classifier_reproduces_the_recorded_map(finished_run, bench):
         T.load_classifier(run_dir.parent / "nothing-here")
 
 
+def test_rerunning_a_finished_run_keeps_classifier_pt(finished_run, bench, tmp_path):
+    run_dir, metrics = finished_run
+    path = run_dir / T.CLASSIFIER_FILE
+    before = path.stat().st_mtime_ns
+    again = T.run(tiny_cfg(bench, run_dir, workers=0, log_every=5))  # runtime settings only: nothing to do
+    assert path.stat().st_mtime_ns == before and again == metrics
+    # other settings: trained again (here in a copy, so the shared fixture stays as it was)
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    more = T.run(tiny_cfg(bench, copy, epochs=3))
+    assert more["epochs"] == 3 and (copy / T.CLASSIFIER_FILE).stat().st_mtime_ns != before
+
+
 class Interrupt(Exception):
     pass
 

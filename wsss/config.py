@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -318,3 +319,30 @@ def from_args(cls, args: argparse.Namespace, *, parser: argparse.ArgumentParser 
         if parser is not None:
             parser.error(str(e))
         raise
+
+
+#: Settings that change how a run executes, not what it computes: left out when deciding
+#: whether a finished stage was trained "with the same settings".
+MACHINERY_KEYS = frozenset({"data_root", "run_dir", "workers", "device", "log_every", "ckpt_every", "resume",
+                            "amp", "channels_last", "eval_batch_size"})
+
+
+def config_differences(old: Mapping, new: Mapping, ignore=MACHINERY_KEYS, prefix: str = "") -> list[str]:
+    """"key: old -> new" for every setting that differs (nested dicts dotted). ``ignore``d keys
+    and keys only one side records (a field added to or removed from a config class since the
+    checkpoint was written) are left out."""
+    out = []
+    for key in sorted(set(old) & set(new)):
+        if key in ignore:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += config_differences(a, b, ignore, f"{prefix}{key}.")
+        elif _plain(a) != _plain(b):
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def _plain(value):
+    """Tuples and lists compare equal (YAML gives lists, dataclasses tuples)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value

@@ -48,6 +48,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from wsss.config import config_differences
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_LAST = "checkpoint_last.pt"
@@ -462,6 +464,25 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def finished_metrics(path: str | Path, cfg: dict, inputs=None) -> dict | None:
+    """The metrics stored in a stage's final weights file (classifier.pt, segmenter.pt) when
+    it was trained with the same settings as ``cfg`` (``wsss.config.config_differences``) on the same
+    ``inputs`` (what the stage saved under that key, e.g. its masks' settings), else None.
+
+    A finished stage that runs again must leave its file untouched: later stages remember
+    which file their outputs came from and refuse to mix with a rewritten one."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # unreadable: train again and rewrite it
+        return None
+
+    same = not config_differences(old.get("cfg") or {}, cfg) and old.get("inputs") == inputs
+    return old.get("metrics") if same else None
 
 
 def load_checkpoint(path: str | Path, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,

@@ -98,6 +98,8 @@ from typing import Any
 import nbformat
 import yaml
 
+from wsss.files import write_text
+
 log = logging.getLogger("wsss.notebooks")  # not __name__: the CLI runs as __main__
 
 DEFAULT_KERNEL = "wsss"
@@ -233,7 +235,7 @@ def strip_outputs(path: str | Path) -> bool:
     clean = _stripped(nb)
     if clean == nb:
         return False
-    _atomic_write_text(path, nbformat.writes(clean).rstrip("\n") + "\n")
+    write_text(path, nbformat.writes(clean).rstrip("\n") + "\n")
     return True
 
 
@@ -459,12 +461,6 @@ def validate_all(specs: list[RunSpec]) -> None:
 # --------------------------------------------------------------------------- running
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _same_parameters(a: dict, b: dict) -> bool:
     dump = lambda d: json.dumps(d, sort_keys=True, default=str)  # noqa: E731
     return dump(a) == dump(b)
@@ -581,7 +577,7 @@ def run_one(spec: RunSpec, kernel: str = DEFAULT_KERNEL, force: bool = False) ->
         "seconds": round(seconds, 2),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    _atomic_write_text(spec.done_path, json.dumps(marker, indent=2, default=str) + "\n")
+    write_text(spec.done_path, json.dumps(marker, indent=2, default=str) + "\n")
     return _result(spec, "ok", seconds)
 
 

@@ -36,15 +36,14 @@ from pathlib import Path
 import numpy as np
 
 from wsss import config as C
+from wsss.config import MACHINERY_KEYS, config_differences  # noqa: F401  (part of report's API)
+from wsss.files import write_json  # noqa: F401  (notebooks call report.write_json)
 from wsss.paths import REPO_ROOT, runs_dir
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = REPO_ROOT / "configs"
 ABLATION_FILE = "ablation.json"
-#: ClassifierConfig / SegmenterConfig fields that do not change the trained weights
-MACHINERY_KEYS = frozenset({"data_root", "run_dir", "workers", "device", "log_every", "ckpt_every", "resume",
-                            "amp", "channels_last", "eval_batch_size"})
 #: training stage -> the file it leaves in the run directory
 TRAINED_FILES = {"classifier": "classifier.pt", "segmenter": "segmenter.pt"}
 #: files of a classifier run copied when one classifier serves several ablation runs
@@ -164,27 +163,6 @@ def _pipeline_cls():
 
 # =========================================================================== running
 
-def config_differences(old: Mapping, new: Mapping, ignore=MACHINERY_KEYS, prefix: str = "") -> list[str]:
-    """"key: old -> new" for every setting that differs (nested dicts dotted). ``ignore``d keys
-    and keys only one side records (a field added to or removed from a config class since the
-    checkpoint was written) are left out."""
-    out = []
-    for key in sorted(set(old) & set(new)):
-        if key in ignore:
-            continue
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += config_differences(a, b, ignore, f"{prefix}{key}.")
-        elif _plain(a) != _plain(b):
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
-
-
-def _plain(value):
-    """Tuples and lists compare equal (YAML gives lists, dataclasses tuples)."""
-    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-
 def trained_config(path: str | Path) -> dict:
     """The settings a checkpoint (classifier.pt / segmenter.pt) was trained with."""
     import torch
@@ -208,20 +186,19 @@ def finished_training(stage_cfgs: Mapping, run_dir: str | Path) -> list[str]:
     return done
 
 
-def run_pipeline(cfg, skip_trained: bool = True) -> dict:
-    """``wsss.stages.pipeline.run(cfg)``, except that a classifier or segmenter already
-    trained in the run directory with the same settings is kept (not resumed and rewritten,
-    which would invalidate the maps made from it). Returns the pipeline's result plus
-    ``run_dir``, ``data_root`` and ``skipped`` (the training stages left alone)."""
+def run_pipeline(cfg) -> dict:
+    """``wsss.stages.pipeline.run(cfg)`` for a notebook. It first refuses (ValueError naming
+    the differences) when the run directory holds a classifier or segmenter trained with
+    other settings, so a notebook re-run with new parameters never mixes results. A training
+    stage already finished with the same settings keeps its weights (the stage skips itself).
+    Returns the pipeline's result plus ``run_dir``, ``data_root`` and ``skipped`` (the
+    training stages that were already finished)."""
     from wsss.stages import pipeline
 
     data_root = pipeline.prepare_data(cfg)
     run_dir = pipeline.resolve_run_dir(cfg.run_dir)
-    skipped = finished_training(pipeline.stage_configs(cfg, data_root, run_dir), run_dir) if skip_trained else []
-    stages = tuple(s for s in cfg.stages if s not in skipped)
-    if skipped:
-        log.info("%s: %s already trained with these settings; not retrained", run_dir, " and ".join(skipped))
-    result = pipeline.run(dataclasses.replace(cfg, stages=stages)) if stages else {}
+    skipped = finished_training(pipeline.stage_configs(cfg, data_root, run_dir), run_dir)
+    result = pipeline.run(cfg)
     return {**result, "run_dir": str(run_dir), "data_root": str(data_root), "skipped": skipped}
 
 
@@ -636,25 +613,4 @@ def save_with_caption(fig, path: str | Path, caption: str, notebook: str, parame
     params = ", ".join(f"{k}={v!r}" for k, v in (parameters or {}).items())
     text = f"{path.name}: {caption}\nDrawn by {notebook}" + (f" with {params}" if params else "") + ".\n"
     path.with_suffix(path.suffix + ".txt").write_text(text)
-    return path
-
-
-def write_json(path: str | Path, obj) -> Path:
-    """Write ``obj`` as JSON (atomically); non-finite floats become null."""
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, Mapping):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        if isinstance(v, np.generic):
-            return clean(v.item())
-        return v
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(clean(obj), indent=2, default=str) + "\n")
-    os.replace(tmp, path)
     return path

@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from torchvision import tv_tensors
 from tqdm.auto import tqdm
 
 from wsss import config as C
+from wsss.files import write_json
 from wsss import engine as E
 from wsss.classes import IGNORE_INDEX
 from wsss.crf import CRFParams, crf_labels
@@ -377,13 +377,7 @@ def write_metrics(run_dir, results: dict) -> dict:
     """Merge ``results`` (top-level keys replaced) into RUN/metrics.json, atomically."""
     path = Path(run_dir) / METRICS_FILE
     merged = {**_read_metrics(path), **results}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(merged, indent=2, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json(path, merged)
     return merged
 
 

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from wsss import config as C
+from wsss.files import write_json
 from wsss import engine as E
 from wsss.data.pairs import partners_for_class, self_pair_views
 from wsss.data.transforms import eval_transforms
@@ -359,13 +360,6 @@ def _check_settings(out_dir: Path, settings: dict, overwrite: bool) -> None:
                          f"{path}); pass overwrite=True to recompute them, or choose another maps_dir")
 
 
-def _write_settings(out_dir: Path, settings: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{SETTINGS_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(settings, indent=2) + "\n")
-    os.replace(tmp, out_dir / SETTINGS_FILE)
-
-
 class MapInputs(Dataset):
     """Item i: the normalised image, its native size, its label ids and, when partners are
     wanted, k partner images per class drawn with ``np.random.default_rng([seed, i])``
@@ -427,7 +421,7 @@ def run(cfg: MapsConfig | dict) -> dict:
     inputs = MapInputs(base, eval_transforms(cfg.image_size), cfg.k, cfg.seed, with_partners="coatt" in kinds)
     count = len(base) if cfg.limit is None else min(len(base), max(0, cfg.limit))
     todo = [i for i in range(count) if cfg.overwrite or not maps_path(out_dir, base.names[i]).is_file()]
-    _write_settings(out_dir, settings)
+    write_json(out_dir / SETTINGS_FILE, settings)
     log.info("maps (%s) of %d %s images into %s: %d to compute, %d already there", "+".join(kinds), count,
              cfg.split, out_dir, len(todo), count - len(todo))
 

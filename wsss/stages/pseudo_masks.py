@@ -49,6 +49,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from wsss import config as C
+from wsss.files import write_json
 from wsss.classes import IGNORE_INDEX
 from wsss.crf import CRFParams
 from wsss.data.voc import IMAGE_DIR, DatasetError, VOCDataset, load_image, load_mask, save_mask
@@ -276,13 +277,6 @@ def _check_settings(out_dir: Path, settings: dict, overwrite: bool) -> None:
                          f"{path}); pass overwrite=True to recompute them, or choose another out_dir")
 
 
-def _write_settings(out_dir: Path, settings: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{SETTINGS_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(settings, indent=2) + "\n")
-    os.replace(tmp, out_dir / SETTINGS_FILE)
-
-
 # =========================================================================== stage
 
 def _results(job: _Job, names: list[str], workers: int):
@@ -353,7 +347,7 @@ def run(cfg: PseudoConfig | dict) -> dict:
                             "put one 0-255 PNG per image there (named like the image), or use bg_mode='power'")
     settings = _settings(cfg, maps_dir)
     _check_settings(out_dir, settings, cfg.overwrite)
-    _write_settings(out_dir, settings)
+    write_json(out_dir / SETTINGS_FILE, settings)
     C.save_yaml(cfg, run_dir / CONFIG_FILE.format(out_dir.name))
     stale = remove_stale_tmp(out_dir)
     if stale:

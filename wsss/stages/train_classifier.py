@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from wsss import config as C
+from wsss.files import write_json
 from wsss import engine as E
 from wsss.losses import LossConfig, loss_terms
 
@@ -131,7 +132,7 @@ HELP = {
     "log_every": "progress-bar loss update every N steps",
     "ckpt_every": "also checkpoint every N steps (0: once per epoch)",
     "max_steps": "stop after this many optimizer steps in all (the lr schedule ends there)",
-    "resume": "continue from RUN/checkpoint_last.pt when present",
+    "resume": "continue from RUN/checkpoint_last.pt when present; keep a finished classifier.pt trained with the same settings",
 }
 
 
@@ -278,6 +279,11 @@ def run(cfg: ClassifierConfig | dict) -> dict:
 
 def _run(cfg: ClassifierConfig, dist: E.DistInfo, t_start: float) -> dict:
     run_dir = Path(cfg.run_dir)
+    if cfg.resume and (done := E.finished_metrics(run_dir / CLASSIFIER_FILE, C.to_dict(cfg))) is not None:
+        if dist.is_main:
+            log.info("classifier: %s is already trained with these settings; keeping it "
+                     "(pass resume=False to train again)", run_dir / CLASSIFIER_FILE)
+        return done
     device = E.resolve_device(cfg.device, dist.local_rank)
     channels_last = E.use_channels_last(device, cfg.channels_last)
     cfg_dict = C.to_dict(cfg)
@@ -317,7 +323,7 @@ def _run(cfg: ClassifierConfig, dist: E.DistInfo, t_start: float) -> dict:
     if dist.is_main:
         E.atomic_torch_save({"model": model.state_dict(), "cfg": cfg_dict, "class_names": list(base.class_names),
                              "num_classes": base.num_classes, "metrics": metrics}, run_dir / CLASSIFIER_FILE)
-        _write_json(run_dir / METRICS_FILE, metrics)
+        write_json(run_dir / METRICS_FILE, metrics)
         log.info("classifier done: val mAP %s, %s", metrics.get("val_map"), run_dir / CLASSIFIER_FILE)
     E.barrier()
     return metrics
@@ -336,12 +342,6 @@ def _final_metrics(history: list[dict], class_names, seconds: float) -> dict:
         "seconds": seconds,
         "history": [{k: v for k, v in r.items() if k != "val/ap"} for r in history],
     }
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
 
 
 # =========================================================================== loading

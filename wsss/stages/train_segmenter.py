@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from wsss import config as C
+from wsss.files import write_json
 from wsss import engine as E
 from wsss.data.voc import VOCDataset
 from wsss.metrics import ConfusionMatrix
@@ -195,6 +196,23 @@ def _datasets(cfg: SegmenterConfig) -> tuple[PseudoMaskDataset, VOCDataset | Non
     return train, val
 
 
+def _masks_settings(cfg: SegmenterConfig) -> dict | None:
+    """What the pseudo-masks were made with (their folder's settings.json), or None."""
+    path = Path(cfg.run_dir) / cfg.masks_dir / "settings.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _state_inputs(run_dir: Path):
+    """The masks' settings recorded in the training checkpoint, or None when there is none."""
+    path = run_dir / STATE_DIR / E.CHECKPOINT_LAST
+    if not path.is_file():
+        return None
+    return (torch.load(path, map_location="cpu", weights_only=False).get("extra") or {}).get("inputs")
+
+
 def collate_list(items: list[dict]) -> list[dict]:
     """Keep a val batch as a list: VOC images differ in size (see ``same_size_groups``)."""
     return items
@@ -278,6 +296,18 @@ def run(cfg: SegmenterConfig | dict) -> dict:
 
 def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
     run_dir = Path(cfg.run_dir)
+    inputs = _masks_settings(cfg)
+    if cfg.resume and (done := E.finished_metrics(run_dir / SEGMENTER_FILE, C.to_dict(cfg), inputs)) is not None:
+        if dist.is_main:
+            log.info("segmenter: %s is already trained with these settings on these masks; keeping it "
+                     "(pass resume=False to train again)", run_dir / SEGMENTER_FILE)
+        return done
+    resume = cfg.resume
+    if resume and _state_inputs(run_dir) not in (None, inputs):
+        if dist.is_main:
+            log.warning("segmenter: the pseudo-masks changed since %s was written (their settings.json differs); "
+                        "training again from scratch", run_dir / STATE_DIR)
+        resume = False
     device = E.resolve_device(cfg.device, dist.local_rank)
     channels_last = E.use_channels_last(device, cfg.channels_last)
     cfg_dict = C.to_dict(cfg)
@@ -319,8 +349,8 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
     history = E.fit(ddp_model, optimizer, scheduler, train, step_fn, run_dir=run_dir / STATE_DIR, cfg=cfg_dict,
                     epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=device, dist=dist,
                     max_steps=cfg.max_steps, amp=cfg.amp, channels_last=channels_last, workers=cfg.workers,
-                    evaluate=evaluate, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, resume=cfg.resume,
-                    extra={"class_names": list(train.class_names)}, desc="segmenter")
+                    evaluate=evaluate, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, resume=resume,
+                    extra={"class_names": list(train.class_names), "inputs": inputs}, desc="segmenter")
     if dist.is_main and any(r.get("loss/total") == 0.0 for r in history):
         log.warning("the training loss was exactly 0 in some epoch: every pixel of its masks is 255 (ignored), "
                     "so the segmenter learned nothing there; check the masks in %s (the pseudo-mask stage "
@@ -328,8 +358,8 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
     metrics = _final_metrics(history, ["background", *train.class_names], time.perf_counter() - t_start)
     if dist.is_main:
         E.atomic_torch_save({"model": model.state_dict(), "cfg": cfg_dict, "class_names": list(train.class_names),
-                             "num_classes": train.num_classes, "metrics": metrics}, run_dir / SEGMENTER_FILE)
-        _write_json(run_dir / METRICS_FILE, metrics)
+                             "num_classes": train.num_classes, "metrics": metrics, "inputs": inputs}, run_dir / SEGMENTER_FILE)
+        write_json(run_dir / METRICS_FILE, metrics)
         log.info("segmenter done: val mIoU %s, %s", metrics.get("val_miou"), run_dir / SEGMENTER_FILE)
     E.barrier()
     return metrics
@@ -349,12 +379,6 @@ def _final_metrics(history: list[dict], names_with_bg: list[str], seconds: float
         "seconds": seconds,
         "history": [{k: v for k, v in r.items() if k != "val/iou"} for r in history],
     }
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 # =========================================================================== loading
