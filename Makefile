@@ -26,7 +26,7 @@ test: $(VENV)/.installed
 
 figures: $(VENV)/.installed
 	$(PY) -m wsss.notebooks run notebooks/experiments/ablation_demo.yaml
-	$(PY) -m wsss.notebooks run notebooks/experiments/figures.yaml
+	$(PY) -m wsss.notebooks run notebooks/experiments/figures.yaml --force
 
 lab: $(VENV)/.installed
 	$(VENV)/bin/jupyter lab notebooks/
