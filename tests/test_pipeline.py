@@ -76,3 +76,64 @@ def test_a_bad_section_is_reported_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(pipeline.C.ConfigError, match="section 'maps'.*'kk'"):
         pipeline.run({"data_root": str(tmp_path), "maps": {"kk": 3}})
     assert not (tmp_path / "runs").exists()
+
+
+def _voc_like(root):
+    """A small dataset in the VOC layout that is not the embedded benchmark: VOC's 20 classes
+    (no classes.txt), images of different sizes, 255 borders around objects, an SBD-style
+    train_aug list with greyscale masks beside the palette ones."""
+    import numpy as np
+    from PIL import Image
+
+    from wsss.data.voc import save_mask
+
+    rng = np.random.default_rng(0)
+    sizes = [(40, 48), (48, 40), (36, 52), (44, 44)]
+    names = {"train_aug": [f"2007_{i:06d}" for i in range(8)], "val": [f"2008_{i:06d}" for i in range(4)]}
+    for split, split_names in names.items():
+        for i, name in enumerate(split_names):
+            h, w = sizes[i % len(sizes)]
+            mask = np.zeros((h, w), np.uint8)
+            img = rng.integers(0, 60, (h, w, 3)).astype(np.uint8)
+            for j, cls in enumerate(rng.choice([1, 7, 15], size=1 + i % 2, replace=False)):
+                y, x = 4 + 16 * j, 6 + 4 * j
+                mask[y - 1:y + 13, x - 1:x + 25] = 255  # VOC's ignore border
+                mask[y:y + 12, x:x + 24] = cls
+                img[y:y + 12, x:x + 24] = (np.array([cls * 12, 255 - cls * 12, cls * 5]) + rng.integers(0, 20, 3))
+            Image.fromarray(img).save(_mkdir(root / "JPEGImages") / f"{name}.jpg", quality=95)
+            if split == "train_aug":
+                _mkdir(root / "SegmentationClassAug")
+                Image.fromarray(mask).save(root / "SegmentationClassAug" / f"{name}.png")
+            else:
+                save_mask(root / "SegmentationClass" / f"{name}.png", mask)
+        split_file = _mkdir(root / "ImageSets" / "Segmentation") / f"{split}.txt"
+        split_file.write_text("".join(n + "\n" for n in split_names))
+    return root
+
+
+def _mkdir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_a_voc_layout_dataset_runs_through_the_whole_pipeline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WSSS_RUNS", str(tmp_path / "runs"))
+    root = _voc_like(_mkdir(tmp_path / "VOC2012"))
+    result = pipeline.run({
+        "run_dir": "voc_like", "data_root": str(root),
+        "classifier": {"split": "train_aug", "image_size": 32, "batch_size": 2, "epochs": 2, "device": "cpu"},
+        "maps": {"split": "train_aug", "k": 1, "device": "cpu"},
+        "pseudo": {"split": "train_aug", "workers": 1},
+        "segmenter": {"split": "train_aug", "crop": 32, "batch_size": 2, "epochs": 1, "device": "cpu"},
+        "evaluate": {"maps_split": "train_aug", "pseudo_split": "train_aug", "seg_split": "val", "crf": True},
+    })
+    run_dir = tmp_path / "runs" / "voc_like"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {"maps", "pseudo", "segmenter"} <= set(metrics)
+    assert len(metrics["segmenter"]["iou"]) == 21  # VOC's 20 classes + background, named
+    assert metrics["maps"]["num_images"] == 8 and result["classifier"]["epochs"] == 2
+    # maps at each image's own size, pseudo-masks too
+    from PIL import Image
+    for name in ["2007_000000", "2007_000001"]:
+        w, h = Image.open(root / "JPEGImages" / f"{name}.jpg").size
+        assert Image.open(run_dir / "pseudo" / f"{name}.png").size == (w, h)

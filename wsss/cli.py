@@ -104,7 +104,7 @@ def _demo(args) -> None:
     result = pipeline.run(cfg)
     run_dir = Path(result["run_dir"])
     figures = draw_run_figures(run_dir, result["data_root"], Path(args.figures) if args.figures else REPO_ROOT / "figures",
-                               prefix=Path(args.config).stem)
+                               prefix=Path(args.config).stem, config=_shown(args.config))
     print()
     print(pipeline.summary_table(run_dir))
     print("\nseconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items())
@@ -113,17 +113,28 @@ def _demo(args) -> None:
     print("figures: " + ", ".join(str(f) for f in figures))
 
 
-def draw_run_figures(run_dir: Path, data_root, out_dir: Path, prefix: str = "demo", n: int = 6) -> list[Path]:
+def _shown(path) -> str:
+    """A path as the user would type it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def draw_run_figures(run_dir: Path, data_root, out_dir: Path, prefix: str = "demo", n: int = 6,
+                     config: str = "configs/demo.yaml") -> list[Path]:
     """The qualitative grid and the threshold sweep of a finished run, as PNGs in ``out_dir``."""
     from wsss import viz
     from wsss.data.voc import class_names
     from wsss.stages.evaluate import METRICS_FILE, sweep_figure
 
-    out = [viz.save_figure(viz.qualitative_grid(viz.qualitative_rows(run_dir, data_root, n=n), class_names(data_root)),
-                           out_dir / f"{prefix}_qualitative.png")]
+    source = f"`python -m wsss demo --config {config}` (wsss.cli.draw_run_figures, from {run_dir.name}/)"
+    rows = viz.qualitative_rows(run_dir, data_root, n=n)
+    out = [viz.save_figure(viz.qualitative_grid(rows, class_names(data_root)), out_dir / f"{prefix}_qualitative.png",
+                           "image, ground truth, single-image CAM, cross-image co-attention map, pseudo-mask and "
+                           "segmentation of the first training images", source)]
     metrics = json.loads((run_dir / METRICS_FILE).read_text())
     if "maps" in metrics and "sweep" in metrics["maps"]:
-        out.append(viz.save_figure(sweep_figure(metrics["maps"]["sweep"]), out_dir / f"{prefix}_threshold_sweep.png"))
+        out.append(viz.save_figure(sweep_figure(metrics["maps"]["sweep"]), out_dir / f"{prefix}_threshold_sweep.png",
+                                   "mIoU of the localization maps on train against the background threshold", source))
     return out
 
 

@@ -607,10 +607,7 @@ def pseudo_steps_figure(steps: Sequence[Mapping], class_names: Sequence[str] | N
 def save_with_caption(fig, path: str | Path, caption: str, notebook: str, parameters: Mapping | None = None) -> Path:
     """Save ``fig`` as PATH (PNG) and its caption as PATH.txt, naming the notebook and the
     parameter set that drew it (DESIGN.md: figures/ names the notebook behind each figure)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    from wsss.viz import save_figure
+
     params = ", ".join(f"{k}={v!r}" for k, v in (parameters or {}).items())
-    text = f"{path.name}: {caption}\nDrawn by {notebook}" + (f" with {params}" if params else "") + ".\n"
-    path.with_suffix(path.suffix + ".txt").write_text(text)
-    return path
+    return save_figure(fig, path, caption, notebook + (f" with {params}" if params else ""))

@@ -105,8 +105,12 @@ def qualitative_grid(rows: list[dict], class_names=None) -> Figure:
     return fig
 
 
-def save_figure(fig: Figure, path) -> Path:
+def save_figure(fig: Figure, path, caption: str | None = None, source: str | None = None) -> Path:
+    """Save ``fig`` as PATH (PNG); with a caption, also PATH.txt naming what drew it
+    (DESIGN.md: figures/ names the notebook or command behind each figure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    if caption is not None:
+        path.with_suffix(path.suffix + ".txt").write_text(f"{path.name}: {caption}\nDrawn by {source}.\n")
     return path

@@ -449,19 +449,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> EvalConfig:
     return C.from_args(EvalConfig, args, parser=parser)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """``python -m wsss.stages.evaluate --data-root D --run-dir R [...]``."""
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="wsss evaluate", description="mIoU of maps, pseudo masks and the segmenter (METHOD.md sec. 2-4)."))
-    cfg = from_args(parser.parse_args(argv), parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    results = run(cfg)
-    print(json.dumps({part: {k: v for k, v in res.items() if not k.startswith("iou")} for part, res in results.items()},
-                     indent=2))
-    return results
-
-
-if __name__ == "__main__":
-    main()

@@ -484,18 +484,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> MapsConfig:
     return C.from_args(MapsConfig, args, parser=parser)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """``python -m wsss.stages.make_maps --data-root D --run-dir R [...]``."""
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="wsss make-maps", description="Localization maps with cross-image context (METHOD.md sec. 2)."))
-    cfg = from_args(parser.parse_args(argv), parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run(cfg)
-    print(json.dumps(result, indent=2))
-    return result
-
-
-if __name__ == "__main__":
-    main()

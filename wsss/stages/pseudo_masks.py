@@ -392,18 +392,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> PseudoConfig:
     return C.from_args(PseudoConfig, args, parser=parser)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """``python -m wsss.stages.pseudo_masks --data-root D --run-dir R [...]``."""
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="wsss pseudo-masks", description="Pseudo ground-truth masks from localization maps (METHOD.md sec. 3)."))
-    cfg = from_args(parser.parse_args(argv), parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run(cfg)
-    print(json.dumps(result, indent=2))
-    return result
-
-
-if __name__ == "__main__":
-    main()

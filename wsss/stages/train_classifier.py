@@ -18,7 +18,6 @@ each process takes ``batch_size`` pairs per step (global batch N x batch_size).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -396,19 +395,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> ClassifierConfig:
     return C.from_args(ClassifierConfig, args, parser=parser)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """``python -m wsss.stages.train_classifier --data-root D --run-dir R [...]``."""
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="wsss train-classifier", description="Train the co-attention classifier (METHOD.md sec. 1)."))
-    cfg = from_args(parser.parse_args(argv), parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    metrics = run(cfg)
-    if E.is_main():
-        print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
-    return metrics
-
-
-if __name__ == "__main__":
-    main()

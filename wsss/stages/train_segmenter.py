@@ -424,19 +424,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> SegmenterConfig:
     return C.from_args(SegmenterConfig, args, parser=parser)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """``python -m wsss.stages.train_segmenter --data-root D --run-dir R [...]``."""
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="wsss train-segmenter", description="Train the segmenter on the pseudo masks (METHOD.md sec. 4)."))
-    cfg = from_args(parser.parse_args(argv), parser)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    metrics = run(cfg)
-    if E.is_main():
-        print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
-    return metrics
-
-
-if __name__ == "__main__":
-    main()
