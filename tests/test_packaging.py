@@ -1,4 +1,5 @@
-"""The two dependency lists (pyproject.toml and environment.yml) name the same packages."""
+"""Packaging: the two dependency lists (pyproject.toml and environment.yml) name the same
+packages; the method note shipped with the repo is the project's."""
 
 import re
 import tomllib
@@ -30,3 +31,13 @@ def test_required_packages_are_listed():
     names = {_name(r) for r in project["dependencies"]}
     for pkg in ["torch", "torchvision", "jupyterlab", "ipywidgets", "matplotlib", "seaborn", "papermill", "pydensecrf2"]:
         assert pkg in names, f"{pkg} missing from pyproject.toml dependencies"
+
+
+def test_method_note_is_the_projects():
+    """METHOD.md is shipped with the repo (the code cites its sections); it must stay the
+    project's text, ../shared/METHOD.md, where that folder exists (development and CI)."""
+    ours = ROOT / "METHOD.md"
+    shared = ROOT.parent / "shared" / "METHOD.md"
+    assert ours.is_file()
+    if shared.is_file():
+        assert ours.read_text() == shared.read_text(), "copy ../shared/METHOD.md over METHOD.md"
