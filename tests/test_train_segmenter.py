@@ -60,6 +60,22 @@ def finished_run(bench, tmp_path_factory):
     return run_dir, T.run(tiny_cfg(bench, run_dir))
 
 
+def test_rerun_keeps_the_segmenter_unless_its_masks_changed(bench, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    cfg = tiny_cfg(bench, run_dir, epochs=1)
+    (run_dir / T.PSEUDO_DIR / "settings.json").write_text(json.dumps({"alpha": 4.0}))
+    first = T.run(cfg)
+    path = run_dir / T.SEGMENTER_FILE
+    stamp = path.stat().st_mtime_ns
+    assert T.run(cfg) == first and path.stat().st_mtime_ns == stamp  # same settings, same masks: kept
+    (run_dir / T.PSEUDO_DIR / "settings.json").write_text(json.dumps({"alpha": 0.5}))  # masks remade
+    with caplog.at_level("WARNING"):
+        T.run(cfg)
+    assert path.stat().st_mtime_ns != stamp and "pseudo-masks changed" in caplog.text
+    assert [r["epoch"] for r in E.read_log(state_dir(run_dir))] == [1]  # trained again from scratch
+    assert torch.load(path, weights_only=False)["inputs"] == {"alpha": 0.5}
+
+
 def comparable(log):
     return [{k: v for k, v in r.items() if k not in ("seconds", "eval_seconds")} for r in log]
 
