@@ -33,7 +33,6 @@ were made the same way (``overwrite=True`` recomputes everything).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
@@ -48,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from wsss import config as C
-from wsss.files import write_json
+from wsss.files import check_settings, write_json
 from wsss import engine as E
 from wsss.data.pairs import partners_for_class, self_pair_views
 from wsss.data.transforms import eval_transforms
@@ -347,19 +346,6 @@ def _settings(cfg: MapsConfig, checkpoint: Path) -> dict:
             "classifier": {"size": st.st_size, "mtime_ns": st.st_mtime_ns}}
 
 
-def _check_settings(out_dir: Path, settings: dict, overwrite: bool) -> None:
-    """Refuse to mix maps made with different settings in one folder (unless overwriting)."""
-    path = out_dir / SETTINGS_FILE
-    if overwrite or not path.is_file():
-        return
-    old = json.loads(path.read_text())
-    if old != settings:
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        what = ", ".join("the classifier (classifier.pt was rewritten)" if k == "classifier" else k for k in changed)
-        raise ValueError(f"{out_dir} holds maps made with other settings than these ({what} differ from "
-                         f"{path}); pass overwrite=True to recompute them, or choose another maps_dir")
-
-
 class MapInputs(Dataset):
     """Item i: the normalised image, its native size, its label ids and, when partners are
     wanted, k partner images per class drawn with ``np.random.default_rng([seed, i])``
@@ -415,7 +401,8 @@ def run(cfg: MapsConfig | dict) -> dict:
     checkpoint = classifier_path(run_dir)  # raises, saying how to train or resume, when missing
     out_dir = run_dir / cfg.maps_dir
     settings = _settings(cfg, checkpoint)
-    _check_settings(out_dir, settings, cfg.overwrite)
+    check_settings(out_dir, SETTINGS_FILE, settings, cfg.overwrite, "maps", "maps_dir",
+                   {"classifier": "the classifier (classifier.pt was rewritten)"})
 
     base = VOCDataset(cfg.data_root, cfg.split, transforms=None, with_mask=False)
     inputs = MapInputs(base, eval_transforms(cfg.image_size), cfg.k, cfg.seed, with_partners="coatt" in kinds)

@@ -49,7 +49,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from wsss import config as C
-from wsss.files import write_json
+from wsss.files import check_settings, write_json
 from wsss.classes import IGNORE_INDEX
 from wsss.crf import CRFParams
 from wsss.data.voc import IMAGE_DIR, DatasetError, VOCDataset, load_image, load_mask, save_mask
@@ -265,18 +265,6 @@ def _settings(cfg: PseudoConfig, maps_dir: Path) -> dict:
             "maps": json.loads(maps_settings.read_text()) if maps_settings.is_file() else None}
 
 
-def _check_settings(out_dir: Path, settings: dict, overwrite: bool) -> None:
-    path = out_dir / SETTINGS_FILE
-    if overwrite or not path.is_file():
-        return
-    old = json.loads(path.read_text())
-    if old != settings:
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        what = ", ".join("the maps (they were recomputed)" if k == "maps" else k for k in changed)
-        raise ValueError(f"{out_dir} holds pseudo masks made with other settings than these ({what} differ from "
-                         f"{path}); pass overwrite=True to recompute them, or choose another out_dir")
-
-
 # =========================================================================== stage
 
 def _results(job: _Job, names: list[str], workers: int):
@@ -346,7 +334,8 @@ def run(cfg: PseudoConfig | dict) -> dict:
         _check_inputs_exist(saliency_dir, names, ".png", "saliency map",
                             "put one 0-255 PNG per image there (named like the image), or use bg_mode='power'")
     settings = _settings(cfg, maps_dir)
-    _check_settings(out_dir, settings, cfg.overwrite)
+    check_settings(out_dir, SETTINGS_FILE, settings, cfg.overwrite, "pseudo masks", "out_dir",
+                   {"maps": "the maps (they were recomputed)"})
     write_json(out_dir / SETTINGS_FILE, settings)
     C.save_yaml(cfg, run_dir / CONFIG_FILE.format(out_dir.name))
     stale = remove_stale_tmp(out_dir)
