@@ -44,6 +44,7 @@ from wsss import engine as E
 from wsss.data.voc import VOCDataset
 from wsss.metrics import ConfusionMatrix
 from wsss.models.segmenter import build_segmenter, predict, segmentation_loss
+from wsss.stages.pseudo_masks import PSEUDO_DIR, SETTINGS_FILE as MASKS_SETTINGS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,6 @@ METRICS_FILE = "metrics_segmenter.json"
 CONFIG_FILE = "config_segmenter.yaml"
 #: the engine's checkpoint_last.pt and log.jsonl of this stage live here, apart from the classifier's
 STATE_DIR = "segmenter_train"
-PSEUDO_DIR = "pseudo"
 
 
 @dataclass
@@ -198,7 +198,7 @@ def _datasets(cfg: SegmenterConfig) -> tuple[PseudoMaskDataset, VOCDataset | Non
 
 def _masks_settings(cfg: SegmenterConfig) -> dict | None:
     """What the pseudo-masks were made with (their folder's settings.json), or None."""
-    path = Path(cfg.run_dir) / cfg.masks_dir / "settings.json"
+    path = Path(cfg.run_dir) / cfg.masks_dir / MASKS_SETTINGS_FILE
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
