@@ -140,3 +140,63 @@ def test_config_validation_and_missing_self():
         loss_terms(out, l_m, l_n, LossConfig(), epoch=0)
     vals = log_values(loss_terms(out, l_m, l_n, LossConfig(self_pairs=False), epoch=0))
     assert all(isinstance(v, float) for v in vals.values())
+
+
+# ----------------------------------------------------------------------- the reference's loss
+
+def _soft_margin_over(rows):
+    """One multilabel_soft_margin_loss over concatenated (scores, target set) rows, written
+    out: the mean over rows of the per-row mean over classes."""
+    return sum(ref_ce(s, t) for s, t in rows) / len(rows)
+
+
+def reference_code_loss(out, l_m, l_n, epoch):
+    """The authors' training loss (Classifier/scripts/train.py:238-282), transcribed from its
+    behaviour: each basic / co-attention / self-pair term is ONE soft-margin loss over the 2B
+    concatenated samples of the pair; each contrastive side is a loss over its B samples
+    with empty targets kept as all-negative, added from epoch 2 on and only when some sample
+    of the batch has a non-empty target on that side."""
+    sm, sn = as_sets(l_m), as_sets(l_n)
+    common = [a & b for a, b in zip(sm, sn)]
+    rows = lambda scores, sets: list(zip(scores.tolist(), sets))  # noqa: E731
+    total = _soft_margin_over(rows(out["s_m"], sm) + rows(out["s_n"], sn))
+    total += _soft_margin_over(rows(out["s_co_m"], common) + rows(out["s_co_n"], common))
+    for view in out["self"].values():
+        total += _soft_margin_over(rows(view["s_m"], sm) + rows(view["s_n"], sm))
+        total += _soft_margin_over(rows(view["s_co_m"], sm) + rows(view["s_co_n"], sm))
+    if epoch >= 2:
+        diff_m, diff_n = [a - b for a, b in zip(sm, sn)], [b - a for a, b in zip(sm, sn)]
+        if any(diff_m):
+            total += _soft_margin_over(rows(out["s_con_m"], diff_m))
+        if any(diff_n):
+            total += _soft_margin_over(rows(out["s_con_n"], diff_n))
+    return total
+
+
+OFFICIAL = LossConfig(w_basic=0.5, w_coatt=0.5, empty_contrastive="negative")
+
+
+@pytest.mark.parametrize("epoch", [0, 1, 2, 5])
+@pytest.mark.parametrize("case", ["some_empty", "all_empty", "none_empty", "one_side_empty"])
+def test_official_weights_reproduce_the_reference_loss(epoch, case):
+    l_m, l_n = {
+        "some_empty": (L_M, L_N),                                          # sample 2: both sides empty
+        "all_empty": ([[1, 0, 0, 0]] * 3, [[1, 0, 0, 0]] * 3),             # l_m = l_n everywhere
+        "none_empty": ([[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 0, 0]], [[0, 0, 1, 0], [0, 0, 0, 1], [0, 0, 1, 1]]),
+        "one_side_empty": ([[1, 1, 0, 0]] * 3, [[1, 0, 0, 0]] * 3),        # l_n \ l_m empty for all
+    }[case]
+    out = fake_out(seed=epoch + 10)
+    got = loss_terms(out, torch.tensor(l_m), torch.tensor(l_n), OFFICIAL, epoch=epoch)["total"]
+    assert float(got.detach()) == pytest.approx(reference_code_loss(out, l_m, l_n, epoch), rel=1e-10)
+
+
+def test_empty_targets_negative_keeps_the_sample_and_skip_drops_it():
+    out = fake_out(seed=3)
+    l_m, l_n = torch.tensor(L_M), torch.tensor(L_N)   # sample 2 has l_m \ l_n = {}
+    neg = loss_terms(out, l_m, l_n, LossConfig(empty_contrastive="negative"), epoch=5)["contrastive"]
+    skip = loss_terms(out, l_m, l_n, LossConfig(empty_contrastive="skip"), epoch=5)["contrastive"]
+    neg.backward()
+    assert out["s_con_m"].grad[2].abs().sum() > 0            # "nothing else is here" is a signal
+    out["s_con_m"].grad = None
+    skip.backward()
+    assert torch.equal(out["s_con_m"].grad[2], torch.zeros(K, dtype=torch.float64))

@@ -31,6 +31,18 @@ K = 4
 
 @pytest.fixture(scope="module")
 def model():
+    """A non-symmetric W_P (as after training), so that the order of a pair matters."""
+    torch.manual_seed(0)
+    net = CoAttentionClassifier(K, backbone="tiny").eval()
+    with torch.no_grad():
+        net.coatt.weight.add_(0.05 * torch.randn_like(net.coatt.weight))
+    assert not torch.allclose(net.coatt.weight, net.coatt.weight.t())
+    return net
+
+
+@pytest.fixture(scope="module")
+def symmetric_model():
+    """W_P = I / sqrt(C) as initialised: (x, y) and (y, x) give the same maps."""
     torch.manual_seed(0)
     return CoAttentionClassifier(K, backbone="tiny").eval()
 
@@ -80,7 +92,7 @@ def reference_maps(model, x, classes, partners, kinds, transforms=mm.SELF_TRANSF
         if "self" in kinds:
             maps = []
             for t in transforms:
-                m = model.coatt_cam(views[t], x)[0, c - 1]
+                m = model.coatt_cam(x, views[t], side="n")[0, c - 1]  # the view's map in (x, view)
                 m = m.flip(-1) if t == "flip" else m
                 maps.append(_up(_norm(m), size))
             per_kind.append(torch.stack(maps).mean(0))
@@ -149,11 +161,76 @@ def test_k_identical_partners_equal_one_partner(model):
     assert torch.allclose(one, three, atol=1e-6)
 
 
-def test_image_as_its_own_partner_equals_the_identity_self_pair(model):
-    x = _image(1)
+def test_image_as_its_own_partner_equals_the_identity_self_pair(symmetric_model):
+    model, x = symmetric_model, _image(1)
     as_partner = mm.localization_maps(model, x, [1, 4], {1: [x.clone()], 4: [x.clone()]}, "coatt")
     identity = mm.localization_maps(model, x, [1, 4], {}, "self", self_transforms=("identity",))
     assert torch.allclose(as_partner, identity, atol=1e-6)
+
+
+@torch.no_grad()
+def test_self_pair_maps_are_the_views_map_in_the_training_pair(model):
+    """Training pairs (I_m, T(I_m)) (models/classifier.py); inference must score T(I_m) on the
+    n side of that pair. With a non-symmetric W_P the reversed pair (T(I_m), I_m) differs."""
+    x = _image(11)
+    for t, view in {"identity": x, **self_pair_views(x)}.items():
+        got = mm.localization_maps(model, x, [2], {}, "self", self_transforms=(t,))
+        n_side = model.coatt_cam(x, view, side="n")[0, 1]
+        reversed_pair = model.coatt_cam(view, x)[0, 1]
+        if t == "flip":
+            n_side, reversed_pair = n_side.flip(-1), reversed_pair.flip(-1)
+        assert torch.allclose(got[0], _norm(_up(_norm(n_side), x.shape[-2:])), atol=1e-5), t
+        assert not torch.allclose(n_side, reversed_pair, atol=1e-4), t
+
+
+def _np_normalise(a):
+    a = np.maximum(a, 0)
+    return a / (a.max() + 1e-8)
+
+
+@torch.no_grad()
+def _reference_five_maps(model, x, partners, c):
+    """Classifier/scripts/test.py written out for one class column c: five raw maps on x's
+    feature grid, then its aggregate rule (first map always, the others if sigmoid(mean) >
+    0.1, each ReLU'd and max-normalised, the sum divided by the number of maps)."""
+    views = self_pair_views(x)
+    grid = model.features([x])[0].shape[-2:]
+
+    def bicubic(m):
+        return F.interpolate(m, size=grid, mode="bicubic", align_corners=False)
+
+    raw = [model.coatt_cam(x, views["flip"])[0, c],
+           model.coatt_cam(x, views["flip"], side="n")[0, c].flip(-1),
+           bicubic(model.coatt_cam(x, views["down"], side="n"))[0, c],
+           bicubic(model.coatt_cam(x, views["up"], side="n"))[0, c],
+           torch.stack([model.coatt_cam(x, p)[0, c] for p in partners]).mean(0)]
+    raw = [m.numpy().astype(np.float64) for m in raw]
+    att = _np_normalise(raw[0].copy())
+    for m in raw[1:]:
+        if 1 / (1 + np.exp(-m.mean())) > 0.1:
+            att = att + _np_normalise(m.copy())
+    return att / len(raw)
+
+
+def test_reference_aggregate_matches_a_transcription_of_the_reference(model):
+    x = _image(12, 32, 32)
+    partners = {1: [_image(13, 32, 32), _image(14, 32, 32), _image(13, 32, 32)], 3: [_image(15, 32, 32)]}
+    got = mm.localization_maps(model, x, [1, 3], partners, aggregate="reference", out_size=(32, 32))
+    for row, c in enumerate([1, 3]):
+        att = torch.from_numpy(_reference_five_maps(model, x, partners[c], c - 1)).float()
+        want = F.interpolate(att[None, None], size=(32, 32), mode="bicubic", align_corners=False)[0, 0]
+        want = want.clamp_min(0)
+        want = (want - want.min()) / (want.max() - want.min())
+        assert torch.allclose(got[row], want, atol=1e-5)
+
+
+def test_reference_aggregate_gates_maps_by_their_mean():
+    first = torch.rand(2, 4, 4)
+    weak = torch.full((2, 4, 4), -5.0)          # sigmoid(-5) < 0.1: left out
+    weak[1] = torch.rand(4, 4)                  # row 1 passes the gate
+    got = mm.reference_aggregate([first, weak])
+    assert torch.allclose(got[0], mm.normalise_maps(first)[0] / 2)
+    assert torch.allclose(got[1], (mm.normalise_maps(first)[1] + mm.normalise_maps(weak)[1]) / 2)
 
 
 def test_combine_selects_the_kinds(positive_model):

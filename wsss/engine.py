@@ -350,15 +350,24 @@ def make_eval_loader(dataset: Dataset, batch_size: int, *, dist: DistInfo | None
 # =========================================================================== learning rate
 
 def param_groups(backbone_params: Iterable[nn.Parameter], new_params: Iterable[nn.Parameter], lr: float,
-                 weight_decay: float = 0.0, new_lr_mult: float = 10.0) -> list[dict]:
-    """Two SGD groups (METHOD.md sec 1, reference training): pretrained backbone at ``lr``,
-    new layers at ``new_lr_mult * lr``; weight decay on both. Frozen parameters are left out."""
-    groups = [
-        {"name": "backbone", "params": [p for p in backbone_params if p.requires_grad], "lr": lr,
-         "weight_decay": weight_decay},
-        {"name": "new", "params": [p for p in new_params if p.requires_grad], "lr": lr * new_lr_mult,
-         "weight_decay": weight_decay},
-    ]
+                 weight_decay: float = 0.0, new_lr_mult: float = 10.0, bias_lr_mult: float = 1.0,
+                 biases: Iterable[nn.Parameter] = ()) -> list[dict]:
+    """SGD groups (METHOD.md sec 1, reference training): pretrained backbone at ``lr``, new
+    layers at ``new_lr_mult * lr``; weight decay on all. With ``bias_lr_mult != 1`` the
+    parameters listed in ``biases`` get their own group per part at ``bias_lr_mult`` times
+    its lr (the reference: 2x, i.e. 1, 2, 10, 20 x lr, Classifier/scripts/train.py:66-70).
+    Frozen parameters are left out."""
+    groups = []
+    bias_ids = {id(p) for p in biases}
+    for name, params, mult in (("backbone", backbone_params, 1.0), ("new", new_params, new_lr_mult)):
+        params = [p for p in params if p.requires_grad]
+        if bias_lr_mult != 1.0:
+            weights = [p for p in params if id(p) not in bias_ids]
+            biases_here = [p for p in params if id(p) in bias_ids]
+            parts = [(name, weights, mult), (f"{name}_bias", biases_here, mult * bias_lr_mult)]
+        else:
+            parts = [(name, params, mult)]
+        groups += [{"name": n, "params": ps, "lr": lr * m, "weight_decay": weight_decay} for n, ps, m in parts]
     return [g for g in groups if g["params"]]
 
 

@@ -7,11 +7,22 @@ sigmoid binary cross-entropy, then the mean over the batch.
     coatt       = CE(s_co_m, l_m ∩ l_n) + CE(s_co_n, l_m ∩ l_n)
     contrastive = CE(s_con_m, l_m \\ l_n) + CE(s_con_n, l_n \\ l_m)
 
-A contrastive sample whose target set is empty carries no signal and is skipped (the
-mean runs over the samples with a non-empty target; a batch with none gives 0, still
-attached to the graph so every parameter receives a (zero) gradient, e.g. under DDP).
-The contrastive term is on from epoch ``con_warmup_epochs`` (0-based) onwards. The
-co-attention target l_m ∩ l_n is used even when empty ("nothing in common" is a signal).
+Empty contrastive targets (l_m \\ l_n = {}), by ``LossConfig.empty_contrastive``:
+
+- ``"negative"`` (the reference, Classifier/scripts/train.py:257-258 and 278-282): every
+  sample counts, an empty target is all-negative ("nothing else is here"); a side's term
+  is skipped (0) only when no sample of the batch has a non-empty target on that side;
+- ``"skip"``: the mean runs over the samples with a non-empty target only (0 if none).
+
+A skipped term is 0 still attached to the graph, so every parameter receives a (zero)
+gradient, e.g. under DDP. The contrastive term is on from epoch ``con_warmup_epochs``
+(0-based) onwards (train.py:278). The co-attention target l_m ∩ l_n is used even when
+empty ("nothing in common" is a signal).
+
+Weights: the reference's terms are each one soft-margin loss over the 2B concatenated
+samples of a pair (train.py:254-265), i.e. half of our CE(s_m) + CE(s_n), while each of
+its contrastive sides is a mean over B; ``w_basic = w_coatt = 0.5`` (``w_con = w_self = 1``)
+reproduces its total exactly (the ``official`` recipe).
 
 Self-pairs (I_m, T(I_m)) are pairs whose partner label is l_m: their basic and
 co-attention terms use target l_m on both sides (their contrastive targets are empty).
@@ -30,6 +41,7 @@ the forward pass gets a gradient (zero), which DistributedDataParallel expects.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,12 +62,18 @@ class LossConfig:
     w_con: float = 1.0
     w_self: float = 1.0
     con_warmup_epochs: int = 2
+    empty_contrastive: Literal["negative", "skip"] = "skip"
 
     def __post_init__(self) -> None:
         if not (self.basic or self.coatt or self.contrastive):
             raise ValueError("LossConfig: at least one of basic, coatt, contrastive must be on")
         if min(self.w_basic, self.w_coatt, self.w_con, self.w_self) < 0:
             raise ValueError("LossConfig: loss weights must be >= 0")
+        if self.empty_contrastive not in ("negative", "skip"):
+            raise ValueError(f"LossConfig.empty_contrastive must be 'negative' or 'skip', "
+                             f"got {self.empty_contrastive!r}")
+        if self.con_warmup_epochs < 0:
+            raise ValueError(f"LossConfig.con_warmup_epochs must be >= 0, got {self.con_warmup_epochs}")
 
 
 def multilabel_soft_margin(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -77,15 +95,26 @@ def ce_nonempty(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (per_sample * keep).sum() / keep.sum().clamp(min=1)
 
 
-def pair_terms(out: dict, l_m: torch.Tensor, l_n: torch.Tensor) -> dict[str, torch.Tensor]:
+def ce_any_nonempty(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CE over every sample (empty targets all-negative) when at least one sample of the
+    batch has a non-empty target; 0 (graph-attached) otherwise (the reference's rule)."""
+    loss = ce(scores, targets)
+    return loss if bool((targets > 0).any()) else loss * 0.0
+
+
+CONTRASTIVE_CE = {"negative": ce_any_nonempty, "skip": ce_nonempty}
+
+
+def pair_terms(out: dict, l_m: torch.Tensor, l_n: torch.Tensor,
+               empty_contrastive: str = "skip") -> dict[str, torch.Tensor]:
     """Unweighted basic / coatt / contrastive terms of one pair (METHOD.md sec. 1)."""
     l_m, l_n = (l_m > 0).float(), (l_n > 0).float()
     common = l_m * l_n
+    con = CONTRASTIVE_CE[empty_contrastive]
     return {
         "basic": ce(out["s_m"], l_m) + ce(out["s_n"], l_n),
         "coatt": ce(out["s_co_m"], common) + ce(out["s_co_n"], common),
-        "contrastive": (ce_nonempty(out["s_con_m"], l_m * (1 - l_n))
-                        + ce_nonempty(out["s_con_n"], l_n * (1 - l_m))),
+        "contrastive": con(out["s_con_m"], l_m * (1 - l_n)) + con(out["s_con_n"], l_n * (1 - l_m)),
     }
 
 
@@ -105,7 +134,7 @@ def loss_terms(out: dict, l_m: torch.Tensor, l_n: torch.Tensor, cfg: LossConfig,
     ``out`` is CoAttentionClassifier.forward's dict; l_m, l_n (B, K) multi-hot labels.
     Raises if cfg.self_pairs is on but ``out`` has no "self" entry.
     """
-    terms = pair_terms(out, l_m, l_n)
+    terms = pair_terms(out, l_m, l_n, cfg.empty_contrastive)
     con_on = cfg.contrastive and epoch >= cfg.con_warmup_epochs
     if cfg.self_pairs:
         if "self" not in out:

@@ -83,8 +83,14 @@ class PartnerIndex:
         r = int(rng.integers(self.num_images - 1))
         return r + (r >= m)
 
-    def common_partner(self, m: int, rng: np.random.Generator) -> int | None:
-        """An image n != m sharing a class with m (class first, then image); None if none."""
+    def common_partner(self, m: int, rng: np.random.Generator, include_self: bool = False) -> int | None:
+        """An image n != m sharing a class with m (class first, then image); None if none.
+        ``include_self``: the reference's draw (Classifier/utils/LoadData.py:225-226): a
+        class uniformly among all of m's, then any image holding it, m included."""
+        if include_self:
+            classes = np.flatnonzero(self.labels[m])
+            c = classes[rng.integers(classes.size)]
+            return int(self.members[c][rng.integers(self.class_counts[c])])
         classes = np.flatnonzero(self.shareable[m])
         if classes.size == 0:
             return None
@@ -135,8 +141,10 @@ def as_partner_index(labels) -> PartnerIndex:
     return index
 
 
-def sample_partner(labels, m: int, p_common: float, rng: np.random.Generator) -> int:
-    """Partner n != m for image m (METHOD.md sec 1).
+def sample_partner(labels, m: int, p_common: float, rng: np.random.Generator,
+                   include_self: bool = False) -> int:
+    """Partner n != m for image m (METHOD.md sec 1); n = m is possible for a common partner
+    with ``include_self`` (the reference's draw, ``PartnerIndex.common_partner``).
 
     With probability ``p_common`` n shares at least one label with m, otherwise n is
     uniform over the other images. When m shares no class with any other image the draw
@@ -148,18 +156,21 @@ def sample_partner(labels, m: int, p_common: float, rng: np.random.Generator) ->
     m = index.check_image(m)
     p_common = _check_p_common(p_common)
     if rng.random() < p_common:
-        n = index.common_partner(m, rng)
+        n = index.common_partner(m, rng, include_self and index.labels[m].any())
         if n is not None:
             return n
         index.record_fallback(m)
     return index.uniform_partner(m, rng)
 
 
-def partners_for_class(labels, m: int, c: int, k: int, rng: np.random.Generator) -> list[int]:
+def partners_for_class(labels, m: int, c: int, k: int, rng: np.random.Generator,
+                       replace: bool = False) -> list[int]:
     """k images other than m that contain class column c (METHOD.md sec 2).
 
     Drawn without replacement when at least k exist; with fewer, every one of them is used
     before any repeats (a shuffled list, cycled to length k); none gives ``[]``.
+    ``replace``: the reference's draw instead (Classifier/utils/LoadData.py:96): k images
+    holding c drawn with replacement, m itself included (never empty: m holds c).
     """
     index = as_partner_index(labels)
     m = operator.index(m)
@@ -170,6 +181,8 @@ def partners_for_class(labels, m: int, c: int, k: int, rng: np.random.Generator)
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
     members = index.members[c]
+    if replace and k > 0 and index.labels[m, c]:
+        return [int(n) for n in rng.choice(members, size=k, replace=True)]
     candidates = members[members != m]
     if k == 0 or candidates.size == 0:
         return []
@@ -198,7 +211,8 @@ class PairDataset(Dataset):
     count (and log their warning once) in their own copies.
     """
 
-    def __init__(self, base, p_common: float = 1.0, seed: int = 0):
+    def __init__(self, base, p_common: float = 1.0, seed: int = 0, include_self: bool = False,
+                 view_transforms: dict | None = None):
         if not hasattr(base, "labels"):
             raise TypeError(f"{type(base).__name__} has no .labels (N, K) array; PairDataset needs image-level labels")
         if operator.index(seed) < 0:
@@ -210,6 +224,10 @@ class PairDataset(Dataset):
         self.p_common = _check_p_common(p_common)
         self.seed = int(seed)
         self.epoch = 0
+        self.include_self = bool(include_self)
+        if view_transforms and not hasattr(base, "source_image"):
+            raise TypeError(f"{type(base).__name__} has no source_image(i); view_transforms need it")
+        self.view_transforms = dict(view_transforms or {})
 
     def __len__(self) -> int:
         return len(self.base)
@@ -227,14 +245,22 @@ class PairDataset(Dataset):
         if i < 0:
             i += len(self)
         i = self.index.check_image(i)
-        return sample_partner(self.index, i, self.p_common, pair_rng(self.seed, self.epoch, i))
+        return sample_partner(self.index, i, self.p_common, pair_rng(self.seed, self.epoch, i),
+                              include_self=self.include_self)
 
     def __getitem__(self, i):
+        """``{"m", "n", "partner"}``; with ``view_transforms`` (name -> transform), m also
+        carries ``"views"``: each transform applied to m's source image, not to its
+        augmented copy (the reference's self-pair views, Classifier/utils/LoadData.py:239-242)."""
         i = operator.index(i)
         if i < 0:
             i += len(self)
         n = self.partner_of(i)
-        return {"m": self.base[i], "n": self.base[n], "partner": n}
+        m = self.base[i]
+        if self.view_transforms:
+            source = self.base.source_image(i)
+            m["views"] = {name: t(source) for name, t in self.view_transforms.items()}
+        return {"m": m, "n": self.base[n], "partner": n}
 
 
 def _scaled_size(size: int, factor: float) -> int:

@@ -59,22 +59,38 @@ def _as_size(size: int | tuple[int, int]) -> list[int]:
 
 
 def train_transforms(crop: int | tuple[int, int] | None = 321, scale: tuple[float, float] | None = (0.7, 1.3),
-                     flip: bool = True, jitter: float = 0.3) -> v2.Compose:
+                     flip: bool = True, jitter: float = 0.3, hue: float = 0.0,
+                     squash: int | tuple[int, int] | None = None) -> v2.Compose:
     """Random scale, random crop (padded: image 0, mask 255), flip, colour jitter, normalise.
 
     ``crop=None`` keeps the scaled size; ``scale=None``, ``flip=False`` or ``jitter=0``
-    switch the corresponding step off.
+    switch the corresponding step off. ``hue``: the jitter's hue range (0 = none).
+    ``squash``: first resize to this size, aspect ratio not kept (the reference's training
+    input, Classifier/utils/LoadData.py:149-151 with its Resize to (size, size)).
     """
     steps: list[v2.Transform] = []
+    if squash is not None:
+        steps.append(v2.Resize(_as_size(squash), antialias=True))
     if scale is not None:
         steps.append(RandomScale(scale))
     if crop is not None:
         steps.append(v2.RandomCrop(_as_size(crop), pad_if_needed=True, fill=PAD_FILL))
     if flip:
         steps.append(v2.RandomHorizontalFlip(0.5))
-    if jitter:
-        steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
+    if jitter or hue:
+        steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=hue))
     return v2.Compose(steps + _to_normalized_float())
+
+
+def source_view_transforms(size: int, down: float = 0.75, up: float = 2.0) -> dict[str, v2.Compose]:
+    """The reference's self-pair views, made from the stored image (no jitter): flip of the
+    image squashed to size x size, and the image squashed to down x and up x that size
+    (Classifier/utils/LoadData.py:161-173). Keys match ``wsss.data.pairs.self_pair_views``."""
+    def squash(s: int, flip: bool = False) -> v2.Compose:
+        return v2.Compose([v2.Resize([s, s], antialias=True)] + ([v2.RandomHorizontalFlip(1.0)] if flip else [])
+                          + _to_normalized_float())
+    return {"flip": squash(size, flip=True), "down": squash(max(1, int(size * down + 0.5))),
+            "up": squash(max(1, int(size * up + 0.5)))}
 
 
 def eval_transforms(size: int | tuple[int, int] | None = None) -> v2.Compose:

@@ -381,10 +381,14 @@ class VOCDataset(Dataset):
         """SegmentationClassAug when the split is train_aug, else SegmentationClass."""
         return mask_dir(self.root, self.split) / f"{name}.png"
 
+    def source_image(self, index: int) -> tv_tensors.Image:
+        """Image ``index`` as stored (uint8 (3, H, W)), before ``transforms``."""
+        return tv_tensors.Image(torch.from_numpy(load_image(self.image_path(self.names[index]))).permute(2, 0, 1))
+
     def __getitem__(self, index: int) -> dict:
         name = self.names[index]
         path = self.image_path(name)
-        image = tv_tensors.Image(torch.from_numpy(load_image(path)).permute(2, 0, 1))
+        image = self.source_image(index)
         item = {"name": name, "index": index,
                 "label": torch.from_numpy(self.labels[index].astype(np.float32))}
         if self.with_mask:

@@ -212,9 +212,11 @@ def _vgg16_features() -> nn.Sequential:
 class VGG16Backbone(Backbone):
     """torchvision VGG16 ``features`` as in the reference (DeepLab-LargeFOV style).
 
-    pool1-3 keep stride 2; for output stride 8, pool4 and pool5 become 3x3 stride-1 max
-    pools and conv5_1-3 are dilated 2; for output stride 16 only pool5 has stride 1.
-    On top: three new 3x3 conv layers, 512 channels, ReLU (``extra``, 10x lr).
+    pool1-3 keep stride 2; for output stride 8, pool4 becomes a 3x3 stride-1 max pool and
+    conv5_1-3 are dilated 2; for output stride 16 pool4 keeps stride 2. pool5 is removed,
+    as in the reference's cfg 'D1' (Classifier/models/vgg.py:129). On top: three new 3x3
+    conv layers, 512 channels, ReLU (``extra``, new-layer lr), initialised like the
+    reference's (vgg.py:90-96: N(0, sqrt(2 / (9 * 512))), zero bias).
     Keys of ``features`` are those of torchvision's vgg16, so its checkpoint loads as is.
     """
 
@@ -228,7 +230,7 @@ class VGG16Backbone(Backbone):
             features[self.POOL4] = nn.MaxPool2d(3, stride=1, padding=1)
             for i in self.CONV5:
                 features[i].dilation, features[i].padding = (2, 2), (2, 2)
-        features[self.POOL5] = nn.MaxPool2d(3, stride=1, padding=1)
+        features[self.POOL5] = nn.Identity()
         self.features = features
         layers = []
         for _ in range(3):

@@ -2,11 +2,20 @@
 
 For a pair (I_m, I_n) with backbone features F_m, F_n:
 
-- basic branch: S = phi_0(F) (1x1 conv to K, no bias), s = GAP(S);
+- basic branch: S = phi_0(F) (1x1 conv to K), s = GAP(S);
 - co-attention: F_m^{m∩n}, F_n^{m∩n} = co_attention(F_m, F_n, W_P), S_co = phi(F^{m∩n})
   (phi: its own 1x1 conv to K, no bias), s_co = GAP(S_co);
-- contrastive co-attention: B = sigmoid(W_B F^{m∩n}) (1x1 conv to 1 channel, with bias),
+- contrastive co-attention: B = sigmoid(W_B F^{m∩n}) (1x1 conv to 1 channel),
   S_con = phi(F ⊙ (1 - B)), s_con = GAP(S_con).
+
+``heads`` chooses biases and initialisation of the new layers (METHOD.md, "Recipes"):
+
+- ``"ours"``: phi_0 without bias, W_B with a bias (0), phi_0 / phi / W_B ~ N(0, 0.01),
+  W_P = I / sqrt(C);
+- ``"reference"`` (the authors' code, Classifier/models/vgg.py): phi_0 with a bias (0) and
+  weights ~ N(0, sqrt(2 / K)) (vgg.py:90-96, n = k*k*out_channels), phi and W_B without
+  bias (vgg.py:140-141), phi, W_B and W_P (an ``nn.Linear``, vgg.py:137) with PyTorch's
+  default initialisation (their custom init is commented out, vgg.py:142-151).
 
 Self-pairs pair I_m with its flip, 0.75x and 2x copies (``wsss.data.pairs.self_pair_views``).
 With ``shared=True`` I_m's backbone pass is computed once and reused by the main pair and
@@ -17,6 +26,8 @@ reference does. The two agree exactly because no backbone couples samples of a b
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -25,6 +36,7 @@ from wsss.models.backbones import build_backbone
 from wsss.models.coattention import LearnableCoAttention
 
 SELF_PAIRS = ("flip", "down", "up")
+HEADS = ("ours", "reference")
 
 
 def gap(maps: torch.Tensor) -> torch.Tensor:
@@ -36,18 +48,28 @@ class CoAttentionClassifier(nn.Module):
     """Shared backbone + basic head phi_0 + co-attention (W_P) + class-aware head phi + gate W_B."""
 
     def __init__(self, num_classes: int, backbone: str = "tiny", pretrained: str | None = None,
-                 output_stride: int = 8, coatt_impl: str = "fused") -> None:
+                 output_stride: int = 8, coatt_impl: str = "fused", heads: str = "ours") -> None:
         super().__init__()
+        if heads not in HEADS:
+            raise ValueError(f"unknown heads {heads!r}; choose one of {HEADS}")
         self.num_classes = num_classes
         self.backbone = build_backbone(backbone, pretrained=pretrained, output_stride=output_stride)
         c = self.backbone.out_channels
-        self.phi0 = nn.Conv2d(c, num_classes, 1, bias=False)   # basic head phi_0
+        ref = heads == "reference"
+        self.phi0 = nn.Conv2d(c, num_classes, 1, bias=ref)     # basic head phi_0
         self.coatt = LearnableCoAttention(c, impl=coatt_impl)   # W_P
         self.phi = nn.Conv2d(c, num_classes, 1, bias=False)    # class-aware head phi
-        self.gate = nn.Conv2d(c, 1, 1, bias=True)               # class-agnostic W_B
-        for conv in (self.phi0, self.phi, self.gate):
-            nn.init.normal_(conv.weight, std=0.01)
-        nn.init.zeros_(self.gate.bias)
+        self.gate = nn.Conv2d(c, 1, 1, bias=not ref)            # class-agnostic W_B
+        if ref:
+            nn.init.normal_(self.phi0.weight, std=math.sqrt(2.0 / num_classes))
+            nn.init.zeros_(self.phi0.bias)
+            # nn.Linear's default init of the reference's W_P: U(-1/sqrt(C), 1/sqrt(C))
+            bound = 1.0 / math.sqrt(c)
+            nn.init.uniform_(self.coatt.weight, -bound, bound)
+        else:
+            for conv in (self.phi0, self.phi, self.gate):
+                nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(self.gate.bias)
 
     # ------------------------------------------------------------------ pieces
     def features(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -80,14 +102,16 @@ class CoAttentionClassifier(nn.Module):
 
     # ------------------------------------------------------------------ training
     def forward(self, x_m: torch.Tensor, x_n: torch.Tensor, self_pairs: bool = True,
-                shared: bool = True) -> dict:
+                shared: bool = True, views: dict[str, torch.Tensor] | None = None) -> dict:
         """Scores and maps of the pair (x_m, x_n) and, if ``self_pairs``, of (x_m, T(x_m))
         for T in flip / down (0.75x) / up (2x), under out["self"][T] (m side = x_m).
+        ``views``: the transformed copies T(x_m) themselves (e.g. made from the source
+        image, ``wsss.data.transforms.source_view_transforms``); default: made from x_m.
 
         Keys per pair: S_m, S_n (B, K, h, w) basic maps, s_m, s_n (B, K) scores; S_co_*,
         s_co_* co-attention; B_m, B_n (B, 1, h, w) gates; S_con_*, s_con_* contrastive.
         """
-        views = self_pair_views(x_m) if self_pairs else {}
+        views = (views if views is not None else self_pair_views(x_m)) if self_pairs else {}
         if shared:
             f_m, f_n, *f_views = self.features([x_m, x_n, *views.values()])
             basic_m = self._basic(f_m)
@@ -126,12 +150,15 @@ class CoAttentionClassifier(nn.Module):
             return f_m.expand(x_n.shape[0], *f_m.shape[1:]), f_n
         return tuple(self.features([x_m, x_n]))
 
-    def coatt_cam(self, x_m: torch.Tensor, x_n: torch.Tensor) -> torch.Tensor:
+    def coatt_cam(self, x_m: torch.Tensor, x_n: torch.Tensor, side: str = "m") -> torch.Tensor:
         """Co-attention class map S_m^{m∩n} = phi(F_m^{m∩n}) (B, K, h, w) of x_m with partner
-        x_n (METHOD.md sec. 2). x_m may be a single image to pair with a batch of partners."""
+        x_n (METHOD.md sec. 2). x_m may be a single image to pair with a batch of partners.
+        ``side="n"``: the partner's map S_n^{m∩n} = phi(F_n^{m∩n}) in the same pair."""
+        if side not in ("m", "n"):
+            raise ValueError(f"side must be 'm' or 'n', got {side!r}")
         f_m, f_n = self._pair_features(x_m, x_n)
-        co_m, _ = self.coatt(f_m, f_n)
-        return self.phi(co_m)
+        co_m, co_n = self.coatt(f_m, f_n)
+        return self.phi(co_m if side == "m" else co_n)
 
     def attention(self, x_m: torch.Tensor, x_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention maps (A_mn (B, HWm, HWn) softmax over n, A_nm (B, HWn, HWm) softmax over m),

@@ -6,12 +6,14 @@ of class maps, chosen by ``combine``:
 - ``"cam"``: the single-image basic map S_m[c] = phi_0(F_m)[c] (plain CAM);
 - ``"coatt"``: the cross-image map S_m^{m∩n}[c], one per partner n among k images that
   also contain c (reference: k = 3), averaged over the partners;
-- ``"self"``: co-attention maps of self-pairs: the transformed image T(I_m) paired with
-  I_m for T in identity / flip / 0.75x / 2x (as in training, ``wsss.data.pairs.
-  self_pair_views``); the map of T(I_m) is taken back to I_m's frame (the flipped map
-  is flipped back, every map is resized to one size).
+- ``"self"``: co-attention maps of self-pairs: I_m paired with its transformed copy
+  T(I_m) for T in identity / flip / 0.75x / 2x, ordered as in training, (I_m, T(I_m))
+  (``wsss.data.pairs.self_pair_views``); the map is T(I_m)'s, the n side of the pair
+  (Classifier/scripts/test.py:153-196), taken back to I_m's frame (the flipped map is
+  flipped back, every map is resized to one size). The order matters: with a learned,
+  non-symmetric W_P, the pair (T(I_m), I_m) would score T(I_m) through W_P^T.
 
-Every single map is rectified (ReLU) and divided by its maximum *before* averaging
+``aggregate="mean"`` (ours): every single map is rectified (ReLU) and divided by its maximum *before* averaging
 (an all-zero map stays zero), then resized to the image (bilinear). A kind's maps are
 averaged first (over partners, self-pair transforms and ``scales``), then the kinds are
 averaged with equal weight, and the result is divided by its maximum once more, so that
@@ -39,6 +41,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -57,6 +60,7 @@ from wsss.stages.train_classifier import classifier_path, load_classifier
 log = logging.getLogger(__name__)
 
 KINDS = ("cam", "coatt", "self")
+AGGREGATES = ("mean", "reference")
 SELF_TRANSFORMS = ("identity", "flip", "down", "up")
 MAPS_DIR = "maps"
 SETTINGS_FILE = "settings.json"
@@ -175,10 +179,58 @@ def _check_model(model) -> None:
                         f"wsss.models.CoAttentionClassifier (unwrap DDP/compiled models first)")
 
 
-def coatt_map(model, f_m: torch.Tensor, f_n: torch.Tensor) -> torch.Tensor:
+def coatt_map(model, f_m: torch.Tensor, f_n: torch.Tensor, side: str = "m") -> torch.Tensor:
     """S_m^{m∩n} = phi(F_m^{m∩n}) (B, K, h, w) from backbone features: what
-    ``model.coatt_cam(x_m, x_n)`` computes, with the features computed once by the caller."""
-    return model.phi(model.coatt(f_m, f_n)[0])
+    ``model.coatt_cam(x_m, x_n)`` computes, with the features computed once by the caller.
+    ``side="n"``: the partner's map S_n^{m∩n} = phi(F_n^{m∩n}) instead (on f_n's grid)."""
+    co_m, co_n = model.coatt(f_m, f_n)
+    return model.phi(co_m if side == "m" else co_n)
+
+
+def reference_aggregate(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The reference's combination of raw maps (each (n, h, w), one row per class;
+    Classifier/scripts/test.py:71-83): the first map rectified and divided by its maximum;
+    each other map added, rectified and normalised, only where the sigmoid of its raw mean
+    exceeds 0.1 (decided per class row); the sum divided by len(maps)."""
+    total = normalise_maps(maps[0])
+    for raw in maps[1:]:
+        keep = torch.sigmoid(raw.float().mean(dim=(-2, -1))) > 0.1
+        total = total + normalise_maps(raw) * keep[:, None, None]
+    return total / len(maps)
+
+
+def _minmax(maps: torch.Tensor) -> torch.Tensor:
+    lo = maps.amin(dim=(-2, -1), keepdim=True)
+    span = maps.amax(dim=(-2, -1), keepdim=True) - lo
+    return (maps - lo) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+def _reference_maps(model, x: torch.Tensor, channels: torch.Tensor, unique: dict, size, batch: int) -> torch.Tensor:
+    """``aggregate="reference"`` (module docstring): (len(channels), *size) in [0, 1]."""
+    views = self_pair_views(x)
+    partners = list(unique.values())
+    f_x, f_flip, f_down, f_up, *f_partners = _features(
+        model, [x, views["flip"], views["down"], views["up"]] + [p for p, _ in partners], batch)
+    grid = f_x.shape[-2:]
+
+    def bicubic(m):
+        return F.interpolate(m, size=grid, mode="bicubic", align_corners=False)
+
+    maps = [coatt_map(model, f_x, f_flip)[0, channels],
+            coatt_map(model, f_x, f_flip, "n").flip(-1)[0, channels],
+            bicubic(coatt_map(model, f_x, f_down, "n"))[0, channels],
+            bicubic(coatt_map(model, f_x, f_up, "n"))[0, channels]]
+    n = len(channels)
+    sums, counts = torch.zeros(n, *grid, device=x.device), torch.zeros(n, device=x.device)
+    for f_n, (_, rows) in zip(f_partners, partners):
+        rows = torch.tensor(rows, device=x.device)
+        sums.index_add_(0, rows, coatt_map(model, f_x, f_n)[0, channels[rows]].float())
+        counts.index_add_(0, rows, torch.ones(len(rows), device=x.device))
+    if bool((counts > 0).all()):
+        maps.append(sums / counts.view(-1, 1, 1))
+    combined = reference_aggregate(maps)
+    out = F.interpolate(combined[None], size=size, mode="bicubic", align_corners=False)[0]
+    return _minmax(out.clamp_min(0))
 
 
 def _features(model, images: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
@@ -195,7 +247,8 @@ def localization_maps(model, image: torch.Tensor, classes: Sequence[int],
                       partner_images: Mapping[int, Sequence[torch.Tensor]] | None = None,
                       combine: str | Sequence[str] = KINDS, scales: Sequence[float] = (1.0,), *,
                       out_size: tuple[int, int] | None = None,
-                      self_transforms: Sequence[str] = SELF_TRANSFORMS, batch: int = 8) -> torch.Tensor:
+                      self_transforms: Sequence[str] = SELF_TRANSFORMS, batch: int = 8,
+                      aggregate: str = "mean") -> torch.Tensor:
     """Localization maps (len(classes), H, W) float32 in [0, 1] of one image (METHOD.md sec. 2).
 
     ``model``: a CoAttentionClassifier in eval mode. ``image``: the normalised image
@@ -208,8 +261,11 @@ def localization_maps(model, image: torch.Tensor, classes: Sequence[int],
     default the image's size. ``batch``: images per backbone call. Each backbone pass is
     computed once and shared by every map that needs it: the maps equal those of
     ``model.cam`` and ``model.coatt_cam`` (tests/test_make_maps.py checks this). The result
-    lives on the image's device.
+    lives on the image's device. ``aggregate``: "mean" or "reference" (module docstring;
+    "reference" ignores ``combine``, ``scales`` and ``self_transforms``).
     """
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate={aggregate!r}: choose one of {AGGREGATES}")
     kinds = parse_combine(combine)
     transforms = _check_self_transforms(self_transforms)
     _check_model(model)
@@ -235,10 +291,12 @@ def localization_maps(model, image: torch.Tensor, classes: Sequence[int],
     # unique partner tensors, and which class rows use each
     partner_images = partner_images or {}
     unique: dict[int, tuple[torch.Tensor, list[int]]] = {}
-    if "coatt" in kinds:
+    if "coatt" in kinds or aggregate == "reference":
         for row, c in enumerate(classes):
             for p in partner_images.get(c, ()):
                 unique.setdefault(id(p), (_as_batch(p, device), []))[1].append(row)
+    if aggregate == "reference":
+        return _reference_maps(model, x0, channels, unique, size, batch).to(out_device)
     has_partner = {row for _, rows in unique.values() for row in rows}
     fallback = "self" if kinds == ("coatt",) and len(has_partner) < len(classes) else None
     use_self = "self" in kinds or fallback is not None
@@ -255,8 +313,8 @@ def localization_maps(model, image: torch.Tensor, classes: Sequence[int],
         if "cam" in kinds:
             acc.add("cam", all_rows, model.phi0(f_x)[0, channels])
         if use_self:
-            for t in transforms:  # the map of T(x) paired with x, back in x's frame
-                maps = coatt_map(model, f_views.get(t, f_x), f_x)[0, channels]
+            for t in transforms:  # T(x)'s map in the training pair (x, T(x)), back in x's frame
+                maps = coatt_map(model, f_x, f_views.get(t, f_x), "n")[0, channels]
                 acc.add("self", all_rows, maps.flip(-1) if t == "flip" else maps)
         for f_n, (_, rows) in zip(f_partners, partners):
             maps = coatt_map(model, f_x, f_n)[0]
@@ -318,6 +376,9 @@ class MapsConfig:
     ``amp``: bf16 autocast on CUDA. ``workers``: DataLoader processes that load each image
     and its partners. ``limit``: only the first ``limit`` images of the split (a quick look).
     ``seed``: partners of image i are drawn with ``np.random.default_rng([seed, i])``.
+    ``aggregate``: "mean" (ours) or "reference" (the authors' five-map rule, module
+    docstring). ``partners``: "distinct" (k other images, without replacement) or
+    "replace" (the reference: k draws with replacement, I_m itself included).
     """
 
     data_root: str
@@ -327,6 +388,8 @@ class MapsConfig:
     combine: tuple[str, ...] = KINDS
     scales: tuple[float, ...] = (1.0,)
     self_transforms: tuple[str, ...] = SELF_TRANSFORMS
+    aggregate: Literal["mean", "reference"] = "mean"
+    partners: Literal["distinct", "replace"] = "distinct"
     image_size: int | None = None
     seed: int = 0
     device: str = "auto"
@@ -343,6 +406,7 @@ def _settings(cfg: MapsConfig, checkpoint: Path) -> dict:
     st = checkpoint.stat()
     return {"combine": list(parse_combine(cfg.combine)), "k": cfg.k, "scales": [float(s) for s in cfg.scales],
             "self_transforms": list(cfg.self_transforms), "image_size": cfg.image_size, "seed": cfg.seed,
+            "aggregate": cfg.aggregate, "partners": cfg.partners,
             "classifier": {"size": st.st_size, "mtime_ns": st.st_mtime_ns}}
 
 
@@ -351,8 +415,8 @@ class MapInputs(Dataset):
     wanted, k partner images per class drawn with ``np.random.default_rng([seed, i])``
     (the same draw with any number of workers)."""
 
-    def __init__(self, base, transform, k: int, seed: int, with_partners: bool):
-        self.base, self.transform, self.k, self.seed = base, transform, k, seed
+    def __init__(self, base, transform, k: int, seed: int, with_partners: bool, replace: bool = False):
+        self.base, self.transform, self.k, self.seed, self.replace = base, transform, k, seed, replace
         self.with_partners = with_partners
         self.labels = np.asarray(base.labels)
 
@@ -371,7 +435,7 @@ class MapInputs(Dataset):
             rng = np.random.default_rng([self.seed, i])
             loaded: dict[int, torch.Tensor] = {}
             for c in classes:
-                ids = partners_for_class(self.labels, i, c - 1, self.k, rng)
+                ids = partners_for_class(self.labels, i, c - 1, self.k, rng, replace=self.replace)
                 if not ids:
                     lonely.append(c)
                 partners[c] = [loaded[j] if j in loaded else loaded.setdefault(j, self._image(j)) for j in ids]
@@ -395,8 +459,11 @@ def run(cfg: MapsConfig | dict) -> dict:
         cfg = C.from_dict(MapsConfig, cfg)
     kinds = parse_combine(cfg.combine)
     _check_self_transforms(cfg.self_transforms)
-    if cfg.k < 1 and "coatt" in kinds:
+    if cfg.k < 1 and ("coatt" in kinds or cfg.aggregate == "reference"):
         raise ValueError(f"k={cfg.k}: cross-image maps need at least one partner per class (k >= 1)")
+    if cfg.aggregate == "reference" and tuple(cfg.scales) != (1.0,):
+        raise ValueError(f"scales={list(cfg.scales)}: aggregate=reference uses one scale, as the reference does; "
+                         f"set scales: [1.0] or aggregate: mean")
     run_dir = Path(cfg.run_dir)
     checkpoint = classifier_path(run_dir)  # raises, saying how to train or resume, when missing
     out_dir = run_dir / cfg.maps_dir
@@ -405,7 +472,9 @@ def run(cfg: MapsConfig | dict) -> dict:
                    {"classifier": "the classifier (classifier.pt was rewritten)"})
 
     base = VOCDataset(cfg.data_root, cfg.split, transforms=None, with_mask=False)
-    inputs = MapInputs(base, eval_transforms(cfg.image_size), cfg.k, cfg.seed, with_partners="coatt" in kinds)
+    inputs = MapInputs(base, eval_transforms(cfg.image_size), cfg.k, cfg.seed,
+                       with_partners="coatt" in kinds or cfg.aggregate == "reference",
+                       replace=cfg.partners == "replace")
     count = len(base) if cfg.limit is None else min(len(base), max(0, cfg.limit))
     todo = [i for i in range(count) if cfg.overwrite or not maps_path(out_dir, base.names[i]).is_file()]
     write_json(out_dir / SETTINGS_FILE, settings)
@@ -430,7 +499,7 @@ def run(cfg: MapsConfig | dict) -> dict:
         with E.autocast(device, cfg.amp):
             maps = localization_maps(model, item["image"][None], item["classes"], item["partners"], kinds,
                                      cfg.scales, out_size=item["size"], self_transforms=cfg.self_transforms,
-                                     batch=cfg.batch)
+                                     batch=cfg.batch, aggregate=cfg.aggregate)
         save_maps(maps_path(out_dir, item["name"]), maps.cpu().numpy(), item["classes"])
     seconds = time.perf_counter() - t0
     result = {"num_images": len(todo), "num_skipped": count - len(todo), "num_no_partner": lonely,
@@ -450,6 +519,8 @@ HELP = {
     "combine": "kinds of map averaged: cam (single image), coatt (cross-image), self (self-pairs)",
     "scales": "inference scales (each rescales the image and its partners)",
     "self_transforms": "self-pair transforms: identity flip down up",
+    "aggregate": "mean: normalised maps averaged per kind (ours); reference: the authors' five-map rule",
+    "partners": "distinct: k other images per class; replace: k draws with replacement, the image included (reference)",
     "image_size": "resize images to this square size for the network (none: native); maps keep the native size",
     "seed": "seed of the partner draws (one generator per image)",
     "device": "auto | cpu | cuda[:i]",

@@ -7,6 +7,7 @@ pipeline picks up where it stopped (every stage skips or resumes finished work).
 YAML layout (every section optional; keys are the fields of that stage's config)::
 
     run_dir: runs/demo              # absolute, or relative to the runs folder (wsss.paths.runs_dir)
+    recipe: null                    # a recipe under configs/recipes/ (official) or a YAML path
     data_root: null                 # a VOC-layout dataset; null = the embedded benchmark below
     benchmark: demo                 # smoke | demo | full: generated on first use
     seed: 0
@@ -17,8 +18,10 @@ YAML layout (every section optional; keys are the fields of that stage's config)
     segmenter: {model: tiny}                         # wsss.stages.train_segmenter.SegmenterConfig
     evaluate: {crf: true}                            # wsss.stages.evaluate.EvalConfig
 
-``data_root``, ``run_dir`` and ``seed`` are filled into every stage. The merged settings are
-saved as RUN/config.yaml.
+``data_root``, ``run_dir`` and ``seed`` are filled into every stage. A ``recipe`` is a YAML
+file of stage sections (configs/recipes/official.yaml: the authors' code item by item);
+its sections lie under the pipeline's own, key by key (nested mappings merged), so a
+section's own keys win. The merged settings are saved as RUN/config.yaml.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from pathlib import Path
 from typing import Literal
 
 from wsss import config as C
-from wsss.paths import benchmark_root, runs_dir
+from wsss.paths import REPO_ROOT, benchmark_root, runs_dir
 from wsss.stages import evaluate, make_maps, pseudo_masks, train_classifier, train_segmenter
 
 log = logging.getLogger(__name__)
@@ -46,11 +49,13 @@ STAGES = {
     "evaluate": (evaluate, evaluate.EvalConfig),
 }
 SEEDED = {"classifier", "maps", "segmenter"}
+RECIPES_DIR = REPO_ROOT / "configs" / "recipes"
 
 
 @dataclass
 class PipelineConfig:
     run_dir: str = "demo"
+    recipe: str | None = None
     data_root: str | None = None
     benchmark: Literal["smoke", "demo", "full"] = "demo"
     seed: int = 0
@@ -67,15 +72,44 @@ def resolve_run_dir(run_dir: str | Path) -> Path:
     return path if path.is_absolute() else runs_dir() / path
 
 
+def load_recipe(recipe: str | None) -> dict:
+    """{stage: overrides} of a recipe: a name under configs/recipes/ or a YAML file's path."""
+    if not recipe:
+        return {}
+    path = Path(recipe).expanduser()
+    if not path.suffix:
+        path = RECIPES_DIR / f"{recipe}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        raise C.ConfigError(f"recipe {recipe!r}: no file {path}; choose one of {known} or give a YAML path")
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    unknown = sorted(set(data) - set(STAGES)) if isinstance(data, dict) else ["<not a mapping>"]
+    if unknown:
+        raise C.ConfigError(f"recipe {path}: unknown section(s) {unknown}; sections are {list(STAGES)}")
+    return data
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def stage_configs(cfg: PipelineConfig, data_root: Path, run_dir: Path) -> dict:
-    """Each chosen stage's config object, built from its section plus the shared fields."""
+    """Each chosen stage's config object, built from the recipe's section, its own section
+    on top, plus the shared fields."""
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise C.ConfigError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    recipe = load_recipe(cfg.recipe)
     out = {}
     for name in cfg.stages:
         _, cls = STAGES[name]
-        section = dict(getattr(cfg, name) or {})
+        section = _merge(recipe.get(name) or {}, dict(getattr(cfg, name) or {}))
         shared = {"data_root": str(data_root), "run_dir": str(run_dir)}
         if name in SEEDED:
             shared["seed"] = cfg.seed
@@ -146,6 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     C.add_config_argument(parser)
     C.add_arguments(parser, PipelineConfig, help_texts={
         "run_dir": "run directory (relative paths go under runs/)",
+        "recipe": "stage overrides from configs/recipes/NAME.yaml (official: the authors' code) or a YAML path",
         "data_root": "VOC-layout dataset; leave unset to use the embedded benchmark",
         "benchmark": "size of the embedded benchmark used when --data-root is unset",
         "seed": "seed for every stage",

@@ -56,12 +56,17 @@ class ClassifierConfig:
     pretrained: str | None = None
     output_stride: int = 8
     coatt_impl: Literal["fused", "explicit"] = "fused"
+    heads: Literal["ours", "reference"] = "ours"
     # data
     image_size: int = 96
+    augment: Literal["crop", "squash"] = "crop"
     scale: tuple[float, ...] = (0.7, 1.3)
     flip: bool = True
     jitter: float = 0.3
+    hue: float = 0.0
+    self_views: Literal["batch", "source"] = "batch"
     p_common: float = 1.0
+    partner_self: bool = False
     batch_size: int = 8
     eval_batch_size: int = 32
     # optimisation
@@ -69,6 +74,7 @@ class ClassifierConfig:
     epochs: int = 10
     lr: float = 0.015
     new_lr_mult: float = 10.0
+    bias_lr_mult: float = 1.0
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
@@ -102,17 +108,23 @@ HELP = {
     "pretrained": "backbone weights: a local file or 'hub' (torch hub cache); none = from scratch",
     "output_stride": "backbone output stride (8 or 16)",
     "coatt_impl": "co-attention implementation (fused never materialises HW x HW)",
-    "image_size": "training crop and val resize, pixels",
-    "scale": "random rescale range (low high)",
+    "heads": "biases and init of phi_0, phi, W_B, W_P: ours or reference (models/classifier.py)",
+    "image_size": "training crop (or squash size) and val resize, pixels",
+    "augment": "crop: random scale + crop; squash: resize to image_size x image_size (reference)",
+    "scale": "random rescale range (low high), augment=crop only",
     "flip": "random horizontal flips",
     "jitter": "colour jitter strength (0 = off)",
+    "hue": "colour jitter hue range (0 = off; reference 0.1)",
+    "self_views": "self-pair copies made from the augmented batch, or from the stored image (reference)",
     "p_common": "probability that a partner shares a label with I_m",
+    "partner_self": "a common partner may be I_m itself (reference)",
     "batch_size": "pairs per step per process",
     "eval_batch_size": "images per val batch",
     "optimizer": "sgd (reference: momentum, nesterov) or adamw",
     "epochs": "training epochs",
     "lr": "base learning rate (backbone body)",
     "new_lr_mult": "learning-rate multiplier of the new layers",
+    "bias_lr_mult": "extra learning-rate multiplier of biases (reference: 2)",
     "momentum": "SGD momentum",
     "nesterov": "Nesterov momentum",
     "weight_decay": "SGD weight decay",
@@ -209,12 +221,21 @@ def _datasets(cfg: ClassifierConfig):
     from wsss.data.transforms import eval_transforms, train_transforms
     from wsss.data.voc import VOCDataset
 
+    from wsss.data.transforms import source_view_transforms
+
     scale = tuple(cfg.scale) if cfg.scale and tuple(cfg.scale) != (1.0, 1.0) else None
     if scale is not None and len(scale) != 2:
         raise ValueError(f"scale must be two numbers (low high), got {cfg.scale}")
-    train_tf = train_transforms(crop=cfg.image_size, scale=scale, flip=cfg.flip, jitter=cfg.jitter)
+    if cfg.augment == "squash":
+        train_tf = train_transforms(crop=None, scale=None, flip=cfg.flip, jitter=cfg.jitter, hue=cfg.hue,
+                                    squash=cfg.image_size)
+    else:
+        train_tf = train_transforms(crop=cfg.image_size, scale=scale, flip=cfg.flip, jitter=cfg.jitter, hue=cfg.hue)
     base = VOCDataset(cfg.data_root, cfg.split, transforms=train_tf, with_mask=False)
-    pairs = PairDataset(base, p_common=cfg.p_common, seed=cfg.seed)
+    views = (source_view_transforms(cfg.image_size) if cfg.self_views == "source" and cfg.loss.self_pairs
+             else None)
+    pairs = PairDataset(base, p_common=cfg.p_common, seed=cfg.seed, include_self=cfg.partner_self,
+                        view_transforms=views)
     val = None
     if cfg.val_split:
         val = VOCDataset(cfg.data_root, cfg.val_split, transforms=eval_transforms(cfg.image_size), with_mask=False)
@@ -227,14 +248,15 @@ def build_model(cfg: ClassifierConfig, num_classes: int):
     from wsss.models.classifier import CoAttentionClassifier
 
     return CoAttentionClassifier(num_classes, backbone=cfg.backbone, pretrained=cfg.pretrained,
-                                 output_stride=cfg.output_stride, coatt_impl=cfg.coatt_impl)
+                                 output_stride=cfg.output_stride, coatt_impl=cfg.coatt_impl, heads=cfg.heads)
 
 
 def build_optimizer(cfg: ClassifierConfig, model) -> torch.optim.Optimizer:
-    """SGD (the reference, METHOD.md sec. 1) or AdamW over two groups: backbone body at lr,
-    new layers at new_lr_mult x lr."""
+    """SGD (the reference, METHOD.md sec. 1) or AdamW over the groups of ``E.param_groups``:
+    backbone body at lr, new layers at new_lr_mult x lr, biases at bias_lr_mult x that."""
     body, new = model.param_groups()
-    groups = E.param_groups(body, new, cfg.lr, cfg.weight_decay, cfg.new_lr_mult)
+    biases = [p for name, p in model.named_parameters() if name.endswith(".bias")]
+    groups = E.param_groups(body, new, cfg.lr, cfg.weight_decay, cfg.new_lr_mult, cfg.bias_lr_mult, biases)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer != "sgd":
@@ -256,7 +278,7 @@ def make_step_fn(loss_cfg: LossConfig):
 
     def step(model, batch, epoch):
         m, n = batch["m"], batch["n"]
-        out = model(m["image"], n["image"], self_pairs=loss_cfg.self_pairs)
+        out = model(m["image"], n["image"], self_pairs=loss_cfg.self_pairs, views=m.get("views"))
         with torch.autocast(device_type=m["image"].device.type, enabled=False):
             return loss_terms(_float32(out), m["label"], n["label"], loss_cfg, epoch)
 
