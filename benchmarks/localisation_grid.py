@@ -1,0 +1,136 @@
+"""Localisation hypotheses, one row each: classifier setting x inference variant x seed.
+
+For every classifier setting (a recipe and/or classifier overrides on configs/demo.yaml)
+and seed, the classifier is trained once (runs/localisation/SETTING_sSEED, an ordinary run
+directory: finished work is kept, interrupted work resumes); every inference variant then
+writes its own maps folder (maps_VARIANT, first --limit training images; the demo's maps
+settings plus the variant's own, whatever the classifier's recipe), its pseudo-masks
+(pseudo_VARIANT, the demo's power rule + CRF) and is scored: map mIoU at the best background
+threshold, pseudo-mask mIoU, and the diagnostics of ``wsss.diagnostics`` over --pairs pairs.
+Rows go to runs/localisation/rows.jsonl (a row already there is not recomputed) and the
+mean ± std table over seeds to runs/localisation/table.md.
+
+    python benchmarks/localisation_grid.py --seeds 0 1 2 \
+        --setting basic:loss.coatt=false,loss.contrastive=false --variant cam:combine=cam \
+        --setting ours: --variant cross:combine=coatt+self --variant cam:combine=cam
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from wsss import diagnostics as D
+from wsss.data.transforms import eval_transforms
+from wsss.data.voc import VOCDataset
+from wsss.paths import REPO_ROOT, runs_dir
+from wsss.stages import evaluate, make_maps, pipeline, pseudo_masks, train_classifier
+from wsss.stages.train_classifier import load_classifier
+
+
+def parse(text: str) -> tuple[str, dict]:
+    """NAME:key=value,... (values in YAML; ``+`` inside a value is kept)."""
+    name, _, body = text.partition(":")
+    return name, {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in filter(None, body.split(",")))}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--setting", action="append", required=True,
+                        help="NAME:field=value,... classifier overrides; recipe=official selects a recipe")
+    parser.add_argument("--variant", action="append", required=True, help="NAME:field=value,... maps overrides")
+    parser.add_argument("--limit", type=int, default=500, help="training images that get maps")
+    parser.add_argument("--pairs", type=int, default=60, help="pairs for the diagnostics")
+    parser.add_argument("--root", default=str(runs_dir() / "localisation"))
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    rows_path = root / "rows.jsonl"
+    done = {(r["setting"], r["variant"], r["seed"]) for r in map(json.loads, rows_path.open())} \
+        if rows_path.is_file() else set()
+    base = yaml.safe_load(open(args.config))
+    data_root = pipeline.prepare_data(pipeline.C.from_dict(pipeline.PipelineConfig, {"benchmark": base["benchmark"]}))
+    variants = [parse(v) for v in args.variant]
+    for setting, overrides in map(parse, args.setting):
+        recipe = overrides.pop("recipe", None)
+        for seed in args.seeds:
+            run_dir = root / f"{setting}_s{seed}"
+            cfg = pipeline.C.from_dict(pipeline.PipelineConfig, {
+                **{k: base[k] for k in ("classifier", "maps", "pseudo")}, "recipe": recipe, "seed": seed,
+                "run_dir": str(run_dir), "stages": ["classifier", "maps", "pseudo"]})
+            cfg.classifier = pipeline._merge(cfg.classifier, _nested(overrides))
+            stages = pipeline.stage_configs(cfg, data_root, run_dir)
+            cfg.recipe = None  # the maps and pseudo-masks of each variant: the demo's, plus its own overrides
+            stages.update({k: v for k, v in pipeline.stage_configs(cfg, data_root, run_dir).items() if k != "classifier"})
+            info = train_classifier.run(stages["classifier"])
+            diag = None
+            for variant, maps_over in variants:
+                if (setting, variant, seed) in done:
+                    continue
+                maps_cfg = pipeline._merge(pipeline.C.to_dict(stages["maps"]),
+                                           {**maps_over, "maps_dir": f"maps_{variant}", "limit": args.limit})
+                make_maps.run(maps_cfg)
+                maps_res = evaluate.evaluate_maps(data_root, "train", run_dir / f"maps_{variant}",
+                                                  allow_missing=True)
+                pseudo_cfg = {**pipeline.C.to_dict(stages["pseudo"]), "maps_dir": f"maps_{variant}",
+                              "out_dir": f"pseudo_{variant}", "limit": args.limit}
+                pseudo_masks.run(pseudo_cfg)
+                pseudo_res = evaluate.evaluate_masks(data_root, "train", run_dir / f"pseudo_{variant}",
+                                                     allow_missing=True)
+                if diag is None:
+                    model = load_classifier(run_dir, "cpu")
+                    masked = VOCDataset(data_root, "train", transforms=eval_transforms(), with_mask=True)
+                    diag = D.collect(model, masked, D.shared_class_pairs(masked.labels, args.pairs, seed=0),
+                                     parts=D.part_reader(data_root))
+                row = {"setting": setting, "variant": variant, "seed": seed, "val_map": info["val_map"],
+                       "maps_miou": maps_res["miou"], "maps_threshold": maps_res["best_threshold"],
+                       "pseudo_miou": pseudo_res["miou"], **diag}
+                with rows_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps({k: row[k] for k in ("setting", "variant", "seed", "val_map", "maps_miou",
+                                                       "maps_threshold", "pseudo_miou")}), flush=True)
+    write_table(rows_path, root / "table.md")
+
+
+def _nested(flat: dict) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *head, last = key.split(".")
+        for part in head:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
+COLUMNS = ("val_map", "maps_miou", "pseudo_miou", "att/obj->obj", "att/obj_area_n", "att/bg->bg",
+           "cam/object", "cam/band", "coatt/object", "coatt/band", "coatt/context")
+
+
+def write_table(rows_path: Path, out: Path) -> str:
+    rows = [json.loads(line) for line in rows_path.open()]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["setting"], r["variant"]), []).append(r)
+    lines = ["| setting | maps | seeds | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 3) + "|"]
+    for (setting, variant), rs in groups.items():
+        cells = []
+        for col in COLUMNS:
+            v = np.array([r[col] for r in rs], dtype=float)
+            scale = 1 if col == "val_map" else 100
+            cells.append(f"{scale * v.mean():.{3 if scale == 1 else 1}f} ± {scale * v.std(ddof=1) if len(v) > 1 else 0:.{3 if scale == 1 else 1}f}")
+        lines.append(f"| {setting} | {variant} | {len(rs)} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    out.write_text(table + "\n")
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
