@@ -28,8 +28,9 @@ figures: $(VENV)/.installed
 	$(PY) -m wsss.notebooks run notebooks/experiments/ablation_demo.yaml
 	$(PY) -m wsss.notebooks run notebooks/experiments/figures.yaml --force
 
+# Jupyter refuses to run as root without --allow-root (the usual case in a container).
 lab: $(VENV)/.installed
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 clean-venv:
 	rm -rf $(VENV)

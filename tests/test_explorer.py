@@ -133,6 +133,17 @@ def test_explorer_starts_on_the_first_pair_at_the_centre(built):
     assert box.children[-1] is cb.out
 
 
+def test_explorer_opens_at_the_notebooks_pair_position_and_class(model, dataset):
+    _, cb = explorer.build_explorer(model, dataset, [(0, 1), (2, 3), (3, 2)], ["a", "b", "c"],
+                                    pair=1, position=(1, 3), cls=1)
+    assert cb.state["pair"]["name_m"] == "im2" and cb.state["att"]["pos"] == (1, 3)
+    assert cb.cls.value == 1 and cb.state["maps"]["cls"] == 1
+    cb.pair.value = 0                                        # a new pair: centre and shared class again
+    assert cb.state["att"]["pos"] == (2, 2) and cb.cls.value == 2
+    with pytest.raises(ValueError, match="pair=3"):
+        explorer.build_explorer(model, dataset, [(0, 1)], pair=3)
+
+
 def test_moving_a_slider_recomputes_the_attention_and_redraws(built, model):
     _, cb = built
     before_fig, before_maps = cb.state["figure"], cb.state["maps"]

@@ -46,7 +46,7 @@ import torch.distributed as tdist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
-from tqdm.auto import tqdm
+from wsss.progress import progress
 
 from wsss.config import config_differences
 
@@ -587,8 +587,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     with the checkpoint, is restored first.
     """
     model.train()
-    bar = tqdm(total=epoch_len, desc=f"{desc} epoch {state.epoch + 1}", disable=not is_main(),
-               initial=state.batch_in_epoch, leave=False, dynamic_ncols=True)
+    bar = progress(total=epoch_len, desc=f"{desc} epoch {state.epoch + 1}", disable=not is_main(),
+                   initial=state.batch_in_epoch, leave=False)
     if skip_rng is not None:
         set_rng_state(skip_rng)
     try:

@@ -158,10 +158,14 @@ def _pair_label(pair: tuple[int, int], dataset, class_names) -> str:
 
 
 def build_explorer(model, dataset, pairs: Sequence[tuple[int, int]], class_names: Sequence[str] | None = None,
-                   device: str | torch.device = "cpu"):
+                   device: str | torch.device = "cpu", *, pair: int = 0, position: tuple[int, int] | None = None,
+                   cls: int | None = None):
     """An ipywidgets explorer of ``pairs`` (index pairs (m, n) of ``dataset``, whose images
     are normalised by ``eval_transforms``): menus for the pair and the class, row / column
-    sliders for the position on I_m, the figure of :func:`pair_figure` below them.
+    sliders for the position on I_m, the figure of :func:`pair_figure` below them. It opens
+    at pair index ``pair``, ``position`` (row, col) on I_m's feature grid (default: the
+    centre) and label id ``cls`` (default: the first class the pair shares), e.g. the
+    notebook's PAIR / ROW / COL / CLASS; changing the pair resets position and class.
 
     Returns ``(box, cb)``: the widget to display and a namespace with the widgets
     (``cb.pair``, ``cb.row``, ``cb.col``, ``cb.cls``, ``cb.out``), the observers
@@ -178,7 +182,10 @@ def build_explorer(model, dataset, pairs: Sequence[tuple[int, int]], class_names
     model.eval()
     names = list(class_names) if class_names is not None else None
     cname = lambda c: names[c - 1] if names else f"class {c}"  # noqa: E731
-    pair_w = W.Dropdown(options=[(_pair_label(p, dataset, names), i) for i, p in enumerate(pairs)], value=0,
+    if not 0 <= pair < len(pairs):
+        raise ValueError(f"pair={pair}: choose an index in 0..{len(pairs) - 1}")
+    start = {"position": position, "cls": cls}
+    pair_w = W.Dropdown(options=[(_pair_label(p, dataset, names), i) for i, p in enumerate(pairs)], value=pair,
                         description="pair", layout=W.Layout(width="60%"))
     row_w = W.IntSlider(description="row", min=0, max=1, continuous_update=False)
     col_w = W.IntSlider(description="col", min=0, max=1, continuous_update=False)
@@ -218,10 +225,12 @@ def build_explorer(model, dataset, pairs: Sequence[tuple[int, int]], class_names
         state["busy"] = True  # set the widgets without one redraw per change
         try:
             row_w.max, col_w.max = h - 1, w - 1
-            row_w.value, col_w.value = h // 2, w // 2
+            row, col = start.pop("position", None) or (h // 2, w // 2)
+            row_w.value, col_w.value = min(max(int(row), 0), h - 1), min(max(int(col), 0), w - 1)
             order = pair["common"] + [c for c in pair["classes_m"] if c not in pair["common"]]
             cls_w.options = [(cname(c) + (" (common)" if c in pair["common"] else ""), c) for c in order]
-            cls_w.value = order[0]
+            wanted = start.pop("cls", None)
+            cls_w.value = wanted if wanted in order else order[0]
         finally:
             state["busy"] = False
         update_attention()

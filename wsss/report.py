@@ -66,6 +66,14 @@ ABLATION_METRICS = {"maps_miou": ("maps", "miou"), "maps_threshold": ("maps", "b
 
 # =========================================================================== configs
 
+def notebook_logging(level: int = logging.INFO) -> None:
+    """Log to stdout, one plain line per message: in a notebook a stage's INFO lines then
+    read as output, not as the red blocks of stderr."""
+    import sys
+
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
+
+
 def pipeline_config_path(data_size: str = "demo", config: str | Path | None = None) -> Path:
     """The pipeline YAML of a notebook: ``config`` when given (a relative path is relative to
     the repository root), else configs/DATA_SIZE.yaml."""

@@ -557,7 +557,7 @@ def _split_line(meta: dict) -> str:
 
 def _write_dataset(out: Path, p: SynthParams) -> list[dict]:
     """Draw and write every image of every split into ``out``; returns the metadata."""
-    from tqdm.auto import tqdm
+    from wsss.progress import progress
 
     for sub in ("JPEGImages", "SegmentationClass", PART_DIR, "ImageSets/Segmentation"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -566,7 +566,7 @@ def _write_dataset(out: Path, p: SynthParams) -> list[dict]:
     part_pal = part_palette().reshape(-1).tolist()
     jobs = [(split, i) for split, n in p.counts().items() for i in range(n)]
     metas = []
-    for split, i in tqdm(jobs, desc=f"benchmark ({p.size})", disable=p.size == "smoke", leave=False):
+    for split, i in progress(jobs, desc=f"benchmark ({p.size})", disable=p.size == "smoke", leave=False):
         name, image, mask, part, meta = make_image(p, split, i)
         Image.fromarray(image).save(out / "JPEGImages" / f"{name}.jpg", quality=JPEG_QUALITY, subsampling=0)
         _write_png(out / "SegmentationClass" / f"{name}.png", mask, voc_pal)

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from tqdm.auto import tqdm
+from wsss.progress import progress
 
 from wsss.classes import IGNORE_INDEX, load_class_names, voc_palette
 
@@ -292,7 +292,7 @@ def _labels_from_masks(root: Path, split: str, names: list[str], num_classes: in
         return labels
     log.info("deriving image-level labels of %d images (%s) from %s", len(names), split, masks)
     labels = np.zeros((len(names), num_classes), dtype=np.uint8)
-    for i, name in enumerate(tqdm(names, desc=f"labels {split}", leave=False)):
+    for i, name in enumerate(progress(names, desc=f"labels {split}", leave=False)):
         labels[i] = labels_from_mask(load_mask(masks / f"{name}.png", num_classes), num_classes)
     _write_cache(cache, key, names, labels)
     return labels

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torchvision import tv_tensors
-from tqdm.auto import tqdm
+from wsss.progress import progress
 
 from wsss import config as C
 from wsss.files import write_json
@@ -148,7 +148,7 @@ def evaluate_maps(data_root, split: str, maps_dir, thresholds: Sequence[float] =
         "run the maps stage (wsss.stages.make_maps) for this split")
     num = len(names_fg) + 1
     cms = [ConfusionMatrix(num) for _ in thresholds]
-    for name in tqdm(names, desc=f"eval maps {split}", leave=False, dynamic_ncols=True):
+    for name in progress(names, desc=f"eval maps {split}", leave=False):
         path = maps_path(maps_dir, name)
         maps, classes = load_maps(path)
         gt = torch.from_numpy(_gt_mask(root, split, name, len(names_fg), maps.shape[1:], path))
@@ -180,7 +180,7 @@ def evaluate_masks(data_root, split: str, masks_dir, *, allow_missing: bool = Fa
     k = len(names_fg)
     cm_all, cm_confident = ConfusionMatrix(k + 1), ConfusionMatrix(k + 1)
     covered = total = ignored_images = 0
-    for name in tqdm(names, desc=f"eval pseudo {split}", leave=False, dynamic_ncols=True):
+    for name in progress(names, desc=f"eval pseudo {split}", leave=False):
         pred = load_mask(path_of(name), k)
         gt = _gt_mask(root, split, name, k, pred.shape, path_of(name))
         sure = pred != IGNORE_INDEX
@@ -226,7 +226,7 @@ def evaluate_segmenter(model, data_root, split: str = "val", crf: bool = False, 
     k = len(names_fg)
     cm, cm_crf = ConfusionMatrix(k + 1), ConfusionMatrix(k + 1)
     image_dir = root / "JPEGImages"
-    for name in tqdm(names, desc=f"eval segmenter {split}", leave=False, dynamic_ncols=True):
+    for name in progress(names, desc=f"eval segmenter {split}", leave=False):
         image = load_image(image_dir / f"{name}.jpg")
         gt = torch.from_numpy(_gt_mask(root, split, name, k, image.shape[:2], image_dir / f"{name}.jpg"))
         x = to_input(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))).as_subclass(torch.Tensor)

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
+from wsss.progress import progress
 
 from wsss import config as C
 from wsss.files import check_settings, write_json
@@ -488,7 +488,7 @@ def run(cfg: MapsConfig | dict) -> dict:
     loader = DataLoader(Subset(inputs, todo), batch_size=1, shuffle=False, num_workers=cfg.workers,
                         collate_fn=_first)
     lonely, t0 = 0, time.perf_counter()
-    for item in tqdm(loader, desc=f"maps {cfg.split}", total=len(todo), dynamic_ncols=True):
+    for item in progress(loader, desc=f"maps {cfg.split}", total=len(todo)):
         if item["lonely"]:
             if not lonely:
                 log.warning("image %s: no other %s image contains class(es) %s, so they get no cross-image map "

@@ -46,7 +46,7 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
+from wsss.progress import progress
 
 from wsss import config as C
 from wsss.files import check_settings, write_json
@@ -352,8 +352,7 @@ def run(cfg: PseudoConfig | dict) -> dict:
 
     tally = MaskTally()
     t0 = time.perf_counter()
-    for result in tqdm(_results(job, names, workers), total=len(names), desc=f"pseudo masks {cfg.split}",
-                       dynamic_ncols=True):
+    for result in progress(_results(job, names, workers), total=len(names), desc=f"pseudo masks {cfg.split}"):
         tally.add(result)
     metrics = {**tally.summary(time.perf_counter() - t0), "out_dir": str(out_dir)}
     log.info("pseudo masks done: %s", metrics)
