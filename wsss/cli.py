@@ -7,9 +7,11 @@ dataclass (wsss.config), so the CLI, the notebooks and the tests call the same `
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +55,8 @@ def _add_stats_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m wsss", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: environment variable WSSS_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
     p = sub.add_parser("demo", help="the main job: the whole pipeline on the embedded demo benchmark",
                        description="Generate the demo benchmark if missing, run classifier -> maps -> pseudo-masks -> "
@@ -138,10 +142,57 @@ def draw_run_figures(run_dir: Path, data_root, out_dir: Path, prefix: str = "dem
     return out
 
 
+#: exit codes of ``main`` (documented in the README): what went wrong, by the kind of error
+EXIT_CODES = {"config": 2, "data": 3, "run": 4, "disk": 5, "interrupted": 130}
+
+
+def classify_error(err: BaseException) -> tuple[str, str] | None:
+    """(kind, one- or two-line message) for the errors a user can fix; None for a bug."""
+    from wsss.config import ConfigError
+    from wsss.data.voc import DatasetError
+    from wsss.engine import NonFiniteLossError
+
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted", "interrupted: finished work is kept; run the same command again to continue"
+    if isinstance(err, ConfigError):
+        return "config", str(err)
+    if isinstance(err, DatasetError):
+        return "data", str(err)
+    if isinstance(err, NonFiniteLossError):
+        return "run", str(err)
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return "disk", (f"disk full while writing {err.filename or 'a file'}: free space and run the same command "
+                        "again (finished files are complete; nothing half-written is kept)")
+    if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "disk", f"cannot write {err.filename or 'a file'} ({os.strerror(err.errno)}): use a writable --run-dir"
+    if isinstance(err, FileNotFoundError):
+        return "run", str(err)
+    if isinstance(err, ValueError):  # the stages' own checks of settings and inputs
+        return "config", str(err)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a known error prints one or two lines (no traceback) and returns
+    its code from EXIT_CODES (``--debug`` or WSSS_DEBUG=1: the traceback instead)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    debug = args.debug or os.environ.get("WSSS_DEBUG", "").strip() not in ("", "0")
+    try:
+        return _dispatch(args, parser)
+    except BaseException as err:  # noqa: BLE001 - sorted into known and unknown below
+        known = classify_error(err) if not isinstance(err, SystemExit) else None
+        if debug or known is None:
+            raise
+        kind, message = known
+        print(f"error: {message}", file=sys.stderr)
+        if kind != "interrupted":
+            print("(run with --debug for the traceback)", file=sys.stderr)
+        return EXIT_CODES[kind]
+
+
+def _dispatch(args, parser) -> int:
     if args.command == "demo":
         _demo(args)
     elif args.command == "make-benchmark":

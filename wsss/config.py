@@ -153,6 +153,44 @@ def valid_keys(cls) -> list[str]:
     return keys
 
 
+#: Allowed values of numeric fields, by field name, for every stage config that has the
+#: field (a sequence field: each item). Checked by ``from_dict``, i.e. for YAML, CLI flags
+#: and papermill parameters alike, before any work starts.
+RANGES = {
+    "batch_size": ">= 1", "eval_batch_size": ">= 1", "batch": ">= 1", "epochs": ">= 1", "max_steps": ">= 1",
+    "k": ">= 1", "image_size": ">= 16", "crop": ">= 16",
+    "lr": "> 0", "new_lr_mult": "> 0", "bias_lr_mult": "> 0", "poly_power": "> 0", "alpha": "> 0",
+    "scale": "> 0", "scales": "> 0", "momentum": "[0, 1)", "weight_decay": ">= 0", "jitter": ">= 0",
+    "hue": "[0, 0.5]", "p_common": "[0, 1]", "thresholds": "[0, 1]", "bg_threshold": "[0, 1]",
+    "score_floor": "[0, 1]", "conflict": "[0, 1]", "min_fg_fraction": "[0, 1]", "saliency_threshold": "[0, 1]",
+    "workers": ">= 0", "limit": ">= 0", "log_every": ">= 0", "ckpt_every": ">= 0", "seed": ">= 0",
+    "step_epochs": ">= 0", "con_warmup_epochs": ">= 0",
+    "w_basic": ">= 0", "w_coatt": ">= 0", "w_con": ">= 0", "w_self": ">= 0",
+}
+
+
+def _in_range(value: float, spec: str) -> bool:
+    if spec.startswith((">=", "<=")) or spec[0] in "<>":
+        op, bound = (spec[:2], spec[2:]) if spec[1] == "=" else (spec[0], spec[1:])
+        bound = float(bound)
+        return {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[op.strip()]
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return (lo <= value if spec[0] == "[" else lo < value) and (value <= hi if spec[-1] == "]" else value < hi)
+
+
+def check_range(cls_name: str, name: str, value) -> None:
+    """Raise a ConfigError naming the field, its flag, the value and the allowed range."""
+    spec = RANGES.get(name)
+    if spec is None or value is None or isinstance(value, (str, bool)):
+        return
+    items = value if isinstance(value, (list, tuple)) else [value]
+    bad = [v for v in items if isinstance(v, (int, float)) and not _in_range(float(v), spec)]
+    if bad:
+        rule = f"lie in {spec}" if spec[0] in "[(" else f"be {spec}"
+        raise ConfigError(f"{cls_name}.{name} ({_flag(name)}) = {value!r}: must {rule}"
+                          + (f"; {bad[0]!r} is not" if isinstance(value, (list, tuple)) else ""))
+
+
 def from_dict(cls, data: dict | None, *, base=None):
     """Build ``cls`` from a mapping, rejecting unknown keys with a message listing the valid ones.
 
@@ -185,6 +223,7 @@ def from_dict(cls, data: dict | None, *, base=None):
                 raise ConfigError(f"in {cls.__name__}.{name}: {e}") from None
         elif name in data:
             kwargs[name] = _coerce(data[name], hints[name], f"{cls.__name__}.{name}")
+            check_range(cls.__name__, name, kwargs[name])
         elif base is not None:
             kwargs[name] = base_value
     missing = [
@@ -206,14 +245,27 @@ def save_yaml(cfg, path: str | Path) -> Path:
     return path
 
 
-def load_yaml(cls, path: str | Path, *, base=None):
-    """Read a config of type ``cls`` from a YAML file (unknown keys are an error)."""
+def read_yaml_mapping(path: str | Path, what: str = "settings") -> dict:
+    """The mapping at the top of a YAML file; a missing file, malformed YAML or another
+    top-level type is a ConfigError naming the file (and the line)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err}); fix the file") \
+            from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of {cls.__name__} fields at the top level")
+        raise ConfigError(f"{path}: expected a mapping of {what} at the top level")
+    return data
+
+
+def load_yaml(cls, path: str | Path, *, base=None):
+    """Read a config of type ``cls`` from a YAML file (unknown keys are an error)."""
+    data = read_yaml_mapping(path, f"{cls.__name__} fields")
     try:
         return from_dict(cls, data, base=base)
     except ConfigError as e:
@@ -297,13 +349,7 @@ def from_args(cls, args: argparse.Namespace, *, parser: argparse.ArgumentParser 
         merged: dict = {}
         config_path = getattr(args, "config", None)
         if config_path:
-            path = Path(config_path)
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            data = yaml.safe_load(path.read_text()) or {}
-            if not isinstance(data, dict):
-                raise ConfigError(f"{path}: expected a mapping of {cls.__name__} fields at the top level")
-            merged = _nest_dotted(data)
+            merged = _nest_dotted(read_yaml_mapping(config_path, f"{cls.__name__} fields"))
         for k, v in _nest_dotted(given).items():
             if isinstance(v, dict) and isinstance(merged.get(k), dict):
                 merged[k] = {**merged[k], **v}

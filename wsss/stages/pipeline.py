@@ -82,10 +82,8 @@ def load_recipe(recipe: str | None) -> dict:
     if not path.is_file():
         known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
         raise C.ConfigError(f"recipe {recipe!r}: no file {path}; choose one of {known} or give a YAML path")
-    import yaml
-
-    data = yaml.safe_load(path.read_text()) or {}
-    unknown = sorted(set(data) - set(STAGES)) if isinstance(data, dict) else ["<not a mapping>"]
+    data = C.read_yaml_mapping(path, "stage sections")
+    unknown = sorted(set(data) - set(STAGES))
     if unknown:
         raise C.ConfigError(f"recipe {path}: unknown section(s) {unknown}; sections are {list(STAGES)}")
     return data
