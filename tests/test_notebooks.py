@@ -5,7 +5,7 @@ The run executes notebooks/experiments/smoke.yaml (00..06, sharing one run direc
 on those ablation runs, with papermill and the ``wsss`` kernel that ``make`` registers,
 everything under tmp_path (WSSS_DATA and WSSS_RUNS point there, so nothing is written
 into the repository). It takes about 2-3 minutes on two cores; each notebook is checked
-by the files it must leave behind, not by its cells' outputs (STYLE.md rule 6).
+by the files it must leave behind, not by its cells' outputs.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The embedded benchmark (wsss.data.synth): VOC layout, honest labels, determinism, and
-the failure modes it is built to show (DESIGN.md, "The embedded benchmark")."""
+the failure modes it is built to show (data/README.md)."""
 
 from __future__ import annotations
 

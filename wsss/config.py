@@ -1,6 +1,6 @@
 """Stage configs: dataclass <-> dict / YAML / argparse, one generic implementation.
 
-Every pipeline stage has one typed config dataclass (STYLE.md rule 3). This module turns
+Every pipeline stage has one typed config dataclass. This module turns
 such a dataclass into command-line flags (``add_arguments`` / ``from_args``), reads it from
 a dict or a YAML file with strict key checking (``from_dict`` / ``load_yaml``) and writes it
 back (``to_dict`` / ``save_yaml``). Nested dataclasses (e.g. ``ClassifierConfig.loss``) are

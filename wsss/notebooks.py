@@ -1,6 +1,6 @@
 """Batch-execute notebooks with papermill: ablation grids, figure sequences, smoke runs.
 
-DESIGN.md ("Ablations are a grid of parameter sets executed by papermill"): a grid file
+Ablations are a grid of parameter sets executed by papermill: a grid file
 names a notebook and the parameter sets to run it with; every run writes its executed
 notebook and its files (``metrics.json``, figures) under ``runs/EXP/``, and a later
 invocation skips the runs that already finished.
@@ -41,8 +41,8 @@ the same YAML always gives the same ids. Then, for each run:
 - run id: the parameter id (single form with a grid/runs), else the notebook's stem;
   in the list form the stem, plus ``__`` and the parameter id when the entry varies.
 - ``RUN_DIR`` (a string, absolute path) is injected as RUNS/EXP/PARAM_ID/, or RUNS/EXP/
-  when nothing varies (so that the notebooks of a sequence share one run directory, the
-  DESIGN.md data flow); only when the notebook's parameters cell defines ``RUN_DIR``.
+  when nothing varies (so that the notebooks of a sequence share one run directory, as
+  the stages do); only when the notebook's parameters cell defines ``RUN_DIR``.
   ``RUN_DIR`` is reserved: a grid file may not set it.
 - executed notebook: RUNS/EXP/notebooks/RUN_ID.ipynb; success marker RUNS/EXP/notebooks/
   RUN_ID.done (JSON, written atomically after the notebook finished without error).

@@ -1,6 +1,6 @@
 """What the numbered notebooks call: configs, re-runnable pipeline calls, tables and figures.
 
-STYLE.md rule 5: a notebook holds its parameters cell, narrative, short calls into
+A notebook holds its parameters cell, narrative, short calls into
 ``wsss`` and plots; anything longer than a few lines lives here, where tests reach it
 (tests/test_report.py). Results leave a notebook as files in its run directory.
 
@@ -614,7 +614,7 @@ def pseudo_steps_figure(steps: Sequence[Mapping], class_names: Sequence[str] | N
 
 def save_with_caption(fig, path: str | Path, caption: str, notebook: str, parameters: Mapping | None = None) -> Path:
     """Save ``fig`` as PATH (PNG) and its caption as PATH.txt, naming the notebook and the
-    parameter set that drew it (DESIGN.md: figures/ names the notebook behind each figure)."""
+    parameter set that drew it (every figure names the notebook behind it)."""
     from wsss.viz import save_figure
 
     params = ", ".join(f"{k}={v!r}" for k, v in (parameters or {}).items())

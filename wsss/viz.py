@@ -105,9 +105,38 @@ def qualitative_grid(rows: list[dict], class_names=None) -> Figure:
     return fig
 
 
+def maps_grid(data_root, columns: dict, names, split: str = "train", class_names=None) -> Figure:
+    """Saved localization maps side by side, read from their folders (no model is run):
+    one row per image name, columns image, ground truth, then one per ``columns`` entry
+    (title -> maps folder of ``wsss.stages.make_maps``), each the maximum over the image's
+    class maps over the image."""
+    from wsss.stages.make_maps import load_maps, maps_path
+
+    base = VOCDataset(data_root, split, with_mask=False)
+    index = {name: i for i, name in enumerate(base.names)}
+    fig = Figure(figsize=(2.0 * (2 + len(columns)), 2.0 * len(names) + 0.4), layout="constrained")
+    axes = fig.subplots(len(names), 2 + len(columns), squeeze=False)
+    for r, name in enumerate(names):
+        image = base.source_image(index[name]).permute(1, 2, 0).numpy()
+        panels = [("image", image), ("ground truth", colorize(load_mask(base.mask_path(name), base.num_classes)))]
+        for title, folder in columns.items():
+            maps, _ = load_maps(maps_path(folder, name))
+            heat = maps.max(0) if len(maps) else np.zeros(image.shape[:2])
+            panels.append((title, overlay(image, heat)))
+        for c, (title, panel) in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(panel)
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title, fontsize=8)
+        labels = [int(i) + 1 for i in np.flatnonzero(base.labels[index[name]])]
+        axes[r, 0].set_ylabel(", ".join(class_names[i - 1] for i in labels) if class_names else name, fontsize=8)
+    return fig
+
+
 def save_figure(fig: Figure, path, caption: str | None = None, source: str | None = None) -> Path:
     """Save ``fig`` as PATH (PNG); with a caption, also PATH.txt naming what drew it
-    (DESIGN.md: figures/ names the notebook or command behind each figure)."""
+    (every figure in figures/ names the notebook or command behind it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -3,7 +3,7 @@
 Real VOC cannot be shipped, so every demo and test runs on scenes drawn here, written in
 exactly the layout of PASCAL VOC 2012 (see data/README.md) so that the real-data code path
 is the one exercised. The scenes are built to show, on purpose, the failure modes that
-METHOD.md sec. 1-2 targets (DESIGN.md, "The embedded benchmark"):
+METHOD.md sec. 1-2 targets (data/README.md):
 
 * **Small discriminative part.** An object is a large *body* (45-75 % of the image side,
   i.e. 5-9 cells of a stride-8 map) with a small *head* at one end (about 4-12 % of the
@@ -734,7 +734,7 @@ def part_coverage(counts: np.ndarray, thresholds=THRESHOLDS) -> dict[str, list[f
     """Per threshold: recall of the discriminative part, recall of the body, and the
     share of the above-threshold map that lies on co-occurring context.
 
-    DESIGN.md's target for a plain CAM classifier: at its best threshold, part recall
+    The calibration target for a plain CAM classifier: at its best threshold, part recall
     above 0.8, body recall below 0.5, and a visible share on context.
     """
     c = np.asarray(counts, np.float64)

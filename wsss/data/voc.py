@@ -1,7 +1,7 @@
 """PASCAL VOC 2012 reader (plus the SBD ``train_aug`` split): images, masks, image-level labels.
 
 Every stage reads its data through this module, on real VOC and on the embedded benchmark
-alike (DESIGN.md, "Data flow"). The on-disk layout is::
+alike. The on-disk layout is::
 
     ROOT/JPEGImages/NAME.jpg
     ROOT/SegmentationClass/NAME.png      palette PNG: 0 background, 1..K classes, 255 ignore

@@ -1,4 +1,4 @@
-"""Feature extractors for the co-attention classifier (METHOD.md sec. 1, DESIGN.md "Models").
+"""Feature extractors for the co-attention classifier (METHOD.md sec. 1).
 
 A backbone maps images (B, 3, H, W) to features F (B, C, H/s, W/s) with output stride
 s in {8, 16}. Every backbone here is an ``nn.Module`` with

@@ -1,2 +1,2 @@
-"""Pipeline stages, one module each with a config dataclass and ``run(cfg) -> dict``
-(DESIGN.md, "Data flow"); they meet only through files in the run directory."""
+"""Pipeline stages, one module each with a config dataclass and ``run(cfg) -> dict``;
+they meet only through files in the run directory."""
