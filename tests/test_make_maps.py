@@ -381,3 +381,18 @@ def test_run_without_classifier_says_what_to_do(tmp_path):
     root = _voc_tree(tmp_path / "voc")
     with pytest.raises(FileNotFoundError, match="train the classifier first"):
         mm.run(mm.MapsConfig(data_root=str(root), run_dir=str(tmp_path / "empty")))
+
+
+def test_maps_grid_draws_saved_maps_of_two_folders(stage):
+    from wsss import viz
+
+    root, run_dir = stage
+    for name, combine in (("maps_cam", "cam"), ("maps_ref", "coatt")):
+        mm.run({"data_root": str(root), "run_dir": str(run_dir), "combine": combine, "maps_dir": name, "k": 1,
+                "self_transforms": list(FAST)})
+    names = list(IMAGES)[:2]
+    fig = viz.maps_grid(root, {"CAM": run_dir / "maps_cam", "co-attention": run_dir / "maps_ref"}, names,
+                        class_names=["red", "green", "blue", "grey"])
+    assert len(fig.axes) == 2 * 4 and fig.axes[2].get_title() == "CAM" and fig.axes[3].get_title() == "co-attention"
+    with pytest.raises(FileNotFoundError, match="run the maps stage"):
+        viz.maps_grid(root, {"missing": run_dir / "nothing"}, names)
