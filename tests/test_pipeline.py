@@ -59,6 +59,18 @@ def test_demo_cli_runs_the_whole_pipeline_and_prints_the_table(smoke_run):
         assert (tmp / "figures" / fig).stat().st_size > 10_000, fig
 
 
+def test_the_run_directory_records_what_made_it(smoke_run):
+    import torch
+
+    tmp, _ = smoke_run
+    prov = json.loads((tmp / "runs" / "smoke" / "provenance.json").read_text())
+    assert set(prov) == {"classifier", "maps", "pseudo", "segmenter", "evaluate"}
+    entry = prov["classifier"]
+    assert entry["torch"] == torch.__version__.split("+")[0] and entry["numpy"] and entry["pydensecrf2"]
+    assert entry["python"].count(".") == 2 and "demo" in entry["command"] and entry["device"]
+    assert "commit" in entry and "dirty" in entry
+
+
 def test_a_finished_pipeline_runs_again_without_redoing_anything(smoke_run, monkeypatch):
     tmp, _ = smoke_run
     monkeypatch.setenv("WSSS_DATA", str(tmp / "data"))

@@ -37,6 +37,7 @@ from torchvision import tv_tensors
 from wsss.progress import progress
 
 from wsss import config as C
+from wsss import provenance
 from wsss.files import write_json
 from wsss import engine as E
 from wsss.classes import IGNORE_INDEX
@@ -390,6 +391,7 @@ def run(cfg: EvalConfig | dict) -> dict:
     inputs = _inputs(cfg)
     run_dir = Path(cfg.run_dir)
     C.save_yaml(cfg, run_dir / CONFIG_FILE)
+    provenance.record(run_dir, "evaluate")
     results: dict = {}
     for part in parts:
         t0 = time.perf_counter()

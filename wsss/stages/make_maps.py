@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from wsss.progress import progress
 
 from wsss import config as C
+from wsss import provenance
 from wsss.files import check_settings, write_json
 from wsss import engine as E
 from wsss.data.pairs import partners_for_class, self_pair_views
@@ -482,6 +483,7 @@ def run(cfg: MapsConfig | dict) -> dict:
              cfg.split, out_dir, len(todo), count - len(todo))
 
     C.save_yaml(cfg, run_dir / CONFIG_FILE.format(out_dir.name))
+    provenance.record(run_dir, out_dir.name)
     device = E.resolve_device(cfg.device)
     model = load_classifier(checkpoint, device)
     model.eval()

@@ -49,6 +49,7 @@ from PIL import Image
 from wsss.progress import progress
 
 from wsss import config as C
+from wsss import provenance
 from wsss.files import check_settings, write_json
 from wsss.classes import IGNORE_INDEX
 from wsss.crf import CRFParams
@@ -338,6 +339,7 @@ def run(cfg: PseudoConfig | dict) -> dict:
                    {"maps": "the maps (they were recomputed)"})
     write_json(out_dir / SETTINGS_FILE, settings)
     C.save_yaml(cfg, run_dir / CONFIG_FILE.format(out_dir.name))
+    provenance.record(run_dir, out_dir.name)
     stale = remove_stale_tmp(out_dir)
     if stale:
         log.info("removed %d temporary file(s) of an interrupted run from %s", stale, out_dir)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from wsss import config as C
+from wsss import provenance
 from wsss.files import write_json
 from wsss import engine as E
 from wsss.losses import LossConfig, loss_terms
@@ -311,6 +312,7 @@ def _run(cfg: ClassifierConfig, dist: E.DistInfo, t_start: float) -> dict:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         C.save_yaml(cfg, run_dir / CONFIG_FILE)
+        provenance.record(run_dir, "classifier", str(device))
 
     base, pairs, val = _datasets(cfg)
     E.seed_everything(cfg.seed)  # same initial weights on every rank

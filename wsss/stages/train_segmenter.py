@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from wsss import config as C
+from wsss import provenance
 from wsss.files import write_json
 from wsss import engine as E
 from wsss.data.voc import VOCDataset
@@ -314,6 +315,7 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         C.save_yaml(cfg, run_dir / CONFIG_FILE)
+        provenance.record(run_dir, "segmenter", str(device))
 
     if cfg.model.startswith("deeplabv3") and cfg.batch_size < 2:
         raise ValueError(f"model={cfg.model} needs batch_size >= 2 per process: the BatchNorm of its ASPP "
