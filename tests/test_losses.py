@@ -69,7 +69,7 @@ def labels():
 
 def test_every_term_matches_reference():
     out, (l_m, l_n) = fake_out(), labels()
-    got = loss_terms(out, l_m, l_n, LossConfig(), epoch=5)
+    got = loss_terms(out, l_m, l_n, LossConfig(self_weighting="sum"), epoch=5)
     ref = reference_terms(out, L_M, L_N)
     assert set(got) == set(TERMS) | {"total"}
     for name in TERMS:
@@ -77,10 +77,25 @@ def test_every_term_matches_reference():
     assert got["total"].item() == pytest.approx(sum(ref.values()), rel=1e-10)
 
 
+def test_mean_self_weighting_halves_the_pair_and_averages_the_views():
+    """total = 1/2 (basic + coatt) + contrastive + 1/2 mean over the V views of the self terms;
+    the same as the reference's pair weights (1/2) with w_self = 1/V in the summed form."""
+    out, (l_m, l_n) = fake_out(seed=7), labels()
+    r = reference_terms(out, L_M, L_N)
+    got = loss_terms(out, l_m, l_n, LossConfig(), epoch=5)["total"].item()
+    want = 0.5 * (r["basic"] + r["coatt"]) + r["contrastive"] + 0.5 / 3 * (r["self_basic"] + r["self_coatt"])
+    assert got == pytest.approx(want, rel=1e-10)
+    summed = LossConfig(w_basic=0.5, w_coatt=0.5, w_self=1 / 3, self_weighting="sum")
+    assert loss_terms(out, l_m, l_n, summed, epoch=5)["total"].item() == pytest.approx(want, rel=1e-10)
+    no_self = LossConfig(self_pairs=False)
+    plain = loss_terms(out, l_m, l_n, no_self, epoch=5)["total"].item()
+    assert plain == pytest.approx(r["basic"] + r["coatt"] + r["contrastive"], rel=1e-10)  # unchanged without views
+
+
 @pytest.mark.parametrize("switch", ["basic", "coatt", "contrastive", "self_pairs"])
 def test_switching_off_removes_term_from_total(switch):
     out, (l_m, l_n) = fake_out(seed=1), labels()
-    cfg = LossConfig(**{switch: False}, w_basic=0.5, w_coatt=2.0, w_con=3.0, w_self=0.25)
+    cfg = LossConfig(**{switch: False}, w_basic=0.5, w_coatt=2.0, w_con=3.0, w_self=0.25, self_weighting="sum")
     got = loss_terms(out, l_m, l_n, cfg, epoch=2)
     r = reference_terms(out, L_M, L_N)
     on = {"basic": cfg.basic, "coatt": cfg.coatt, "contrastive": cfg.contrastive}
@@ -173,7 +188,7 @@ def reference_code_loss(out, l_m, l_n, epoch):
     return total
 
 
-OFFICIAL = LossConfig(w_basic=0.5, w_coatt=0.5, empty_contrastive="negative")
+OFFICIAL = LossConfig(w_basic=0.5, w_coatt=0.5, empty_contrastive="negative", self_weighting="sum")
 
 
 @pytest.mark.parametrize("epoch", [0, 1, 2, 5])

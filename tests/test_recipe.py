@@ -27,12 +27,13 @@ def test_the_official_recipe_sets_every_item_and_a_section_still_wins(tmp_path):
     cl, maps = stages["classifier"], stages["maps"]
     assert (cl.heads, cl.augment, cl.hue, cl.self_views, cl.partner_self, cl.bias_lr_mult, cl.p_common) == (
         "reference", "squash", 0.1, "source", True, 2.0, 1.0)
-    assert (cl.loss.self_pairs, cl.loss.w_basic, cl.loss.w_coatt, cl.loss.w_con, cl.loss.empty_contrastive) == (
-        True, 0.5, 0.5, 1.0, "negative")
+    assert (cl.loss.self_pairs, cl.loss.w_basic, cl.loss.w_coatt, cl.loss.w_con, cl.loss.empty_contrastive,
+            cl.loss.self_weighting) == (True, 0.5, 0.5, 1.0, "negative", "sum")
     assert cl.flip is True and cl.lr == 0.02                    # the pipeline's own keys override the recipe
     assert (maps.aggregate, maps.partners, maps.k, maps.scales) == ("reference", "replace", 3, (1.0,))
     ours = pipeline.stage_configs(C.from_dict(pipeline.PipelineConfig, {}), tmp_path, tmp_path)["classifier"]
-    assert (ours.heads, ours.augment, ours.self_views, ours.loss.empty_contrastive) == ("ours", "crop", "batch", "skip")
+    assert (ours.heads, ours.augment, ours.self_views, ours.loss.empty_contrastive, ours.loss.self_weighting) == (
+        "ours", "crop", "batch", "skip", "mean")
 
 
 def test_an_unknown_recipe_names_the_known_ones(tmp_path):

@@ -28,10 +28,22 @@ Self-pairs (I_m, T(I_m)) are pairs whose partner label is l_m: their basic and
 co-attention terms use target l_m on both sides (their contrastive targets are empty).
 
 ``loss_terms`` returns the unweighted terms (always every key, 0 when switched off or
-warming up, for fixed logging columns) and ``total``:
+warming up, for fixed logging columns) and ``total``. With ``self_weighting="sum"`` (the
+reference's, Classifier/scripts/train.py:269):
 
     total = w_basic*basic + w_coatt*coatt + w_con*contrastive
             + w_self*(w_basic*self_basic + w_coatt*self_coatt)
+
+With ``self_weighting="mean"`` (ours, the default) and self-pairs on, the cross pair and
+the mean over the V self-pairs weigh half each, so that the loss keeps the scale it has
+without self-pairs (and the learning rate chosen for it stays right):
+
+    total = 1/2 (w_basic*basic + w_coatt*coatt) + w_con*contrastive
+            + 1/2 * w_self/V * (w_basic*self_basic + w_coatt*self_coatt)
+
+(without it, the self-pair terms add about three times the pair loss, and a from-scratch
+demo classifier at the demo lr stayed at chance in 2 of 3 seeds; README, "Self-pair
+training"). Without self-pairs both rules give the first line.
 
 where each term enters only if its switch is on (and self_* only if ``self_pairs``);
 a term switched off adds 0 * term, so the value is unchanged but every parameter used in
@@ -63,12 +75,15 @@ class LossConfig:
     w_self: float = 1.0
     con_warmup_epochs: int = 2
     empty_contrastive: Literal["negative", "skip"] = "skip"
+    self_weighting: Literal["mean", "sum"] = "mean"
 
     def __post_init__(self) -> None:
         if not (self.basic or self.coatt or self.contrastive):
             raise ValueError("LossConfig: at least one of basic, coatt, contrastive must be on")
         if min(self.w_basic, self.w_coatt, self.w_con, self.w_self) < 0:
             raise ValueError("LossConfig: loss weights must be >= 0")
+        if self.self_weighting not in ("mean", "sum"):
+            raise ValueError(f"LossConfig.self_weighting must be 'mean' or 'sum', got {self.self_weighting!r}")
         if self.empty_contrastive not in ("negative", "skip"):
             raise ValueError(f"LossConfig.empty_contrastive must be 'negative' or 'skip', "
                              f"got {self.empty_contrastive!r}")
@@ -142,18 +157,21 @@ def loss_terms(out: dict, l_m: torch.Tensor, l_n: torch.Tensor, cfg: LossConfig,
                              "call the model with self_pairs=True or set self_pairs=False")
         terms.update(self_pair_terms(out, l_m))
     zero = terms["basic"].new_zeros(())
+    # self_weighting "mean": the pair's and the mean self-pair's basic / co-att terms average
+    # (1/2 each), so turning self-pairs on keeps the loss scale the lr was chosen for
+    pair_w, self_w = (0.5, 0.5 / len(out["self"])) if cfg.self_pairs and cfg.self_weighting == "mean" else (1.0, 1.0)
     total = zero
     if cfg.basic:
-        total = total + cfg.w_basic * terms["basic"]
+        total = total + pair_w * cfg.w_basic * terms["basic"]
     if cfg.coatt:
-        total = total + cfg.w_coatt * terms["coatt"]
+        total = total + pair_w * cfg.w_coatt * terms["coatt"]
     if con_on:
         total = total + cfg.w_con * terms["contrastive"]
     if cfg.self_pairs:
         if cfg.basic:
-            total = total + cfg.w_self * cfg.w_basic * terms["self_basic"]
+            total = total + self_w * cfg.w_self * cfg.w_basic * terms["self_basic"]
         if cfg.coatt:
-            total = total + cfg.w_self * cfg.w_coatt * terms["self_coatt"]
+            total = total + self_w * cfg.w_self * cfg.w_coatt * terms["self_coatt"]
     switches = {"basic": cfg.basic, "coatt": cfg.coatt, "contrastive": con_on,
                 "self_basic": cfg.self_pairs and cfg.basic,
                 "self_coatt": cfg.self_pairs and cfg.coatt}
