@@ -213,3 +213,16 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(bench, tmp
     a, b = weights(tmp_path / "single"), weights(tmp_path / "ddp")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_settings_stored_by_an_older_version_compare_in_todays_form():
+    """A classifier.pt from before the split list and the self-pair weighting existed:
+    still 'the same settings' when it is, not when its self-pair terms were summed."""
+    cfg = T.ClassifierConfig(data_root="d", run_dir="r")
+    old = C.to_dict(cfg)
+    old["split"] = "train"
+    del old["loss"]["self_weighting"]
+    assert not C.config_differences(T.stored_settings(old), C.to_dict(cfg))
+    old["loss"]["self_pairs"] = True
+    with_self = C.to_dict(T.ClassifierConfig(data_root="d", run_dir="r", loss=T.LossConfig(self_pairs=True)))
+    assert C.config_differences(T.stored_settings(old), with_self) == ["loss.self_weighting: 'sum' -> 'mean'"]

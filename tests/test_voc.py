@@ -392,3 +392,31 @@ def test_empty_classes_txt(tree: Path):
     with pytest.raises(DatasetError) as err:
         VOCDataset(tree, "train")
     assert_names_path(err, tree / "classes.txt")
+
+
+def test_splits_combine_into_one_dataset(tmp_path):
+    """Settings 2 and 3 (METHOD.md sec. 5): train plus the single-label split, concatenated."""
+    from wsss.data.synth import generate
+
+    root = tmp_path / "bench"
+    generate(root, size="smoke", seed=0)
+    train = VOCDataset(root, "train", with_mask=False)
+    single = VOCDataset(root, "train_single", with_mask=False)
+    both = VOCDataset(root, ["train", "train_single"], with_mask=True)
+    assert both.names == train.names + single.names and both.split == "train+train_single"
+    assert np.array_equal(both.labels, np.concatenate([train.labels, single.labels]))
+    assert (single.labels.sum(1) == 1).all()
+    item = both[len(train)]
+    assert item["name"] == single.names[0] and torch.equal(item["label"], torch.from_numpy(
+        single.labels[0].astype(np.float32)))
+    with pytest.raises(DatasetError, match="listed in both"):
+        VOCDataset(root, ["train", "train"], with_mask=False)
+
+
+def test_classifier_split_accepts_one_name_or_a_list():
+    from wsss import config as C
+    from wsss.stages.train_classifier import ClassifierConfig
+
+    assert C.from_dict(ClassifierConfig, {"data_root": "d", "run_dir": "r", "split": "train"}).split == ("train",)
+    cfg = C.from_dict(ClassifierConfig, {"data_root": "d", "run_dir": "r", "split": ["train", "train_web"]})
+    assert cfg.split == ("train", "train_web")

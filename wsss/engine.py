@@ -479,13 +479,14 @@ def atomic_torch_save(obj, path: str | Path) -> None:
             tmp.unlink()
 
 
-def finished_metrics(path: str | Path, cfg: dict, inputs=None) -> dict | None:
+def finished_metrics(path: str | Path, cfg: dict, inputs=None, normalise=None) -> dict | None:
     """The metrics stored in a stage's final weights file (classifier.pt, segmenter.pt) when
     it was trained with the same settings as ``cfg`` (``wsss.config.config_differences``) on the same
     ``inputs`` (what the stage saved under that key, e.g. its masks' settings), else None.
 
     A finished stage that runs again must leave its file untouched: later stages remember
-    which file their outputs came from and refuse to mix with a rewritten one."""
+    which file their outputs came from and refuse to mix with a rewritten one. ``normalise``
+    maps the stored settings to the current form before comparing."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -494,7 +495,13 @@ def finished_metrics(path: str | Path, cfg: dict, inputs=None) -> dict | None:
     except Exception:  # unreadable: train again and rewrite it
         return None
 
-    same = not config_differences(old.get("cfg") or {}, cfg) and old.get("inputs") == inputs
+    old_cfg = old.get("cfg") or {}
+    if normalise is not None:  # e.g. fill keys that an older version did not record
+        try:
+            old_cfg = normalise(old_cfg)
+        except ValueError:
+            return None
+    same = not config_differences(old_cfg, cfg) and old.get("inputs") == inputs
     return old.get("metrics") if same else None
 
 

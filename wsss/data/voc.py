@@ -26,6 +26,7 @@ import contextlib
 import io
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -343,29 +344,44 @@ def _check_files_exist(folder: Path, names: list[str], suffix: str, kind: str,
 
 
 class VOCDataset(Dataset):
-    """One split of a VOC-layout dataset.
+    """One split of a VOC-layout dataset, or several concatenated (METHOD.md sec. 5: train
+    plus the single-label or web images), e.g. ``split=("train", "train_single")``.
 
     ``dataset[i]`` is a dict: ``name`` (str), ``index`` (int), ``image``
     (tv_tensors.Image (3, H, W), uint8 before ``transforms``), ``mask``
     (tv_tensors.Mask (H, W) int64, 255 = ignore; only when ``with_mask``) and ``label``
     (float32 (K,), the multi-hot l_m of METHOD.md sec. 1). ``transforms`` is called as
     ``transforms(image, mask)`` (or ``transforms(image)``) so that geometry is joint.
+    An image listed in two of the splits is an error (it would count twice).
     """
 
-    def __init__(self, root: str | Path, split: str = "train", transforms=None,
+    def __init__(self, root: str | Path, split: str | Sequence[str] = "train", transforms=None,
                  with_mask: bool = True):
         self.root = _check_root(root)
-        self.split = split
+        splits = [split] if isinstance(split, str) else list(split)
+        if not splits:
+            raise _error("no split given: name at least one, e.g. 'train'")
+        self.split = split if isinstance(split, str) else "+".join(splits)
+        self.splits = splits
         self.transforms = transforms
         self.with_mask = with_mask
         self.class_names = class_names(self.root)
         self.num_classes = len(self.class_names)
-        self.names, _ = read_split(self.root, split, self.num_classes)
-        split_file = split_path(self.root, split)
-        _check_files_exist(self.root / IMAGE_DIR, self.names, ".jpg", "image", split_file)
-        if with_mask:
-            _check_files_exist(mask_dir(self.root, split), self.names, ".png", "mask", split_file)
-        self.labels = image_labels(self.root, split, self.num_classes)
+        self.names, labels, self._split_of = [], [], {}
+        for part in splits:
+            names, _ = read_split(self.root, part, self.num_classes)
+            split_file = split_path(self.root, part)
+            _check_files_exist(self.root / IMAGE_DIR, names, ".jpg", "image", split_file)
+            if with_mask:
+                _check_files_exist(mask_dir(self.root, part), names, ".png", "mask", split_file)
+            twice = [n for n in names if n in self._split_of]
+            if twice:
+                raise _error(f"image {twice[0]} is listed in both {split_path(self.root, self._split_of[twice[0]])} "
+                             f"and {split_file}: combine splits that share no image")
+            self._split_of.update((n, part) for n in names)
+            self.names += names
+            labels.append(image_labels(self.root, part, self.num_classes))
+        self.labels = np.concatenate(labels) if len(labels) > 1 else labels[0]
 
     def __len__(self) -> int:
         return len(self.names)
@@ -378,8 +394,8 @@ class VOCDataset(Dataset):
         return self.root / IMAGE_DIR / f"{name}.jpg"
 
     def mask_path(self, name: str) -> Path:
-        """SegmentationClassAug when the split is train_aug, else SegmentationClass."""
-        return mask_dir(self.root, self.split) / f"{name}.png"
+        """SegmentationClassAug when the image's split is train_aug, else SegmentationClass."""
+        return mask_dir(self.root, self._split_of.get(name, self.splits[0])) / f"{name}.png"
 
     def source_image(self, index: int) -> tv_tensors.Image:
         """Image ``index`` as stored (uint8 (3, H, W)), before ``transforms``."""

@@ -50,7 +50,7 @@ class ClassifierConfig:
 
     data_root: str
     run_dir: str
-    split: str = "train"
+    split: tuple[str, ...] = ("train",)
     val_split: str | None = "val"
     # model
     backbone: str = "tiny"
@@ -103,7 +103,7 @@ REFERENCE_VOC = dict(backbone="vgg16", pretrained="hub", image_size=256, batch_s
 HELP = {
     "data_root": "dataset root in VOC layout",
     "run_dir": "run directory for checkpoints, logs and classifier.pt",
-    "split": "training split (ImageSets/Segmentation/SPLIT.txt)",
+    "split": "training split(s) (ImageSets/Segmentation/SPLIT.txt); several are concatenated, e.g. train train_single",
     "val_split": "split for the per-epoch mAP ('none' to skip)",
     "backbone": "tiny | vgg16 | resnet50 | resnet101",
     "pretrained": "backbone weights: a local file or 'hub' (torch hub cache); none = from scratch",
@@ -232,7 +232,7 @@ def _datasets(cfg: ClassifierConfig):
                                     squash=cfg.image_size)
     else:
         train_tf = train_transforms(crop=cfg.image_size, scale=scale, flip=cfg.flip, jitter=cfg.jitter, hue=cfg.hue)
-    base = VOCDataset(cfg.data_root, cfg.split, transforms=train_tf, with_mask=False)
+    base = VOCDataset(cfg.data_root, tuple(cfg.split), transforms=train_tf, with_mask=False)
     views = (source_view_transforms(cfg.image_size) if cfg.self_views == "source" and cfg.loss.self_pairs
              else None)
     pairs = PairDataset(base, p_common=cfg.p_common, seed=cfg.seed, include_self=cfg.partner_self,
@@ -241,7 +241,7 @@ def _datasets(cfg: ClassifierConfig):
     if cfg.val_split:
         val = VOCDataset(cfg.data_root, cfg.val_split, transforms=eval_transforms(cfg.image_size), with_mask=False)
         if val.num_classes != base.num_classes:
-            raise ValueError(f"{cfg.val_split} has {val.num_classes} classes but {cfg.split} has {base.num_classes}")
+            raise ValueError(f"{cfg.val_split} has {val.num_classes} classes but {base.split} has {base.num_classes}")
     return base, pairs, val
 
 
@@ -299,9 +299,24 @@ def run(cfg: ClassifierConfig | dict) -> dict:
         E.cleanup_distributed(dist)
 
 
+def stored_settings(cfg: dict) -> dict:
+    """The settings recorded in a classifier.pt, in today's form: a single split as a list,
+    and keys added since it was written filled with what that version did: the defaults,
+    except that self-pair terms were summed (``loss.self_weighting`` "sum"; without
+    self-pairs the two weightings are the same loss)."""
+    cfg = dict(cfg)
+    loss = dict(cfg.get("loss") or {})
+    if "self_weighting" not in loss and loss.get("self_pairs"):
+        loss["self_weighting"] = "sum"
+    cfg["loss"] = loss
+    return C.to_dict(C.from_dict(ClassifierConfig, cfg))
+
+
 def _run(cfg: ClassifierConfig, dist: E.DistInfo, t_start: float) -> dict:
     run_dir = Path(cfg.run_dir)
-    if cfg.resume and (done := E.finished_metrics(run_dir / CLASSIFIER_FILE, C.to_dict(cfg))) is not None:
+    done = E.finished_metrics(run_dir / CLASSIFIER_FILE, C.to_dict(cfg), normalise=stored_settings) \
+        if cfg.resume else None
+    if done is not None:
         if dist.is_main:
             log.info("classifier: %s is already trained with these settings; keeping it "
                      "(pass resume=False to train again)", run_dir / CLASSIFIER_FILE)
@@ -327,7 +342,7 @@ def _run(cfg: ClassifierConfig, dist: E.DistInfo, t_start: float) -> dict:
     ddp_model = E.wrap_ddp(model, device, dist, find_unused_parameters=False)  # losses touch every parameter
     if dist.is_main:
         log.info("classifier: %d %s pairs, %d val images, %d classes, %d steps/epoch x %d epochs on %s%s",
-                 len(pairs), cfg.split, len(val) if val is not None else 0, base.num_classes, spe, cfg.epochs,
+                 len(pairs), base.split, len(val) if val is not None else 0, base.num_classes, spe, cfg.epochs,
                  device, f" x {dist.world_size} processes" if dist.enabled else "")
 
     evaluate = None
