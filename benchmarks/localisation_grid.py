@@ -48,8 +48,15 @@ def main(argv=None) -> None:
     parser.add_argument("--limit", type=int, default=500, help="training images that get maps")
     parser.add_argument("--pairs", type=int, default=60, help="pairs for the diagnostics")
     parser.add_argument("--root", default=str(runs_dir() / "localisation"))
+    parser.add_argument("--figure", default=None, help="draw the maps of seed 0 side by side into this PNG, "
+                        "columns from --column, images: the first --images training images; nothing is trained")
+    parser.add_argument("--column", action="append", default=[], help="TITLE=SETTING/VARIANT")
+    parser.add_argument("--images", type=int, default=6)
     args = parser.parse_args(argv)
     root = Path(args.root)
+    if args.figure:
+        draw(root, args)
+        return
     root.mkdir(parents=True, exist_ok=True)
     rows_path = root / "rows.jsonl"
     done = {(r["setting"], r["variant"], r["seed"]) for r in map(json.loads, rows_path.open())} \
@@ -96,6 +103,24 @@ def main(argv=None) -> None:
                 print(json.dumps({k: row[k] for k in ("setting", "variant", "seed", "val_map", "maps_miou",
                                                        "maps_threshold", "pseudo_miou")}), flush=True)
     write_table(rows_path, root / "table.md")
+
+
+def draw(root: Path, args) -> None:
+    from wsss import viz
+    from wsss.data.voc import VOCDataset as Dataset
+
+    base = yaml.safe_load(open(args.config))
+    data_root = pipeline.prepare_data(pipeline.C.from_dict(pipeline.PipelineConfig, {"benchmark": base["benchmark"]}))
+    columns = {}
+    for item in args.column:
+        title, _, where = item.partition("=")
+        setting, _, variant = where.partition("/")
+        columns[title] = root / f"{setting}_s0" / f"maps_{variant}"
+    ds = Dataset(data_root, "train", with_mask=False)
+    fig = viz.maps_grid(data_root, columns, ds.names[:args.images], class_names=ds.class_names)
+    viz.save_figure(fig, args.figure, "image, ground truth and the localization maps (maximum over the image's "
+                    "classes) of each setting, seed 0: " + ", ".join(args.column),
+                    "benchmarks/localisation_grid.py --figure (from runs/localisation)")
 
 
 def _nested(flat: dict) -> dict:
