@@ -259,6 +259,7 @@ def test_class_without_partner_falls_back(model):
 def test_parse_combine():
     assert mm.parse_combine("all") == mm.KINDS
     assert mm.parse_combine("self,cam") == ("cam", "self")
+    assert mm.parse_combine(("all",)) == mm.KINDS == mm.parse_combine("all")  # YAML `combine: all` is a 1-tuple
     assert mm.parse_combine(["coatt"]) == ("coatt",)
     for bad in ("", "camm", ["cam", "grad"]):
         with pytest.raises(ValueError, match="combine"):

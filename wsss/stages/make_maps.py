@@ -77,9 +77,8 @@ def parse_combine(combine: str | Sequence[str]) -> tuple[str, ...]:
     "+" or "," (e.g. "cam+self").
     """
     if isinstance(combine, str):
-        parts = KINDS if combine.strip() == "all" else combine.replace("+", ",").split(",")
-    else:
-        parts = combine
+        combine = combine.replace("+", ",").split(",")
+    parts = KINDS if [str(p).strip() for p in combine] == ["all"] else combine
     chosen = {str(p).strip() for p in parts if str(p).strip()}
     unknown = sorted(chosen - set(KINDS))
     if unknown or not chosen:
