@@ -113,7 +113,7 @@ def draw(root: Path, args) -> None:
     data_root = pipeline.prepare_data(pipeline.C.from_dict(pipeline.PipelineConfig, {"benchmark": base["benchmark"]}))
     columns = {}
     for item in args.column:
-        title, _, where = item.partition("=")
+        title, _, where = item.rpartition("=")
         setting, _, variant = where.partition("/")
         columns[title] = root / f"{setting}_s0" / f"maps_{variant}"
     ds = Dataset(data_root, "train", with_mask=False)
