@@ -191,23 +191,3 @@ def test_a_click_on_i_m_moves_the_position_and_elsewhere_does_nothing(built):
 def test_explorer_needs_pairs(model, dataset):
     with pytest.raises(ValueError, match="at least one"):
         explorer.build_explorer(model, dataset, [])
-
-
-def test_a_burst_of_slider_steps_redraws_once_with_debounce(model, dataset, monkeypatch):
-    import asyncio
-
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-        _, cb = explorer.build_explorer(model, dataset, [(0, 1)], ["a", "b", "c"], debounce=0.05)
-        calls = []
-        real = explorer.pair_figure
-        monkeypatch.setattr(explorer, "pair_figure", lambda *a, **k: calls.append(1) or real(*a, **k))
-        for row in (0, 1, 3):                                   # three quick key presses
-            cb.row.value = row
-        assert calls == [] and cb.state["att"]["pos"] == (2, 2)  # nothing drawn yet
-        loop.run_until_complete(asyncio.sleep(0.2))
-        assert len(calls) == 1 and cb.state["att"]["pos"] == (3, 2)
-    finally:
-        asyncio.set_event_loop(None)
-        loop.close()

@@ -159,16 +159,13 @@ def _pair_label(pair: tuple[int, int], dataset, class_names) -> str:
 
 def build_explorer(model, dataset, pairs: Sequence[tuple[int, int]], class_names: Sequence[str] | None = None,
                    device: str | torch.device = "cpu", *, pair: int = 0, position: tuple[int, int] | None = None,
-                   cls: int | None = None, debounce: float = 0.0):
+                   cls: int | None = None):
     """An ipywidgets explorer of ``pairs`` (index pairs (m, n) of ``dataset``, whose images
     are normalised by ``eval_transforms``): menus for the pair and the class, row / column
     sliders for the position on I_m, the figure of :func:`pair_figure` below them. It opens
     at pair index ``pair``, ``position`` (row, col) on I_m's feature grid (default: the
     centre) and label id ``cls`` (default: the first class the pair shares), e.g. the
     notebook's PAIR / ROW / COL / CLASS; changing the pair resets position and class.
-    ``debounce`` (seconds, in a running kernel): a burst of slider changes (keys held or
-    pressed quickly) redraws once, ``debounce`` after the last one, instead of queueing one
-    ~1 s redraw per step; 0 redraws at once (what tests without an event loop need).
 
     Returns ``(box, cb)``: the widget to display and a namespace with the widgets
     (``cb.pair``, ``cb.row``, ``cb.col``, ``cb.cls``, ``cb.out``), the observers
@@ -240,21 +237,11 @@ def build_explorer(model, dataset, pairs: Sequence[tuple[int, int]], class_names
         update_maps()
         redraw()
 
-    def position_changed():
-        update_attention()
-        redraw()
-
     def on_position(change=None):
         if state["busy"]:
             return
-        if debounce <= 0:
-            position_changed()
-            return
-        import asyncio
-
-        if state.get("timer") is not None:
-            state["timer"].cancel()
-        state["timer"] = asyncio.get_event_loop().call_later(debounce, position_changed)
+        update_attention()
+        redraw()
 
     def on_class(change=None):
         if state["busy"]:
