@@ -23,19 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from _settings import parse_setting
 
+from wsss import config as C
 from wsss import diagnostics as D
 from wsss.data.transforms import eval_transforms
 from wsss.data.voc import VOCDataset
 from wsss.paths import REPO_ROOT, runs_dir
 from wsss.stages import evaluate, make_maps, pipeline, pseudo_masks, train_classifier
 from wsss.stages.train_classifier import load_classifier
-
-
-def parse(text: str) -> tuple[str, dict]:
-    """NAME:key=value,... (values in YAML; ``+`` inside a value is kept)."""
-    name, _, body = text.partition(":")
-    return name, {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in filter(None, body.split(",")))}
 
 
 def main(argv=None) -> None:
@@ -62,16 +58,16 @@ def main(argv=None) -> None:
     done = {(r["setting"], r["variant"], r["seed"]) for r in map(json.loads, rows_path.open())} \
         if rows_path.is_file() else set()
     base = yaml.safe_load(open(args.config))
-    data_root = pipeline.prepare_data(pipeline.C.from_dict(pipeline.PipelineConfig, {"benchmark": base["benchmark"]}))
-    variants = [parse(v) for v in args.variant]
-    for setting, overrides in map(parse, args.setting):
+    data_root = pipeline.prepare_data(C.from_dict(pipeline.PipelineConfig, {"benchmark": base["benchmark"]}))
+    variants = [parse_setting(v) for v in args.variant]
+    for setting, overrides in map(parse_setting, args.setting):
         recipe = overrides.pop("recipe", None)
         for seed in args.seeds:
             run_dir = root / f"{setting}_s{seed}"
-            cfg = pipeline.C.from_dict(pipeline.PipelineConfig, {
+            cfg = C.from_dict(pipeline.PipelineConfig, {
                 **{k: base[k] for k in ("classifier", "maps", "pseudo")}, "recipe": recipe, "seed": seed,
                 "run_dir": str(run_dir), "stages": ["classifier", "maps", "pseudo"]})
-            cfg.classifier = pipeline._merge(cfg.classifier, _nested(overrides))
+            cfg.classifier = C.merge(cfg.classifier, C.nest_dotted(overrides))
             stages = pipeline.stage_configs(cfg, data_root, run_dir)
             cfg.recipe = None  # the maps and pseudo-masks of each variant: the demo's, plus its own overrides
             stages.update({k: v for k, v in pipeline.stage_configs(cfg, data_root, run_dir).items() if k != "classifier"})
@@ -80,12 +76,12 @@ def main(argv=None) -> None:
             for variant, maps_over in variants:
                 if (setting, variant, seed) in done:
                     continue
-                maps_cfg = pipeline._merge(pipeline.C.to_dict(stages["maps"]),
+                maps_cfg = C.merge(C.to_dict(stages["maps"]),
                                            {**maps_over, "maps_dir": f"maps_{variant}", "limit": args.limit})
                 make_maps.run(maps_cfg)
                 maps_res = evaluate.evaluate_maps(data_root, "train", run_dir / f"maps_{variant}",
                                                   allow_missing=True)
-                pseudo_cfg = {**pipeline.C.to_dict(stages["pseudo"]), "maps_dir": f"maps_{variant}",
+                pseudo_cfg = {**C.to_dict(stages["pseudo"]), "maps_dir": f"maps_{variant}",
                               "out_dir": f"pseudo_{variant}", "limit": args.limit}
                 pseudo_masks.run(pseudo_cfg)
                 pseudo_res = evaluate.evaluate_masks(data_root, "train", run_dir / f"pseudo_{variant}",
@@ -110,7 +106,7 @@ def draw(root: Path, args) -> None:
     from wsss.data.voc import VOCDataset as Dataset
 
     base = yaml.safe_load(open(args.config))
-    data_root = pipeline.prepare_data(pipeline.C.from_dict(pipeline.PipelineConfig, {"benchmark": base["benchmark"]}))
+    data_root = pipeline.prepare_data(C.from_dict(pipeline.PipelineConfig, {"benchmark": base["benchmark"]}))
     columns = {}
     for item in args.column:
         title, _, where = item.rpartition("=")
@@ -121,17 +117,6 @@ def draw(root: Path, args) -> None:
     viz.save_figure(fig, args.figure, "image, ground truth and the localization maps (maximum over the image's "
                     "classes) of each setting, seed 0: " + ", ".join(args.column),
                     "benchmarks/localisation_grid.py --figure (from runs/localisation)")
-
-
-def _nested(flat: dict) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        *head, last = key.split(".")
-        for part in head:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return out
 
 
 COLUMNS = ("val_map", "maps_miou", "pseudo_miou", "att/obj->obj", "att/obj_area_n", "att/bg->bg",

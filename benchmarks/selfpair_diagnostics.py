@@ -17,21 +17,13 @@ import argparse
 
 import torch
 import yaml
+from _settings import parse_setting
 
 from wsss import config as C
 from wsss import engine as E
 from wsss.data.synth import ensure_benchmark
 from wsss.paths import REPO_ROOT, benchmark_root
 from wsss.stages import train_classifier as T
-
-
-def parse_setting(text: str) -> tuple[str, dict]:
-    name, _, body = text.partition(":")
-    loss = {}
-    for item in filter(None, body.split(",")):
-        key, _, value = item.partition("=")
-        loss[key] = yaml.safe_load(value)
-    return name, loss
 
 
 def diagnose(cfg: T.ClassifierConfig, steps: int, every: int, name: str) -> list[dict]:

@@ -17,22 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from _settings import parse_setting
 
 from wsss import config as C
 from wsss.data.synth import ensure_benchmark
 from wsss.paths import REPO_ROOT, benchmark_root, runs_dir
 from wsss.stages import train_classifier as T
-
-
-def parse_setting(text: str) -> tuple[str, dict]:
-    """NAME:key=value,... -> (NAME, {key: value}); keys are ClassifierConfig fields, loss.*
-    for the loss (e.g. loss.w_self=0.5)."""
-    name, _, body = text.partition(":")
-    out: dict = {}
-    for item in filter(None, body.split(",")):
-        key, _, value = item.partition("=")
-        out[key] = yaml.safe_load(value)
-    return name, out
 
 
 def main(argv=None) -> None:

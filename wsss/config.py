@@ -122,7 +122,22 @@ def to_dict(cfg) -> dict:
     return plain(cfg)
 
 
-def _nest_dotted(data: dict) -> dict:
+def merge(base: Mapping, top: Mapping, *, skip_none: bool = False) -> dict:
+    """``top`` over ``base``, nested mappings merged key by key (copies; neither is changed).
+    ``skip_none``: a None in ``top`` leaves the value alone (a parameter left at None)."""
+    out = dict(base)
+    for key, value in top.items():
+        if value is None and skip_none:
+            continue
+        if isinstance(value, Mapping):
+            below = out.get(key)
+            out[key] = merge(below if isinstance(below, Mapping) else {}, value, skip_none=skip_none)
+        else:
+            out[key] = value
+    return out
+
+
+def nest_dotted(data: dict) -> dict:
     """{"loss.w_con": 1} -> {"loss": {"w_con": 1}} (merged with an existing nested mapping)."""
     out: dict = {}
     for key, value in data.items():
@@ -131,7 +146,7 @@ def _nest_dotted(data: dict) -> dict:
             sub = out.setdefault(head, {})
             if not isinstance(sub, dict):
                 raise ConfigError(f"key {key!r} conflicts with a non-mapping value for {head!r}")
-            sub.update(_nest_dotted({rest: value}))
+            sub.update(nest_dotted({rest: value}))
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key].update(value)
         else:
@@ -197,7 +212,7 @@ def from_dict(cls, data: dict | None, *, base=None):
     Missing keys take the dataclass default, or the value from ``base`` (an instance of
     ``cls``) when given. Values are type-checked against the annotations (see ``_coerce``).
     """
-    data = _nest_dotted(dict(data or {}))
+    data = nest_dotted(dict(data or {}))
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(k for k in data if k not in fields)
     if unknown:
@@ -349,8 +364,8 @@ def from_args(cls, args: argparse.Namespace, *, parser: argparse.ArgumentParser 
         merged: dict = {}
         config_path = getattr(args, "config", None)
         if config_path:
-            merged = _nest_dotted(read_yaml_mapping(config_path, f"{cls.__name__} fields"))
-        for k, v in _nest_dotted(given).items():
+            merged = nest_dotted(read_yaml_mapping(config_path, f"{cls.__name__} fields"))
+        for k, v in nest_dotted(given).items():
             if isinstance(v, dict) and isinstance(merged.get(k), dict):
                 merged[k] = {**merged[k], **v}
             else:

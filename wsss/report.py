@@ -89,17 +89,7 @@ def pipeline_config_path(data_size: str = "demo", config: str | Path | None = No
 def merge_sections(base: Mapping, overrides: Mapping) -> dict:
     """``base`` with ``overrides`` merged in, nested mappings merged key by key; an override
     of None leaves the value alone (a notebook parameter left at None means "the config's")."""
-    out = dict(base)
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge_sections(out[key], value)
-        elif isinstance(value, Mapping):
-            out[key] = merge_sections({}, value)
-        else:
-            out[key] = value
-    return out
+    return C.merge(base, overrides, skip_none=True)
 
 
 def load_pipeline(data_size: str = "demo", config: str | Path | None = None, run_dir: str | Path | None = None, *,

@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from wsss.classes import IGNORE_INDEX
+from wsss.data.pairs import _scaled_size  # the batch views' rounding, for the same view sizes
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -89,8 +90,8 @@ def source_view_transforms(size: int, down: float = 0.75, up: float = 2.0) -> di
     def squash(s: int, flip: bool = False) -> v2.Compose:
         return v2.Compose([v2.Resize([s, s], antialias=True)] + ([v2.RandomHorizontalFlip(1.0)] if flip else [])
                           + _to_normalized_float())
-    return {"flip": squash(size, flip=True), "down": squash(max(1, int(size * down + 0.5))),
-            "up": squash(max(1, int(size * up + 0.5)))}
+    return {"flip": squash(size, flip=True), "down": squash(_scaled_size(size, down)),
+            "up": squash(_scaled_size(size, up))}
 
 
 def eval_transforms(size: int | tuple[int, int] | None = None) -> v2.Compose:

@@ -89,14 +89,6 @@ def load_recipe(recipe: str | None) -> dict:
     return data
 
 
-def _merge(base: dict, top: dict) -> dict:
-    """``top`` over ``base``, nested mappings merged key by key."""
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def stage_configs(cfg: PipelineConfig, data_root: Path, run_dir: Path) -> dict:
     """Each chosen stage's config object, built from the recipe's section, its own section
     on top, plus the shared fields."""
@@ -107,7 +99,7 @@ def stage_configs(cfg: PipelineConfig, data_root: Path, run_dir: Path) -> dict:
     out = {}
     for name in cfg.stages:
         _, cls = STAGES[name]
-        section = _merge(recipe.get(name) or {}, dict(getattr(cfg, name) or {}))
+        section = C.merge(recipe.get(name) or {}, getattr(cfg, name) or {})
         shared = {"data_root": str(data_root), "run_dir": str(run_dir)}
         if name in SEEDED:
             shared["seed"] = cfg.seed

@@ -219,10 +219,8 @@ def evaluate_map(model, loader, device: torch.device, *, amp: bool = True, chann
 
 def _datasets(cfg: ClassifierConfig):
     from wsss.data.pairs import PairDataset
-    from wsss.data.transforms import eval_transforms, train_transforms
+    from wsss.data.transforms import eval_transforms, source_view_transforms, train_transforms
     from wsss.data.voc import VOCDataset
-
-    from wsss.data.transforms import source_view_transforms
 
     scale = tuple(cfg.scale) if cfg.scale and tuple(cfg.scale) != (1.0, 1.0) else None
     if scale is not None and len(scale) != 2:

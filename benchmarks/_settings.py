@@ -1,0 +1,12 @@
+"""The ``NAME:key=value,...`` settings of the benchmark scripts' command lines."""
+
+from __future__ import annotations
+
+import yaml
+
+
+def parse_setting(text: str) -> tuple[str, dict]:
+    """``NAME:key=value,...`` -> (NAME, {key: value}), each value read as YAML; keys are
+    config fields, dotted for nested ones (``loss.w_self=0.5``)."""
+    name, _, body = text.partition(":")
+    return name, {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in filter(None, body.split(",")))}
