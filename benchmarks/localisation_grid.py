@@ -41,6 +41,8 @@ def main(argv=None) -> None:
     parser.add_argument("--setting", action="append", required=True,
                         help="NAME:field=value,... classifier overrides; recipe=official selects a recipe")
     parser.add_argument("--variant", action="append", required=True, help="NAME:field=value,... maps overrides")
+    parser.add_argument("--scene", default="", help="the benchmark's realism knobs, field=value,... "
+                        "(body_class, context_p, context_size; wsss.data.synth); use its own --root")
     parser.add_argument("--limit", type=int, default=500, help="training images that get maps")
     parser.add_argument("--pairs", type=int, default=60, help="pairs for the diagnostics")
     parser.add_argument("--root", default=str(runs_dir() / "localisation"))
@@ -58,7 +60,7 @@ def main(argv=None) -> None:
     done = {(r["setting"], r["variant"], r["seed"]) for r in map(json.loads, rows_path.open())} \
         if rows_path.is_file() else set()
     base = yaml.safe_load(open(args.config))
-    data_root = pipeline.prepare_data(C.from_dict(pipeline.PipelineConfig, {"benchmark": base["benchmark"]}))
+    data_root = data_of(base, args.scene)
     variants = [parse_setting(v) for v in args.variant]
     for setting, overrides in map(parse_setting, args.setting):
         recipe = overrides.pop("recipe", None)
@@ -86,6 +88,9 @@ def main(argv=None) -> None:
                 pseudo_masks.run(pseudo_cfg)
                 pseudo_res = evaluate.evaluate_masks(data_root, "train", run_dir / f"pseudo_{variant}",
                                                      allow_missing=True)
+                names = VOCDataset(data_root, "train", with_mask=False).names[:args.limit]
+                cover = {f"{k}@0.5": v[0] for k, v in D.maps_part_coverage(
+                    data_root, run_dir / f"maps_{variant}", names).items() if k != "threshold"}
                 if diag is None:
                     model = load_classifier(run_dir, "cpu")
                     masked = VOCDataset(data_root, "train", transforms=eval_transforms(), with_mask=True)
@@ -93,7 +98,7 @@ def main(argv=None) -> None:
                                      parts=D.part_reader(data_root))
                 row = {"setting": setting, "variant": variant, "seed": seed, "val_map": info["val_map"],
                        "maps_miou": maps_res["miou"], "maps_threshold": maps_res["best_threshold"],
-                       "pseudo_miou": pseudo_res["miou"], **diag}
+                       "pseudo_miou": pseudo_res["miou"], **cover, **diag}
                 with rows_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps({k: row[k] for k in ("setting", "variant", "seed", "val_map", "maps_miou",
@@ -101,12 +106,18 @@ def main(argv=None) -> None:
     write_table(rows_path, root / "table.md")
 
 
+def data_of(base: dict, scene: str) -> Path:
+    """The benchmark of the base config with the scene knobs ``field=value,...`` set."""
+    knobs = parse_setting(f"scene:{scene}")[1] if scene else {}
+    return pipeline.prepare_data(C.from_dict(pipeline.PipelineConfig, {"benchmark": base["benchmark"],
+                                                                       "scene": knobs}))
+
+
 def draw(root: Path, args) -> None:
     from wsss import viz
     from wsss.data.voc import VOCDataset as Dataset
 
-    base = yaml.safe_load(open(args.config))
-    data_root = pipeline.prepare_data(C.from_dict(pipeline.PipelineConfig, {"benchmark": base["benchmark"]}))
+    data_root = data_of(yaml.safe_load(open(args.config)), args.scene)
     columns = {}
     for item in args.column:
         title, _, where = item.rpartition("=")
@@ -119,7 +130,7 @@ def draw(root: Path, args) -> None:
                     "benchmarks/localisation_grid.py --figure (from runs/localisation)")
 
 
-COLUMNS = ("val_map", "maps_miou", "pseudo_miou", "att/obj->obj", "att/obj_area_n", "att/bg->bg",
+COLUMNS = ("val_map", "maps_miou", "pseudo_miou", "part_recall@0.5", "body_recall@0.5", "context_share@0.5", "att/obj->obj", "att/obj_area_n", "att/bg->bg",
            "cam/object", "cam/band", "coatt/object", "coatt/band", "coatt/context")
 
 
@@ -132,7 +143,7 @@ def write_table(rows_path: Path, out: Path) -> str:
     for (setting, variant), rs in groups.items():
         cells = []
         for col in COLUMNS:
-            v = np.array([r[col] for r in rs], dtype=float)
+            v = np.array([r.get(col, np.nan) for r in rs], dtype=float)
             scale = 1 if col == "val_map" else 100
             cells.append(f"{scale * v.mean():.{3 if scale == 1 else 1}f} ± {scale * v.std(ddof=1) if len(v) > 1 else 0:.{3 if scale == 1 else 1}f}")
         lines.append(f"| {setting} | {variant} | {len(rs)} | " + " | ".join(cells) + " |")

@@ -90,3 +90,27 @@ def test_pair_diagnostics_and_collect_run_on_a_model():
     pairs = D.shared_class_pairs(labels, 10, seed=0)
     assert len(pairs) == 4 and all(labels[m, c - 1] and labels[n, c - 1] and m != n for m, n, c in pairs)
     assert "| att/obj->obj |" in D.summary_table(got)
+
+
+def test_maps_part_coverage_reads_saved_maps(tmp_path):
+    from PIL import Image
+
+    from wsss.data.synth import PART_DIR
+    from wsss.stages.make_maps import maps_path, save_maps
+
+    (tmp_path / "SegmentationClass").mkdir()
+    (tmp_path / PART_DIR).mkdir()
+    mask = np.zeros((4, 6), np.uint8)
+    mask[:, :4] = 2                                   # class 2: head column 0, body columns 1-3
+    part = np.where(mask == 2, 1, 3).astype(np.uint8)
+    part[:, 0] = 2
+    Image.fromarray(mask).save(tmp_path / "SegmentationClass" / "a.png")
+    Image.fromarray(part).save(tmp_path / PART_DIR / "a.png")
+    maps = np.zeros((1, 4, 6), np.float32)
+    maps[0, :, :2] = 1.0                              # head and a third of the body on
+    maps[0, :, 5] = 0.8                               # and one context column
+    save_maps(maps_path(tmp_path / "maps", "a"), maps, [2])
+    got = D.maps_part_coverage(tmp_path, tmp_path / "maps", ["a"], thresholds=(0.5, 0.9))
+    assert got["part_recall"] == [1.0, 1.0]
+    assert got["body_recall"] == [round(4 / 12, 4), round(4 / 12, 4)]
+    assert got["context_share"] == [round(4 / 12, 4), 0.0]

@@ -44,7 +44,7 @@ def stats_root(tmp_path_factory) -> tuple[Path, dict]:
     """More images (small ones) for the statistical checks."""
     root = tmp_path_factory.mktemp("bench") / "stats"
     stats = synth.generate(root, "smoke", seed=1, image_size=48, num_train=400, num_val=4, num_single=4,
-                           num_web=300)
+                           num_web=300, body_class=0.0)
     return root, stats
 
 
@@ -151,8 +151,40 @@ def test_class_pairs_cooccur(stats_root):
     assert partner_rate > 2.5 * other_rate
 
 
+def test_body_class_knob_gives_bodies_their_class_pairs_look():
+    rng = np.random.default_rng(0)
+    looks = {c: synth.body_look(c) for c in range(10)}
+    assert all(looks[2 * i] == looks[2 * i + 1] for i in range(5))         # pairs share a body ...
+    assert len(set(looks.values())) == 5                                   # ... and pairs differ
+    assert all(t < len(synth.BODY_TEXTURES) and a != b and max(a, b) < len(synth.BODY_COLOURS)
+               for t, (a, b) in looks.values())
+    for q in (0.0, 0.5, 1.0):
+        drawn = [synth._sample_object(rng, c, 96, body_class=q) for c in range(10) for _ in range(60)]
+        own = np.mean([(o.texture, o.colours) == looks[o.cls] for o in drawn if o is not None])
+        # the class's own look, plus the chance that a random draw hits it (1/5 * 1/56)
+        assert abs(own - (q + (1 - q) / 280)) < 0.08, (q, own)
+    with pytest.raises(ValueError, match="body_class"):
+        synth.resolve_params("smoke", body_class=1.5)
+
+
+def test_context_knobs():
+    box = (20.0, 60.0, 30.0, 50.0)
+    one = synth._context_box(np.random.default_rng(3), box, 96)
+    f = np.random.default_rng(3).uniform(0.5, 0.65)
+    assert one == pytest.approx((20 - 6, 60 + 6, 30 + f * 20, 50 + 3 + 4.8))     # version 2's band
+    two = synth._context_box(np.random.default_rng(3), box, 96, scale=2.0)
+    assert two[0] < one[0] and two[1] > one[1] and two[2] < one[2] and two[3] > one[3]
+    rng = np.random.default_rng(0)
+    scenes = [synth.sample_scene(rng, 10, 64, context_p=0.0) for _ in range(30)]
+    assert not any(c for s in scenes for c in s.contexts if not c["stray"])
+    scenes = [synth.sample_scene(rng, 10, 64, context_p=1.0, stray=False) for _ in range(30)]
+    assert all(len(s.contexts) == len(s.objects) for s in scenes)
+    with pytest.raises(ValueError, match="context_size"):
+        synth.resolve_params("smoke", context_size=0)
+
+
 def test_bodies_are_class_independent(stats_root):
-    # by construction: the same random stream gives the same body whatever the class
+    # body_class 0, by construction: the same random stream gives the same body whatever the class
     a = synth._sample_object(np.random.default_rng(5), 0, 96)
     b = synth._sample_object(np.random.default_rng(5), 7, 96)
     assert dataclasses.replace(a, cls=7) == b

@@ -40,6 +40,10 @@ def _add_benchmark_parser(sub) -> None:
     p.add_argument("--num-train", type=int, default=None, help="training images (size 'full' needs it)")
     p.add_argument("--num-val", type=int, default=None)
     p.add_argument("--noise-rate", type=float, default=0.3, help="label noise of the 'web' split (setting 3)")
+    p.add_argument("--body-class", type=float, default=None,
+                   help="P(a body has its class pair's look), in [0, 1] (0: bodies say nothing about the class)")
+    p.add_argument("--context-p", type=float, default=None, help="P(a present class draws its context band)")
+    p.add_argument("--context-size", type=float, default=None, help="scale of the context bands (1: version 2's)")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -86,9 +90,11 @@ def _make_benchmark(args) -> None:
     from wsss.data.synth import generate
     from wsss.paths import benchmark_root
 
-    root = args.root or benchmark_root(args.size, args.seed)
+    scene = {k: getattr(args, k) for k in ("body_class", "context_p", "context_size") if getattr(args, k) is not None}
+    root = args.root or benchmark_root(args.size, args.seed, scene)
     stats = generate(root, size=args.size, seed=args.seed, num_classes=args.num_classes, image_size=args.image_size,
-                     num_train=args.num_train, num_val=args.num_val, noise_rate=args.noise_rate, overwrite=args.overwrite)
+                     num_train=args.num_train, num_val=args.num_val, noise_rate=args.noise_rate, overwrite=args.overwrite,
+                     **scene)
     print(json.dumps(stats, indent=2, default=str))
     print_dataset_statistics(root)
 

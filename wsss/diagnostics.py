@@ -171,6 +171,30 @@ def part_reader(data_root):
     return lambda name: np.array(Image.open(folder / f"{name}.png"))
 
 
+def maps_part_coverage(data_root, maps_dir, names, thresholds=(0.5,)) -> dict[str, list[float]]:
+    """The benchmark's calibration measures of saved maps (``wsss.data.synth.part_coverage``):
+    per threshold, the recall of the discriminative part and of the body, and the share of
+    the above-threshold map on context, over the images ``names`` of MAPS_DIR (NAME.npz)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from wsss.data.synth import part_coverage, part_coverage_counts
+    from wsss.stages.make_maps import load_maps, maps_path
+
+    parts, root = part_reader(data_root), Path(data_root)
+    if parts is None:
+        raise FileNotFoundError(f"{root} has no part maps: the calibration needs the embedded benchmark")
+    counts = 0
+    for name in names:
+        maps, classes = load_maps(maps_path(maps_dir, name))
+        mask = np.array(Image.open(root / "SegmentationClass" / f"{name}.png"))
+        full = np.zeros((int(max(classes.max(initial=0), mask.max(initial=0))), *maps.shape[1:]), np.float32)
+        full[classes - 1] = maps
+        counts = counts + part_coverage_counts(full, np.where(mask == 255, 0, mask), parts(name), thresholds)
+    return part_coverage(counts, thresholds)
+
+
 def summary_table(stats: dict[str, float]) -> str:
     """The diagnostics as a short markdown table (shares and masses in %)."""
     lines = ["| measure | value |", "|---|---|"]

@@ -19,6 +19,9 @@ def runs_dir() -> Path:
     return Path(os.environ.get("WSSS_RUNS", REPO_ROOT / "runs"))
 
 
-def benchmark_root(size: str = "demo", seed: int = 0) -> Path:
-    """Where the embedded benchmark of a given size lives by default: data/synthetic-SIZE[-sSEED]."""
-    return data_dir() / (f"synthetic-{size}" if seed == 0 else f"synthetic-{size}-s{seed}")
+def benchmark_root(size: str = "demo", seed: int = 0, scene: dict | None = None) -> Path:
+    """Where the embedded benchmark of a given size lives by default: data/synthetic-SIZE[-sSEED],
+    with ``-KEYVALUE`` per scene knob set (``scene``: wsss.data.synth.SynthParams fields), so
+    benchmarks of other knobs live beside the default one instead of replacing it."""
+    name = f"synthetic-{size}" if seed == 0 else f"synthetic-{size}-s{seed}"
+    return data_dir() / "".join([name, *(f"-{k}{v:g}" for k, v in sorted((scene or {}).items()))])

@@ -7,17 +7,18 @@ METHOD.md sec. 1-2 targets (data/README.md):
 
 * **Small discriminative part.** An object is a large *body* (45-75 % of the image side,
   i.e. 5-9 cells of a stride-8 map) with a small *head* at one end (about 4-12 % of the
-  object's area). Body shape, colour and texture are drawn from a few shared choices,
-  independently of the class, so the body says nothing about the class: only the head
-  does. A plain CAM classifier can succeed by looking at the head alone. Calibration (a
-  6-conv CNN, stride 8, 8 epochs on the demo train split, threshold 0.5 on max-normalised
-  maps): head recall 0.89, body recall 0.43, 23 % of the map on context. Bodies 30-60 %
-  of the side gave body recall 0.63 (head recall 0.94): too small for the map's blur.
+  object's area). Body shape, colour and texture are drawn from a few shared choices.
+  With probability ``body_class`` the body's texture and colours are those of its class
+  *pair* (2i, 2i+1 share them, as cats and dogs share fur), otherwise drawn independently
+  of the class: so the body says which pair the object may belong to, and only the head
+  says which of the two it is. A plain CAM classifier can succeed by looking at the head
+  alone. ``body_class: 0`` (generator version 2) makes bodies say nothing about the class;
+  the calibration of the defaults is in docs/localisation.md.
 * **Shared parts.** Classes come in pairs (2i, 2i+1, 0-based) whose heads share a colour
   and differ only by pattern (solid vs. striped).
 * **Co-occurrence.** Every class has its own *context* texture (like water for boats),
-  drawn as a band under the object with probability ``P_CONTEXT`` when the class is
-  present and rarely otherwise. Context is background in the mask (0) and 3 in the
+  drawn as a band under the object with probability ``context_p`` when the class is
+  present and rarely otherwise; ``context_size`` scales the band's extent. Context is background in the mask (0) and 3 in the
   diagnostic part map. Class ``c`` and ``c + K//2`` also appear together often.
 * **Clutter, occlusion, scale.** Random small distractor shapes (background), later
   objects overlapping earlier ones (every object keeps most of its body and head
@@ -58,7 +59,7 @@ from wsss.classes import voc_palette, write_class_names
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 PARAMS_FILE = "benchmark.json"
 OBJECTS_FILE = "benchmark_objects.jsonl"
 PART_DIR = "SegmentationPart"
@@ -76,8 +77,9 @@ CLASS_NAMES = (
     "rusk", "sabe", "tove", "vrim", "wolt", "yarn", "zeck", "brul", "chib", "duss",
 )
 
-# Scene knobs. They are constants rather than arguments so that the recorded parameters
-# stay short; GENERATOR_VERSION changes when any of them does.
+# Scene constants. They are not arguments so that the recorded parameters stay short;
+# GENERATOR_VERSION changes when any of them does. The realism knobs (body-class
+# correlation, context probability and size) are SynthParams fields instead.
 BODY_LENGTH = (0.45, 0.75)     # body length, fraction of the image side
 BODY_ASPECT = (0.30, 0.50)     # body width / length
 BODY_SHAPES = (2.0, 4.0, 1.4)  # superellipse exponents: ellipse, rounded box, lens
@@ -87,7 +89,7 @@ HEAD_MIN_RADIUS = 0.035        # fraction of the image side
 HEAD_AT = 0.92                 # head centre along the body axis, fraction of the half-length
 OBJECTS_P = (0.4, 0.4, 0.2)    # probability of 1, 2, 3 objects
 P_PAIR = 0.5                   # second object is the co-occurrence partner of the first
-P_CONTEXT = 0.8                # context band drawn under a present class
+P_CONTEXT = 0.8                # context band drawn under a present class (version 2; default of context_p)
 P_STRAY_CONTEXT = 0.1          # per image: one context band of an absent class
 MIN_VISIBLE = 0.6              # occlusion: fraction of an object that must stay visible
 MIN_HEAD_VISIBLE = 0.75        # occlusion: fraction of a head that must stay visible
@@ -96,6 +98,7 @@ CLUTTER = (2, 7)               # number of distractor shapes, [lo, hi)
 NOISE_SIGMA = 0.025            # pixel noise
 JPEG_QUALITY = 95
 
+SCENE_KNOBS = ("body_class", "context_p", "context_size")  # SynthParams' realism knobs
 SPLIT_CODES = {"train": 0, "val": 1, "single": 2, "web": 3}
 SPLIT_FILES = {"train": "train.txt", "val": "val.txt", "single": "train_single.txt", "web": "train_web.txt"}
 
@@ -113,6 +116,9 @@ class SynthParams:
     num_single: int = 200
     num_web: int = 200
     noise_rate: float = 0.3
+    body_class: float = 0.0        # P(an object's body has its class pair's texture and colours)
+    context_p: float = P_CONTEXT   # P(a present class draws its context band)
+    context_size: float = 1.0      # scale of the context band's extent (1: version 2's bands)
     version: int = GENERATOR_VERSION
 
     def counts(self) -> dict[str, int]:
@@ -120,7 +126,8 @@ class SynthParams:
 
 
 def resolve_params(size="demo", seed=0, num_classes=10, image_size=None, num_train=None, num_val=None,
-                   noise_rate=0.3, num_single=None, num_web=None) -> SynthParams:
+                   noise_rate=0.3, num_single=None, num_web=None, body_class=None, context_p=None,
+                   context_size=None) -> SynthParams:
     """Fill the size defaults in and validate; raises ValueError naming the bad argument."""
     if size not in SIZES:
         raise ValueError(f"unknown benchmark size {size!r}: choose one of {sorted(SIZES)}")
@@ -129,7 +136,9 @@ def resolve_params(size="demo", seed=0, num_classes=10, image_size=None, num_tra
     p = SynthParams(size=size, seed=int(seed), num_classes=int(num_classes),
                     image_size=pick(image_size, "image_size"), num_train=pick(num_train, "num_train"),
                     num_val=pick(num_val, "num_val"), num_single=pick(num_single, "num_single"),
-                    num_web=pick(num_web, "num_web"), noise_rate=float(noise_rate))
+                    num_web=pick(num_web, "num_web"), noise_rate=float(noise_rate),
+                    **{k: float(v) for k, v in (("body_class", body_class), ("context_p", context_p),
+                                                ("context_size", context_size)) if v is not None})
     if p.num_classes < 2:
         raise ValueError(f"num_classes={p.num_classes}: the benchmark needs at least 2 classes")
     if p.num_classes > 254:
@@ -138,8 +147,11 @@ def resolve_params(size="demo", seed=0, num_classes=10, image_size=None, num_tra
         raise ValueError(f"image_size={p.image_size}: use at least 32 px (objects get too small to have parts)")
     if p.num_train < 1 or p.num_val < 1 or p.num_single < 0 or p.num_web < 0:
         raise ValueError(f"image counts must be >= 1 for train/val and >= 0 for single/web, got {p.counts()}")
-    if not 0.0 <= p.noise_rate <= 1.0:
-        raise ValueError(f"noise_rate={p.noise_rate}: must lie in [0, 1]")
+    for key in ("noise_rate", "body_class", "context_p"):
+        if not 0.0 <= getattr(p, key) <= 1.0:
+            raise ValueError(f"{key}={getattr(p, key)}: must lie in [0, 1]")
+    if not 0.0 < p.context_size <= 3.0:
+        raise ValueError(f"context_size={p.context_size}: must lie in (0, 3]")
     return p
 
 
@@ -238,8 +250,23 @@ def object_masks(o: ObjectSpec, xx, yy) -> tuple[np.ndarray, np.ndarray, np.ndar
     return body & ~head, head, u, v
 
 
-def _sample_object(rng: np.random.Generator, cls: int, size: int, scale: float = 1.0) -> ObjectSpec | None:
-    """Draw an object of class ``cls`` whose head lies inside the image (None if it cannot)."""
+def body_look(c: int) -> tuple[int, tuple[int, int]]:
+    """Texture and colour pair of the bodies of 0-based class ``c`` when they follow the class.
+
+    Classes 2i and 2i+1 share them (the body tells the pair, the head tells the class).
+    """
+    pair = c // 2
+    first = pair % len(BODY_COLOURS)
+    return pair % len(BODY_TEXTURES), (first, (first + 1 + pair // len(BODY_COLOURS)) % len(BODY_COLOURS))
+
+
+def _sample_object(rng: np.random.Generator, cls: int, size: int, scale: float = 1.0,
+                   body_class: float = 0.0) -> ObjectSpec | None:
+    """Draw an object of class ``cls`` whose head lies inside the image (None if it cannot).
+
+    With probability ``body_class`` its texture and colours are :func:`body_look` of the
+    class (the draw is skipped when it is 0, so version 2's scenes stay reachable).
+    """
     length = rng.uniform(*BODY_LENGTH) * size * scale
     a = length / 2
     b = a * rng.uniform(*BODY_ASPECT)
@@ -260,10 +287,13 @@ def _sample_object(rng: np.random.Generator, cls: int, size: int, scale: float =
     if lo_x > hi_x or lo_y > hi_y:
         return None
     colours = tuple(int(i) for i in rng.choice(len(BODY_COLOURS), size=2, replace=False))
-    return ObjectSpec(cls=cls, shape=shape, texture=int(rng.integers(len(BODY_TEXTURES))), colours=colours,
-                      period=float(rng.uniform(0.05, 0.09) * size), cx=float(rng.uniform(lo_x, hi_x)),
-                      cy=float(rng.uniform(lo_y, hi_y)), angle=float(angle), a=float(a), b=float(b),
-                      head_r=float(head_r), phase=float(rng.uniform(0, 2 * math.pi)))
+    o = ObjectSpec(cls=cls, shape=shape, texture=int(rng.integers(len(BODY_TEXTURES))), colours=colours,
+                   period=float(rng.uniform(0.05, 0.09) * size), cx=float(rng.uniform(lo_x, hi_x)),
+                   cy=float(rng.uniform(lo_y, hi_y)), angle=float(angle), a=float(a), b=float(b),
+                   head_r=float(head_r), phase=float(rng.uniform(0, 2 * math.pi)))
+    if body_class > 0 and rng.random() < body_class:
+        o.texture, o.colours = body_look(cls)
+    return o
 
 
 def _sample_classes(rng: np.random.Generator, num_classes: int, num_objects: int) -> list[int]:
@@ -280,7 +310,7 @@ def _sample_classes(rng: np.random.Generator, num_classes: int, num_objects: int
     return classes
 
 
-def _place_objects(rng, classes: list[int], size: int, xx, yy) -> list[ObjectSpec]:
+def _place_objects(rng, classes: list[int], size: int, xx, yy, body_class: float = 0.0) -> list[ObjectSpec]:
     """Place objects in order (later on top), keeping every object honestly visible.
 
     A new object is rejected (and redrawn, up to PLACE_TRIES times) if it would leave an
@@ -290,7 +320,8 @@ def _place_objects(rng, classes: list[int], size: int, xx, yy) -> list[ObjectSpe
     masks: list[tuple[np.ndarray, np.ndarray]] = []  # (object, head) full masks of the placed ones
     for cls in classes:
         for _ in range(PLACE_TRIES):
-            o = _sample_object(rng, cls, size, scale=rng.uniform(0.8, 1.0) if placed else 1.0)
+            o = _sample_object(rng, cls, size, scale=rng.uniform(0.8, 1.0) if placed else 1.0,
+                               body_class=body_class)
             if o is None:
                 continue
             body, head, _, _ = object_masks(o, xx, yy)
@@ -313,35 +344,47 @@ def _place_objects(rng, classes: list[int], size: int, xx, yy) -> list[ObjectSpe
     return placed
 
 
-def _context_box(rng, box: tuple[float, float, float, float], size: int) -> tuple[float, float, float, float]:
-    """The band under an object box (x0, x1, y0, y1): from its lower half to below it."""
+def _context_box(rng, box: tuple[float, float, float, float], size: int,
+                 scale: float = 1.0) -> tuple[float, float, float, float]:
+    """The band under an object box (x0, x1, y0, y1): from its lower half to below it.
+
+    ``scale`` (``context_size``) scales how far the band reaches up into the object, below
+    it and to the sides; 1 gives version 2's bands.
+    """
     x0, x1, y0, y1 = box
     w, h = x1 - x0, y1 - y0
-    return (x0 - 0.1 * w - 2, x1 + 0.1 * w + 2, y0 + rng.uniform(0.5, 0.65) * h, y1 + 0.15 * h + 0.05 * size)
+    side = scale * (0.1 * w + 2)
+    return (x0 - side, x1 + side, y1 - scale * (1 - rng.uniform(0.5, 0.65)) * h,
+            y1 + scale * (0.15 * h + 0.05 * size))
+
+
+def _context_band(rng, o: ObjectSpec, size: int, scale: float, xx, yy) -> dict:
+    body, head, _, _ = object_masks(o, xx, yy)
+    ys, xs = np.nonzero(body | head)
+    box = (float(xs.min()), float(xs.max()), float(ys.min()), float(ys.max()))
+    return {"cls": o.cls, "stray": False, "box": _context_box(rng, box, size, scale),
+            "phase": float(rng.uniform(0, 2 * math.pi))}
 
 
 def sample_scene(rng: np.random.Generator, num_classes: int, size: int, num_objects: int | None = None,
-                 stray: bool = True) -> SceneSpec:
+                 stray: bool = True, body_class: float = 0.0, context_p: float = P_CONTEXT,
+                 context_size: float = 1.0) -> SceneSpec:
     """Layout of one scene: classes, object poses, context bands. No pixels are drawn here."""
     xx, yy = _grid(size)
     if num_objects is None:
         num_objects = int(rng.choice(len(OBJECTS_P), p=OBJECTS_P)) + 1
     classes = _sample_classes(rng, num_classes, num_objects)
-    scene = SceneSpec(objects=_place_objects(rng, classes, size, xx, yy))
+    scene = SceneSpec(objects=_place_objects(rng, classes, size, xx, yy, body_class))
     present = {o.cls for o in scene.objects}
     for o in scene.objects:
-        if rng.random() < P_CONTEXT:
-            body, head, _, _ = object_masks(o, xx, yy)
-            ys, xs = np.nonzero(body | head)
-            box = (float(xs.min()), float(xs.max()), float(ys.min()), float(ys.max()))
-            scene.contexts.append({"cls": o.cls, "stray": False, "box": _context_box(rng, box, size),
-                                   "phase": float(rng.uniform(0, 2 * math.pi))})
+        if rng.random() < context_p:
+            scene.contexts.append(_context_band(rng, o, size, context_size, xx, yy))
     absent = [c for c in range(num_classes) if c not in present]
     if stray and absent and rng.random() < P_STRAY_CONTEXT:
         w, h = rng.uniform(0.25, 0.5, size=2) * size
         x0, y0 = rng.uniform(0, size - w), rng.uniform(0, size - h)
         scene.contexts.append({"cls": int(rng.choice(absent)), "stray": True,
-                               "box": _context_box(rng, (x0, x0 + w, y0, y0 + h), size),
+                               "box": _context_box(rng, (x0, x0 + w, y0, y0 + h), size, context_size),
                                "phase": float(rng.uniform(0, 2 * math.pi))})
     return scene
 
@@ -511,24 +554,21 @@ def _write_png(path: Path, array: np.ndarray, palette: list[int]) -> None:
     im.save(path)
 
 
-def _single_scene(rng: np.random.Generator, num_classes: int, size: int) -> SceneSpec:
-    """Setting 2: one object of a uniformly drawn class, its context with prob. P_CONTEXT."""
-    cls = int(rng.integers(num_classes))
+def _single_scene(rng: np.random.Generator, p: SynthParams) -> SceneSpec:
+    """Setting 2: one object of a uniformly drawn class, its context with prob. ``context_p``."""
+    size = p.image_size
+    cls = int(rng.integers(p.num_classes))
     o = None
     for attempt in range(PLACE_TRIES):
-        o = _sample_object(rng, cls, size, scale=0.95 ** attempt)
+        o = _sample_object(rng, cls, size, scale=0.95 ** attempt, body_class=p.body_class)
         if o is not None:
             break
     if o is None:  # pragma: no cover - objects shrink until they fit
         raise RuntimeError(f"could not place an object in a {size}px image")
     xx, yy = _grid(size)
     scene = SceneSpec(objects=[o])
-    if rng.random() < P_CONTEXT:
-        body, head, _, _ = object_masks(o, xx, yy)
-        ys, xs = np.nonzero(body | head)
-        box = (float(xs.min()), float(xs.max()), float(ys.min()), float(ys.max()))
-        scene.contexts.append({"cls": cls, "stray": False, "box": _context_box(rng, box, size),
-                               "phase": float(rng.uniform(0, 2 * math.pi))})
+    if rng.random() < p.context_p:
+        scene.contexts.append(_context_band(rng, o, size, p.context_size, xx, yy))
     return scene
 
 
@@ -537,9 +577,10 @@ def make_image(p: SynthParams, split: str, index: int) -> tuple[str, np.ndarray,
     rng = np.random.default_rng([p.seed, SPLIT_CODES[split], index])
     name = f"{split}_{index:05d}"
     if split == "single":
-        scene = _single_scene(rng, p.num_classes, p.image_size)
+        scene = _single_scene(rng, p)
     else:
-        scene = sample_scene(rng, p.num_classes, p.image_size)
+        scene = sample_scene(rng, p.num_classes, p.image_size, body_class=p.body_class, context_p=p.context_p,
+                             context_size=p.context_size)
     image, mask, part, meta = render_scene(rng, scene, p.num_classes, p.image_size)
     meta = {"name": name, "split": split, **meta}
     if split == "web":
@@ -643,7 +684,8 @@ def _swap_in(tmp: Path, root: Path) -> None:
 
 
 def generate(root, size="demo", seed=0, num_classes=10, image_size=None, num_train=None, num_val=None,
-             noise_rate=0.3, overwrite=False, *, num_single=None, num_web=None) -> dict:
+             noise_rate=0.3, overwrite=False, *, num_single=None, num_web=None, body_class=None, context_p=None,
+             context_size=None) -> dict:
     """Generate the embedded benchmark into ``root`` (VOC layout); returns its summary stats.
 
     ``size`` ("smoke", "demo", "full") sets the image size and counts that are not given.
@@ -651,7 +693,8 @@ def generate(root, size="demo", seed=0, num_classes=10, image_size=None, num_tra
     so an interrupted run never leaves a half dataset. An existing ``root`` is replaced
     only with ``overwrite=True`` and only if it is a generated benchmark (has benchmark.json).
     """
-    p = resolve_params(size, seed, num_classes, image_size, num_train, num_val, noise_rate, num_single, num_web)
+    p = resolve_params(size, seed, num_classes, image_size, num_train, num_val, noise_rate, num_single, num_web,
+                       body_class, context_p, context_size)
     root = Path(root)
     if root.exists() and not _is_empty_dir(root):
         if not overwrite:
@@ -683,7 +726,7 @@ def ensure_benchmark(root, size="demo", seed=0, **kw) -> Path:
     """Return ``root``, generating the benchmark first if it is missing or differs.
 
     Keyword arguments are those of :func:`generate` (num_classes, image_size, num_train,
-    num_val, noise_rate, num_single, num_web). Nothing is regenerated when ROOT/benchmark.json
+    num_val, noise_rate, num_single, num_web, body_class, context_p, context_size). Nothing is regenerated when ROOT/benchmark.json
     records the same parameters (and generator version).
     """
     p = resolve_params(size, seed, **kw)
