@@ -83,6 +83,42 @@ def test_a_finished_pipeline_runs_again_without_redoing_anything(smoke_run, monk
     assert result["seconds"]["classifier"] < 5 and result["seconds"]["segmenter"] < 5, result["seconds"]
 
 
+def test_a_copied_run_stays_valid_and_outputs_never_outlive_a_retrained_classifier(smoke_run, monkeypatch):
+    import shutil
+
+    import torch
+
+    from wsss.stages import evaluate, pseudo_masks, train_classifier, train_segmenter
+
+    tmp, _ = smoke_run
+    monkeypatch.setenv("WSSS_DATA", str(tmp / "data"))
+    monkeypatch.setenv("WSSS_RUNS", str(tmp / "runs"))
+    copy = tmp / "runs" / "smoke_copy"
+    shutil.copytree(tmp / "runs" / "smoke", copy, copy_function=shutil.copy)  # new mtimes: content decides
+    cfg = pipeline.C.load_yaml(pipeline.PipelineConfig, SMOKE)
+    cfg.run_dir = str(copy)
+    result = pipeline.run(cfg)
+    assert result["seconds"]["classifier"] < 5 and result["seconds"]["segmenter"] < 5, result["seconds"]
+    stages = pipeline.stage_configs(cfg, pipeline.prepare_data(cfg), copy)
+
+    # another classifier.pt in place of the one the maps came from ("retrained")
+    ckpt = torch.load(copy / "classifier.pt", map_location="cpu", weights_only=False)
+    ckpt["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, copy / "classifier.pt")
+    for run, config in ((pseudo_masks.run, stages["pseudo"]), (train_segmenter.run, stages["segmenter"]),
+                        (evaluate.run, stages["evaluate"])):
+        with pytest.raises(ValueError, match=r"made from another classifier.pt .*\(it was retrained or replaced\)"):
+            run(config)
+
+    # a finished run re-run with other settings refuses and names the flag, keeping the weights
+    before = (copy / "classifier.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.03 -> 0.01\).*--no-resume"):
+        train_classifier.run(pipeline.C.merge(pipeline.C.to_dict(stages["classifier"]), {"lr": 0.01}))
+    with pytest.raises(ValueError, match="40 epoch.*more than asked now.*--no-resume"):
+        train_classifier.run(pipeline.C.merge(pipeline.C.to_dict(stages["classifier"]), {"epochs": 2}))
+    assert (copy / "classifier.pt").read_bytes() == before
+
+
 def test_a_bad_section_is_reported_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setenv("WSSS_RUNS", str(tmp_path / "runs"))
     with pytest.raises(pipeline.C.ConfigError, match="section 'maps'.*'kk'"):

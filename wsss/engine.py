@@ -697,9 +697,13 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, train_set
     skip_rng = None
     if ckpt_path.is_file() and resume:
         ckpt = load_checkpoint(ckpt_path, model, optimizer, scheduler, map_location="cpu", restore_rng=False)
-        _warn_config_change(ckpt.get("cfg"), cfg, ckpt_path)
+        _check_resumable(ckpt.get("cfg"), cfg, ckpt_path)
         ex = ckpt.get("extra") or {}
         state.epoch, state.step = ckpt["epoch"], ckpt["step"]
+        if state.epoch > epochs or state.step > total:
+            raise ValueError(f"{ckpt_path} has {state.epoch} epoch(s) ({state.step} steps) done, more than asked "
+                             f"now (epochs={epochs}, {total} steps): resuming would keep the longer training under "
+                             f"the new label. Pass --no-resume (resume=False) to train again, or use another run_dir")
         state.batch_in_epoch, state.count = int(ex.get("batch_in_epoch", 0)), int(ex.get("count", 0))
         state.sums, state.history = dict(ex.get("sums", {})), list(ex.get("history", []))
         if state.batch_in_epoch:
@@ -752,11 +756,15 @@ _RESUME_FREE_KEYS = {"epochs", "max_steps", "workers", "device", "log_every", "c
                      "data_root", "amp"}
 
 
-def _warn_config_change(old: dict | None, new: dict | None, path: Path) -> None:
-    if not old or not new or not is_main():
+def _check_resumable(old: dict | None, new: dict | None, path: Path) -> None:
+    """Refuse to resume from a checkpoint written with other settings (only the keys of
+    ``_RESUME_FREE_KEYS``, e.g. a longer ``epochs``, may change): the weights would be kept
+    under the new settings' label."""
+    if not old or not new:
         return
     changed = sorted(k for k in set(old) | set(new) if k not in _RESUME_FREE_KEYS and old.get(k) != new.get(k))
     if changed:
-        log.warning("resuming from %s, written with different settings for %s; the checkpoint's optimizer and "
-                    "schedule state are kept. Use a new run_dir (or resume=False) to start over.", path,
-                    ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
+        raise ValueError(f"{path} was written with other settings ("
+                         + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+                         + "): pass --no-resume (resume=False) to train again with the new ones (what was made from "
+                           "the old weights is then refused until it is made again), or use another run_dir")

@@ -1,8 +1,13 @@
-"""Atomic file writes: write a temporary file next to the target, then rename it into place,
-so an interrupted run never leaves a half-written file behind."""
+"""Atomic file writes (a temporary file next to the target, renamed into place, so an
+interrupted run never leaves a half-written file behind), and the run directory's
+provenance rule: an output records the content hash of each file it was made from
+(:func:`fingerprint`), and a stage that reads an output first checks that those files are
+still the same (:func:`check_current`), so nothing downstream silently outlives its inputs;
+a copied or moved run directory stays valid (hashes, not paths or mtimes)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -56,3 +61,36 @@ def check_settings(out_dir: Path, name: str, settings: dict, overwrite: bool, wh
         names = ", ".join((explain or {}).get(k, k) for k in changed)
         raise ValueError(f"{out_dir} holds {what} made with other settings than these ({names} differ from "
                          f"{path}); pass overwrite=True to recompute them, or choose another {option}")
+
+
+def fingerprint(run_dir: str | Path, name: str) -> dict:
+    """``{"file": name, "sha256": ...}`` of RUN/name: what an output records about an input file."""
+    h = hashlib.sha256()
+    with open(Path(run_dir) / name, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"file": name, "sha256": h.hexdigest()}
+
+
+def stale_inputs(settings, run_dir: str | Path) -> list[str]:
+    """The files named by the fingerprints anywhere inside ``settings`` (nested settings of
+    earlier stages included) whose content is no longer the recorded one."""
+    found = []
+    if isinstance(settings, Mapping):
+        if set(settings) == {"file", "sha256"}:
+            path = Path(run_dir) / settings["file"]
+            if not path.is_file() or fingerprint(run_dir, settings["file"]) != dict(settings):
+                found.append(settings["file"])
+        else:
+            for v in settings.values():
+                found += stale_inputs(v, run_dir)
+    return found
+
+
+def check_current(settings, run_dir: str | Path, what: str, fix: str) -> None:
+    """Refuse to use ``what`` (e.g. "the maps in RUN/maps") when a file it was made from has
+    changed since (``stale_inputs``); ``fix`` is the command that makes it again."""
+    stale = stale_inputs(settings, run_dir)
+    if stale:
+        raise ValueError(f"{what} were made from another {', '.join(sorted(set(stale)))} than the one in {run_dir} "
+                         f"now (it was retrained or replaced): {fix}")

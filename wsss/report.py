@@ -276,7 +276,7 @@ def run_ablation(cfg, share_dir: str | Path | None = None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in CLASSIFIER_RUN_FILES:
             if (shared / name).is_file():
-                shutil.copy2(shared / name, run_dir / name)  # copy2 keeps the mtime the maps settings record
+                shutil.copy2(shared / name, run_dir / name)  # the maps record its content hash
         log.info("classifier of %s taken from %s", run_dir, shared)
     return run_pipeline(cfg)
 

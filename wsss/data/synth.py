@@ -840,8 +840,11 @@ def draw_examples(root, path, n: int = 8, split: str = "train") -> Path:
                title_fontsize=8, frameon=False)
     fig.legend(handles=part_handles, loc="upper left", bbox_to_anchor=(0.905, 0.32), fontsize=7,
                title="part map", title_fontsize=8, frameon=False)
-    fig.suptitle(f"Embedded benchmark ({record['params']['size']}, seed {record['params']['seed']}): the class "
-                 f"shows only in the small head; context bands (* = stray) co-occur with classes", fontsize=9)
+    body = record["params"].get("body_class", 0.0)
+    what = "the class shows only in the small head" if not body else \
+        f"the small head shows the class, the body its pair ({body:.0%} of bodies)"
+    fig.suptitle(f"Embedded benchmark ({record['params']['size']}, seed {record['params']['seed']}): {what}; "
+                 f"context bands (* = stray) co-occur with classes", fontsize=9)
     fig.subplots_adjust(left=0.03, right=0.9, top=0.9, bottom=0.04, wspace=0.05, hspace=0.12)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

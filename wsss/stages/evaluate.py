@@ -38,14 +38,14 @@ from wsss.progress import progress
 
 from wsss import config as C
 from wsss import provenance
-from wsss.files import write_json
+from wsss.files import check_current, write_json
 from wsss import engine as E
 from wsss.classes import IGNORE_INDEX
 from wsss.crf import CRFParams, crf_labels
 from wsss.data.transforms import eval_transforms
 from wsss.data.voc import class_names, load_image, load_mask, mask_dir, read_split
 from wsss.metrics import ConfusionMatrix
-from wsss.stages.make_maps import MAPS_DIR, load_maps, maps_path
+from wsss.stages.make_maps import MAPS_DIR, SETTINGS_FILE, load_maps, maps_path
 from wsss.stages.pseudo_masks import CRF_REFERENCE_SIZE
 from wsss.stages import train_segmenter
 from wsss.stages.train_segmenter import PSEUDO_DIR, SEGMENTER_FILE
@@ -335,6 +335,17 @@ def _inputs(cfg: EvalConfig) -> dict[str, Path]:
     return {"maps": run_dir / cfg.maps_dir, "pseudo": run_dir / cfg.pseudo_dir, "segmenter": run_dir / SEGMENTER_FILE}
 
 
+def _recorded(part: str, path: Path) -> dict | None:
+    """What the output ``part`` at ``path`` records about its inputs (None if nothing)."""
+    if part == "segmenter":
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False).get("inputs")
+        except Exception:  # noqa: BLE001 - unreadable: load_segmenter says so, with the fix
+            return None
+    settings = path / SETTINGS_FILE
+    return json.loads(settings.read_text()) if settings.is_file() else None
+
+
 def _has_input(part: str, path: Path) -> bool:
     if part == "segmenter":
         return path.is_file()
@@ -394,6 +405,9 @@ def run(cfg: EvalConfig | dict) -> dict:
     provenance.record(run_dir, "evaluate")
     results: dict = {}
     for part in parts:
+        check_current(_recorded(part, inputs[part]), run_dir, f"the {part} in {inputs[part]}",
+                      f"run the stages from the changed one on again (python -m wsss pipeline ..., or each stage with "
+                      f"--overwrite / --no-resume) before evaluating")
         t0 = time.perf_counter()
         if part == "maps":
             res = evaluate_maps(cfg.data_root, cfg.maps_split, inputs["maps"], cfg.thresholds,

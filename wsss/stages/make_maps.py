@@ -51,7 +51,7 @@ from wsss.progress import progress
 
 from wsss import config as C
 from wsss import provenance
-from wsss.files import check_settings, write_json
+from wsss.files import check_settings, fingerprint, write_json
 from wsss import engine as E
 from wsss.data.pairs import partners_for_class, self_pair_views
 from wsss.data.transforms import eval_transforms
@@ -403,11 +403,10 @@ class MapsConfig:
 
 def _settings(cfg: MapsConfig, checkpoint: Path) -> dict:
     """What the saved maps depend on (split, limit, device and batching do not change them)."""
-    st = checkpoint.stat()
     return {"combine": list(parse_combine(cfg.combine)), "k": cfg.k, "scales": [float(s) for s in cfg.scales],
             "self_transforms": list(cfg.self_transforms), "image_size": cfg.image_size, "seed": cfg.seed,
             "aggregate": cfg.aggregate, "partners": cfg.partners,
-            "classifier": {"size": st.st_size, "mtime_ns": st.st_mtime_ns}}
+            "classifier": fingerprint(checkpoint.parent, checkpoint.name)}
 
 
 class MapInputs(Dataset):
@@ -469,7 +468,7 @@ def run(cfg: MapsConfig | dict) -> dict:
     out_dir = run_dir / cfg.maps_dir
     settings = _settings(cfg, checkpoint)
     check_settings(out_dir, SETTINGS_FILE, settings, cfg.overwrite, "maps", "maps_dir",
-                   {"classifier": "the classifier (classifier.pt was rewritten)"})
+                   {"classifier": "the classifier (classifier.pt was retrained)"})
 
     base = VOCDataset(cfg.data_root, cfg.split, transforms=None, with_mask=False)
     inputs = MapInputs(base, eval_transforms(cfg.image_size), cfg.k, cfg.seed,

@@ -50,7 +50,7 @@ from wsss.progress import progress
 
 from wsss import config as C
 from wsss import provenance
-from wsss.files import check_settings, write_json
+from wsss.files import check_current, check_settings, write_json
 from wsss.classes import IGNORE_INDEX
 from wsss.crf import CRFParams
 from wsss.data.voc import IMAGE_DIR, DatasetError, VOCDataset, load_image, load_mask, save_mask
@@ -335,6 +335,9 @@ def run(cfg: PseudoConfig | dict) -> dict:
         _check_inputs_exist(saliency_dir, names, ".png", "saliency map",
                             "put one 0-255 PNG per image there (named like the image), or use bg_mode='power'")
     settings = _settings(cfg, maps_dir)
+    check_current(settings["maps"], run_dir, f"the maps in {maps_dir}",
+                  f"make them again (python -m wsss make-maps --run-dir {run_dir} --maps-dir {cfg.maps_dir} "
+                  f"--overwrite), then these pseudo-masks (--overwrite)")
     check_settings(out_dir, SETTINGS_FILE, settings, cfg.overwrite, "pseudo masks", "out_dir",
                    {"maps": "the maps (they were recomputed)"})
     write_json(out_dir / SETTINGS_FILE, settings)

@@ -40,7 +40,7 @@ from torch import nn
 
 from wsss import config as C
 from wsss import provenance
-from wsss.files import write_json
+from wsss.files import check_current, write_json
 from wsss import engine as E
 from wsss.data.voc import VOCDataset
 from wsss.metrics import ConfusionMatrix
@@ -298,6 +298,9 @@ def run(cfg: SegmenterConfig | dict) -> dict:
 def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
     run_dir = Path(cfg.run_dir)
     inputs = _masks_settings(cfg)
+    check_current(inputs, run_dir, f"the pseudo-masks in {run_dir / cfg.masks_dir}",
+                  f"make the maps and pseudo-masks again (python -m wsss make-maps / pseudo-masks --run-dir {run_dir} "
+                  f"--overwrite), then train the segmenter")
     if cfg.resume and (done := E.finished_metrics(run_dir / SEGMENTER_FILE, C.to_dict(cfg), inputs)) is not None:
         if dist.is_main:
             log.info("segmenter: %s is already trained with these settings on these masks; keeping it "
