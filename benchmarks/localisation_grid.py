@@ -130,7 +130,7 @@ def draw(root: Path, args) -> None:
                     "benchmarks/localisation_grid.py --figure (from runs/localisation)")
 
 
-COLUMNS = ("val_map", "maps_miou", "pseudo_miou", "part_recall@0.5", "body_recall@0.5", "context_share@0.5", "att/obj->obj", "att/obj_area_n", "att/bg->bg",
+COLUMNS = ("val_map", "maps_miou", "pseudo_miou", "part_recall@0.5", "body_recall@0.5", "object_share@0.5", "context_share@0.5", "att/obj->obj", "att/obj_area_n", "att/bg->bg",
            "cam/object", "cam/band", "coatt/object", "coatt/band", "coatt/context")
 
 

@@ -51,6 +51,32 @@ def test_explicit_matches_loop_reference():
     torch.testing.assert_close(a_nm, ref_anm)
 
 
+def test_mutual_mode_matches_loop_reference():
+    """M(i, j) = softmax_j(P(i, :)) softmax_i(P(:, j)); each side gathers the other with M."""
+    f_m, f_n, w = _inputs()
+    _, _, a_mn, a_nm = reference_co_attention(f_m, f_n, w)  # a_nm[k, j, i] = softmax_i(P(:, j))
+    fm, fn = f_m.flatten(2), f_n.flatten(2)
+    ref_m, ref_n = torch.zeros_like(fm), torch.zeros_like(fn)
+    for k in range(2):
+        for i in range(fm.shape[2]):
+            for j in range(fn.shape[2]):
+                weight = a_mn[k, i, j] * a_nm[k, j, i]
+                ref_m[k, :, i] += weight * fn[k, :, j]
+                ref_n[k, :, j] += weight * fm[k, :, i]
+    for impl in ("explicit", "fused"):  # mutual is computed explicitly whatever impl says
+        out_m, out_n = co_attention(f_m, f_n, w, impl=impl, mode="mutual")
+        torch.testing.assert_close(out_m, ref_m.reshape(f_m.shape))
+        torch.testing.assert_close(out_n, ref_n.reshape(f_n.shape))
+    _, _, rows_m, rows_n = co_attention(f_m, f_n, w, return_attention=True, mode="mutual")
+    torch.testing.assert_close(rows_m.sum(2), torch.ones(2, 12, dtype=f_m.dtype))
+    torch.testing.assert_close(rows_n.sum(2), torch.ones(2, 10, dtype=f_m.dtype))
+    f_m.requires_grad_(True)
+    co_attention(f_m, f_n, w, mode="mutual")[0].sum().backward()
+    assert torch.isfinite(f_m.grad).all() and f_m.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="mode"):
+        co_attention(f_m, f_n, w, mode="dual")
+
+
 def test_attention_rows_sum_to_one():
     f_m, f_n, w = _inputs(seed=1)
     _, _, a_mn, a_nm = co_attention(f_m, f_n, w, return_attention=True)

@@ -114,3 +114,4 @@ def test_maps_part_coverage_reads_saved_maps(tmp_path):
     assert got["part_recall"] == [1.0, 1.0]
     assert got["body_recall"] == [round(4 / 12, 4), round(4 / 12, 4)]
     assert got["context_share"] == [round(4 / 12, 4), 0.0]
+    assert got["object_share"] == [round(8 / 12, 4), 1.0]

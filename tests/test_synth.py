@@ -296,3 +296,4 @@ def test_part_coverage_on_a_hand_made_image():
     assert scores["part_recall"] == [1.0, 1.0]
     assert scores["body_recall"] == [round(4 / 12, 4), 0.0]
     assert scores["context_share"] == [round(4 / 12, 4), 0.0]
+    assert scores["object_share"] == [round(8 / 12, 4), 1.0]

@@ -775,15 +775,17 @@ def part_coverage_counts(maps: np.ndarray, mask: np.ndarray, part: np.ndarray,
 
 def part_coverage(counts: np.ndarray, thresholds=THRESHOLDS) -> dict[str, list[float]]:
     """Per threshold: recall of the discriminative part, recall of the body, and the
-    share of the above-threshold map that lies on co-occurring context.
+    shares of the above-threshold map that lie on the class's object (its precision) and
+    on co-occurring context.
 
     The calibration target for a plain CAM classifier: at its best threshold, part recall
     above 0.8, body recall below 0.5, and a visible share on context.
     """
     c = np.asarray(counts, np.float64)
-    ratio = lambda a, b: np.round(c[:, a] / np.maximum(c[:, b], 1), 4).tolist()  # noqa: E731
-    return {"threshold": [float(t) for t in thresholds], "part_recall": ratio(0, 1),
-            "body_recall": ratio(2, 3), "context_share": ratio(4, 5)}
+    ratio = lambda a, b: np.round(a / np.maximum(c[:, b], 1), 4).tolist()  # noqa: E731
+    return {"threshold": [float(t) for t in thresholds], "part_recall": ratio(c[:, 0], 1),
+            "body_recall": ratio(c[:, 2], 3), "object_share": ratio(c[:, 0] + c[:, 2], 5),
+            "context_share": ratio(c[:, 4], 5)}
 
 
 # ----------------------------------------------------------------------------- figure

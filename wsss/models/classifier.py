@@ -48,7 +48,8 @@ class CoAttentionClassifier(nn.Module):
     """Shared backbone + basic head phi_0 + co-attention (W_P) + class-aware head phi + gate W_B."""
 
     def __init__(self, num_classes: int, backbone: str = "tiny", pretrained: str | None = None,
-                 output_stride: int = 8, coatt_impl: str = "fused", heads: str = "ours") -> None:
+                 output_stride: int = 8, coatt_impl: str = "fused", heads: str = "ours",
+                 attention: str = "softmax") -> None:
         super().__init__()
         if heads not in HEADS:
             raise ValueError(f"unknown heads {heads!r}; choose one of {HEADS}")
@@ -57,7 +58,7 @@ class CoAttentionClassifier(nn.Module):
         c = self.backbone.out_channels
         ref = heads == "reference"
         self.phi0 = nn.Conv2d(c, num_classes, 1, bias=ref)     # basic head phi_0
-        self.coatt = LearnableCoAttention(c, impl=coatt_impl)   # W_P
+        self.coatt = LearnableCoAttention(c, impl=coatt_impl, mode=attention)   # W_P
         self.phi = nn.Conv2d(c, num_classes, 1, bias=False)    # class-aware head phi
         self.gate = nn.Conv2d(c, 1, 1, bias=not ref)            # class-agnostic W_B
         if ref:

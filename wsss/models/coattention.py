@@ -6,7 +6,16 @@ With F_m (C x HW_m), F_n (C x HW_n) and a learned W_P (C x C):
     F_m^{m∩n}(i) = sum_j softmax_j(P(i, :)) F_n(j)       (each position of m gathers n)
     F_n^{m∩n}(j) = sum_i softmax_i(P(:, j)) F_m(i)       (each position of n gathers m)
 
-Two implementations that agree to float tolerance:
+``mode="mutual"`` (a variant, not the paper's; docs/localisation.md) weighs each pair of
+positions by both softmaxes, so a position gathers the partner's features only where the
+attention is returned:
+
+    M(i, j) = softmax_j(P(i, :)) * softmax_i(P(:, j))
+    F_m^{m∩n}(i) = sum_j M(i, j) F_n(j),   F_n^{m∩n}(j) = sum_i M(i, j) F_m(i)
+
+(the dual softmax of feature matching). It is computed explicitly, whatever ``impl``.
+
+Two implementations of the paper's softmax mode that agree to float tolerance:
 
 - ``impl="explicit"`` builds P and both softmaxes (can return the attention maps,
   for visualisation); memory O(B * HW_m * HW_n).
@@ -27,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 IMPLS = ("explicit", "fused")
+MODES = ("softmax", "mutual")
 
 
 def _flatten(f: torch.Tensor) -> torch.Tensor:
@@ -72,6 +82,19 @@ def _explicit(f_m, f_n, weight, return_attention):
     return out_m, out_n
 
 
+def _mutual(f_m, f_n, weight, return_attention):
+    p = affinity(f_m, f_n, weight)                           # (B, HWm, HWn)
+    p = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
+    m = torch.softmax(p, dim=2) * torch.softmax(p, dim=1)     # M(i, j)
+    v_n, v_m = _flatten(f_n), _flatten(f_m)
+    out_m = _unflatten(torch.matmul(m.to(v_n.dtype), v_n), f_m)
+    out_n = _unflatten(torch.matmul(m.transpose(1, 2).to(v_m.dtype), v_m), f_n)
+    if return_attention:  # where the gathered features come from: M's rows (columns) normalised
+        return (out_m, out_n, m / m.sum(2, keepdim=True).clamp_min(1e-12),
+                m.transpose(1, 2) / m.sum(1).unsqueeze(2).clamp_min(1e-12))
+    return out_m, out_n
+
+
 def _fused(f_m, f_n, weight):
     w = weight.to(f_m.dtype)
     # (B, 1, HW, C), contiguous: the fused kernels need a unit stride on C (a transposed
@@ -86,16 +109,21 @@ def _fused(f_m, f_n, weight):
 
 
 def co_attention(f_m: torch.Tensor, f_n: torch.Tensor, weight: torch.Tensor,
-                 impl: str = "explicit", return_attention: bool = False):
+                 impl: str = "explicit", return_attention: bool = False, mode: str = "softmax"):
     """Co-attentive features of a pair (METHOD.md sec. 1).
 
     f_m (B, C, Hm, Wm), f_n (B, C, Hn, Wn) (sizes may differ), weight W_P (C, C), cast to
     the features' dtype (autocast handles bf16 inside the matmuls/attention).
     Returns (F_m^{m∩n} shaped like f_m, F_n^{m∩n} shaped like f_n); with
     ``return_attention`` (explicit only) also A_mn (B, HWm, HWn), rows softmax over n,
-    and A_nm (B, HWn, HWm), rows softmax over m.
+    and A_nm (B, HWn, HWm), rows softmax over m. ``mode="mutual"``: the dual-softmax
+    weights M above (explicit; the attention returned is M with its rows normalised).
     """
     _check_inputs(f_m, f_n, weight)
+    if mode not in MODES:
+        raise ValueError(f"unknown co-attention mode {mode!r}; choose one of {MODES}")
+    if mode == "mutual":
+        return _mutual(f_m, f_n, weight, return_attention)
     if impl == "explicit":
         return _explicit(f_m, f_n, weight, return_attention)
     if impl == "fused":
@@ -114,14 +142,16 @@ class LearnableCoAttention(nn.Module):
     saturated), like transformer attention's 1/sqrt(d).
     """
 
-    def __init__(self, channels: int, impl: str = "explicit") -> None:
+    def __init__(self, channels: int, impl: str = "explicit", mode: str = "softmax") -> None:
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"unknown co-attention impl {impl!r}; choose one of {IMPLS}")
-        self.impl = impl
+        if mode not in MODES:
+            raise ValueError(f"unknown co-attention mode {mode!r}; choose one of {MODES}")
+        self.impl, self.mode = impl, mode
         self.weight = nn.Parameter(torch.eye(channels) / math.sqrt(channels))
 
     def forward(self, f_m: torch.Tensor, f_n: torch.Tensor, return_attention: bool = False,
                 impl: str | None = None):
         return co_attention(f_m, f_n, self.weight, impl=impl or self.impl,
-                            return_attention=return_attention)
+                            return_attention=return_attention, mode=self.mode)

@@ -57,6 +57,7 @@ class ClassifierConfig:
     pretrained: str | None = None
     output_stride: int = 8
     coatt_impl: Literal["fused", "explicit"] = "fused"
+    attention: Literal["softmax", "mutual"] = "softmax"
     heads: Literal["ours", "reference"] = "ours"
     # data
     image_size: int = 96
@@ -109,6 +110,8 @@ HELP = {
     "pretrained": "backbone weights: a local file or 'hub' (torch hub cache); none = from scratch",
     "output_stride": "backbone output stride (8 or 16)",
     "coatt_impl": "co-attention implementation (fused never materialises HW x HW)",
+    "attention": "softmax: the paper's co-attention; mutual: each pair of positions weighed by both softmaxes "
+                 "(docs/localisation.md)",
     "heads": "biases and init of phi_0, phi, W_B, W_P: ours or reference (models/classifier.py)",
     "image_size": "training crop (or squash size) and val resize, pixels",
     "augment": "crop: random scale + crop; squash: resize to image_size x image_size (reference)",
@@ -247,7 +250,8 @@ def build_model(cfg: ClassifierConfig, num_classes: int):
     from wsss.models.classifier import CoAttentionClassifier
 
     return CoAttentionClassifier(num_classes, backbone=cfg.backbone, pretrained=cfg.pretrained,
-                                 output_stride=cfg.output_stride, coatt_impl=cfg.coatt_impl, heads=cfg.heads)
+                                 output_stride=cfg.output_stride, coatt_impl=cfg.coatt_impl, heads=cfg.heads,
+                                 attention=cfg.attention)
 
 
 def build_optimizer(cfg: ClassifierConfig, model) -> torch.optim.Optimizer:
