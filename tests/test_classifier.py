@@ -82,8 +82,19 @@ def test_vgg16_pretrained_strict_keys(tmp_path):
     with pytest.raises(RuntimeError, match="vgg.pth"):
         build_backbone("vgg16", pretrained=path)
     torch.save({**state, "features.0.bias": torch.zeros(64), "extra.weight": torch.zeros(1)}, path)
-    with pytest.raises(RuntimeError, match="Unexpected"):
+    with pytest.raises(RuntimeError, match="0 missing, 1 unexpected"):
         build_backbone("vgg16", pretrained=path)
+
+
+def test_weights_of_another_architecture_give_one_short_message(tmp_path):
+    from wsss.models.backbones import TinyBackbone
+
+    torch.save(TinyBackbone(width=16).state_dict(), tmp_path / "narrow.pth")
+    with pytest.raises(RuntimeError, match=r"narrow.pth do not fit the TinyBackbone: 21 tensor\(s\) of another "
+                                           r"shape, 0 missing, 0 unexpected \(e.g. body.0.0.weight is \(16, 3, 3, 3\)"
+                                           r" there, \(32, 3, 3, 3\) here\)") as err:
+        build_backbone("tiny", pretrained=tmp_path / "narrow.pth")
+    assert len(str(err.value)) < 400
 
 
 def test_tiny_loads_its_own_state_dict(tmp_path):

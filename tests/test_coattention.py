@@ -52,7 +52,8 @@ def test_explicit_matches_loop_reference():
 
 
 def test_mutual_mode_matches_loop_reference():
-    """M(i, j) = softmax_j(P(i, :)) softmax_i(P(:, j)); each side gathers the other with M."""
+    """M(i, j) = softmax_j(P(i, :)) softmax_i(P(:, j)); each side gathers the other with
+    its own number of positions times M (uniform attention: the partner's mean feature)."""
     f_m, f_n, w = _inputs()
     _, _, a_mn, a_nm = reference_co_attention(f_m, f_n, w)  # a_nm[k, j, i] = softmax_i(P(:, j))
     fm, fn = f_m.flatten(2), f_n.flatten(2)
@@ -61,8 +62,8 @@ def test_mutual_mode_matches_loop_reference():
         for i in range(fm.shape[2]):
             for j in range(fn.shape[2]):
                 weight = a_mn[k, i, j] * a_nm[k, j, i]
-                ref_m[k, :, i] += weight * fn[k, :, j]
-                ref_n[k, :, j] += weight * fm[k, :, i]
+                ref_m[k, :, i] += fm.shape[2] * weight * fn[k, :, j]
+                ref_n[k, :, j] += fn.shape[2] * weight * fm[k, :, i]
     for impl in ("explicit", "fused"):  # mutual is computed explicitly whatever impl says
         out_m, out_n = co_attention(f_m, f_n, w, impl=impl, mode="mutual")
         torch.testing.assert_close(out_m, ref_m.reshape(f_m.shape))
@@ -73,6 +74,9 @@ def test_mutual_mode_matches_loop_reference():
     f_m.requires_grad_(True)
     co_attention(f_m, f_n, w, mode="mutual")[0].sum().backward()
     assert torch.isfinite(f_m.grad).all() and f_m.grad.abs().sum() > 0
+    out_m, out_n = co_attention(f_m, f_n, torch.zeros_like(w), mode="mutual")  # P = 0: uniform attention
+    torch.testing.assert_close(out_m, f_n.mean((2, 3), keepdim=True).expand_as(f_m))
+    torch.testing.assert_close(out_n, f_m.mean((2, 3), keepdim=True).expand_as(f_n))
     with pytest.raises(ValueError, match="mode"):
         co_attention(f_m, f_n, w, mode="dual")
 

@@ -228,6 +228,16 @@ def test_run_merges_metrics_json(tree, tmp_path, monkeypatch):
         ev.run({"data_root": str(tree), "run_dir": str(tmp_path / "empty_run")})
 
 
+def test_a_read_only_run_directory_is_evaluated_without_writing(tree, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    write_maps(run_dir / "maps", {"p": ([MAP_P], [1]), "q": ([np.ones((2, 4), np.float32)], [2])})
+    before = sorted(p.name for p in run_dir.iterdir())
+    monkeypatch.setattr(ev.os, "access", lambda path, mode: False)  # as a read-only mount answers
+    out = ev.run({"data_root": str(tree), "run_dir": str(run_dir), "thresholds": [0.3, 0.6]})
+    assert out["maps"]["miou"] == pytest.approx(0.85)
+    assert sorted(p.name for p in run_dir.iterdir()) == before  # no metrics.json, config or provenance
+
+
 def test_sweep_figure(tree, tmp_path):
     res = ev.evaluate_maps(tree, "train", write_maps(tmp_path / "maps", {
         "p": ([MAP_P], [1]), "q": ([np.ones((2, 4), np.float32)], [2])}))

@@ -347,6 +347,28 @@ def test_mask_image_size_mismatch(tree: Path):
     assert_names_path(err, path)
 
 
+def test_check_files_finds_a_corrupt_image_or_a_mask_of_another_size_before_any_work(tree: Path, monkeypatch):
+    ds = VOCDataset(tree, "train")
+    ds.check_files()  # all good: recorded, so the next check reads nothing
+    reads = []
+    monkeypatch.setattr(voc, "load_image", lambda path: reads.append(path))
+    VOCDataset(tree, "train").check_files()
+    assert reads == []
+    monkeypatch.undo()
+    mask = tree / "SegmentationClass" / "c.png"
+    save_mask(mask, np.ones((16, 16), dtype=np.uint8))  # the folder changes: checked again
+    with pytest.raises(DatasetError, match="is 16x16 but image .* is 32x32: they must match") as err:
+        VOCDataset(tree, "train").check_files()
+    assert_names_path(err, mask)
+    save_mask(mask, block_mask(20, 1))
+    image = tree / "JPEGImages" / "d.jpg"
+    image.write_bytes(image.read_bytes()[:200])           # a truncated val image
+    val = VOCDataset(tree, "val")
+    with pytest.raises(DatasetError, match="cannot be read") as err:
+        val.check_files()
+    assert_names_path(err, image)
+
+
 def test_training_image_without_label_from_mask(tree: Path):
     save_mask(tree / "SegmentationClass" / "b.png", block_mask(ignore=True))  # bg + 255 only
     with pytest.raises(DatasetError, match="image b of training split .* has no label") as err:

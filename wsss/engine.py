@@ -506,10 +506,12 @@ def finished_metrics(path: str | Path, cfg: dict, inputs=None, normalise=None) -
 
 
 def load_checkpoint(path: str | Path, model: nn.Module | None = None, optimizer: torch.optim.Optimizer | None = None,
-                    scheduler=None, *, map_location: str | torch.device = "cpu", restore_rng: bool = True) -> dict:
+                    scheduler=None, *, map_location: str | torch.device = "cpu", restore_rng: bool = True,
+                    before_load=None) -> dict:
     """Restore what ``save_checkpoint`` wrote into the given objects; returns the checkpoint
     dict (``epoch``, ``step``, ``cfg``, ``extra``, ...). RNG states are restored for this
-    rank (rank 0's when the world size changed)."""
+    rank (rank 0's when the world size changed). ``before_load(ckpt)`` runs first (it may
+    refuse the checkpoint before anything is loaded)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -518,8 +520,12 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None, optimizer:
     except Exception as e:  # noqa: BLE001 - re-raised with the path and the fix
         raise RuntimeError(f"could not read checkpoint {path} ({type(e).__name__}: {e}); "
                            f"it may be truncated or from another program: delete it to start over") from e
+    if before_load is not None:
+        before_load(ckpt)
     if model is not None:
-        unwrap(model).load_state_dict(ckpt["model"])
+        from wsss.models.backbones import load_weights
+
+        load_weights(unwrap(model), ckpt["model"], path, "model of this run")
     if optimizer is not None and ckpt.get("optimizer") is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None and ckpt.get("scheduler") is not None:
@@ -696,8 +702,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, train_set
     save = _Checkpointer(ckpt_path, model, optimizer, scheduler, state, cfg, dict(extra or {}))
     skip_rng = None
     if ckpt_path.is_file() and resume:
-        ckpt = load_checkpoint(ckpt_path, model, optimizer, scheduler, map_location="cpu", restore_rng=False)
-        _check_resumable(ckpt.get("cfg"), cfg, ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, model, optimizer, scheduler, map_location="cpu", restore_rng=False,
+                               before_load=lambda ck: _check_resumable(ck.get("cfg"), cfg, ckpt_path))
         ex = ckpt.get("extra") or {}
         state.epoch, state.step = ckpt["epoch"], ckpt["step"]
         if state.epoch > epochs or state.step > total:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ from torchvision import tv_tensors
 from wsss.progress import progress
 
 from wsss.classes import IGNORE_INDEX, load_class_names, voc_palette
+from wsss.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -382,6 +384,41 @@ class VOCDataset(Dataset):
             self.names += names
             labels.append(image_labels(self.root, part, self.num_classes))
         self.labels = np.concatenate(labels) if len(labels) > 1 else labels[0]
+
+    def check_files(self) -> None:
+        """Decode every image and read every existing mask's size once, so that a corrupt
+        file or a mask of another size than its image is found before any work, not in the
+        middle of an epoch or four stages later. A split that passed is recorded in
+        ROOT/.wsss_cache/checked_SPLIT.json and not read again until its split file or its
+        image or mask folder changes (a read-only root is checked every time)."""
+        for part in self.splits:
+            names = [n for n in self.names if self._split_of[n] == part]
+            masks, images, split_file = mask_dir(self.root, part), self.root / IMAGE_DIR, split_path(self.root, part)
+            key = [*_cache_key(split_file, masks if masks.is_dir() else split_file, self.num_classes).tolist(),
+                   str(images.stat().st_mtime_ns), str(len(names))]
+            cache = self.root / CACHE_DIR / f"checked_{part}.json"
+            try:
+                if json.loads(cache.read_text()) == key:
+                    continue
+            except (OSError, ValueError):
+                pass
+            have_mask = set(os.listdir(masks)) if masks.is_dir() else set()
+            for name in progress(names, desc=f"checking {part}", leave=False):
+                h, w = load_image(images / f"{name}.jpg").shape[:2]
+                if f"{name}.png" in have_mask:
+                    mpath = masks / f"{name}.png"
+                    try:
+                        with Image.open(mpath) as m:
+                            size = m.size
+                    except (OSError, SyntaxError, ValueError) as err:
+                        raise _error(f"mask {mpath} cannot be read ({err}): replace it, or remove {name} "
+                                     f"from {split_file}") from None
+                    if size != (w, h):
+                        raise _error(f"mask {mpath} is {size[0]}x{size[1]} but image {images / (name + '.jpg')} "
+                                     f"is {w}x{h}: they must match; fix the mask, or remove {name} from {split_file}")
+            with contextlib.suppress(OSError):
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                write_text(cache, json.dumps(key))
 
     def __len__(self) -> int:
         return len(self.names)

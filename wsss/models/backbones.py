@@ -115,11 +115,24 @@ def load_body_state(body: nn.Module, path: Path, what: str = "backbone",
     nothing else except keys under ``ignore_prefixes``.
     """
     state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith(ignore_prefixes)}
-    try:
-        body.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise RuntimeError(f"weights in {path} do not match the {what}: {err}") from err
+    load_weights(body, state, path, what)
     log.info("loaded pretrained backbone weights from %s", path)
+
+
+def load_weights(module: nn.Module, state: dict, source, what: str) -> None:
+    """``module.load_state_dict(state)``, strictly; weights that do not fit raise one short
+    RuntimeError naming ``source`` and counting the keys (not torch's line per tensor)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        example = (f"{shapes[0]} is {tuple(state[shapes[0]].shape)} there, {tuple(own[shapes[0]].shape)} here"
+                   if shapes else f"{(missing or unexpected)[0]!r} is {'missing' if missing else 'unexpected'}")
+        raise RuntimeError(f"weights in {source} do not fit the {what}: {len(shapes)} tensor(s) of another shape, "
+                           f"{len(missing)} missing, {len(unexpected)} unexpected (e.g. {example}); they are "
+                           f"from another architecture: pass weights of this one")
+    module.load_state_dict(state)
 
 
 class Backbone(nn.Module):

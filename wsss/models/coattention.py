@@ -8,12 +8,13 @@ With F_m (C x HW_m), F_n (C x HW_n) and a learned W_P (C x C):
 
 ``mode="mutual"`` (a variant, not the paper's; docs/localisation.md) weighs each pair of
 positions by both softmaxes, so a position gathers the partner's features only where the
-attention is returned:
+attention is returned (the dual softmax of feature matching), relative to uniform attention:
 
     M(i, j) = softmax_j(P(i, :)) * softmax_i(P(:, j))
-    F_m^{m∩n}(i) = sum_j M(i, j) F_n(j),   F_n^{m∩n}(j) = sum_i M(i, j) F_m(i)
+    F_m^{m∩n}(i) = HW_m sum_j M(i, j) F_n(j),   F_n^{m∩n}(j) = HW_n sum_i M(i, j) F_m(i)
 
-(the dual softmax of feature matching). It is computed explicitly, whatever ``impl``.
+With uniform attention both are the partner's mean feature, as with the softmax; a position
+whose partners attend elsewhere gathers less. Computed explicitly, whatever ``impl``.
 
 Two implementations of the paper's softmax mode that agree to float tolerance:
 
@@ -87,8 +88,9 @@ def _mutual(f_m, f_n, weight, return_attention):
     p = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
     m = torch.softmax(p, dim=2) * torch.softmax(p, dim=1)     # M(i, j)
     v_n, v_m = _flatten(f_n), _flatten(f_m)
-    out_m = _unflatten(torch.matmul(m.to(v_n.dtype), v_n), f_m)
-    out_n = _unflatten(torch.matmul(m.transpose(1, 2).to(v_m.dtype), v_m), f_n)
+    hw_m, hw_n = m.shape[1], m.shape[2]
+    out_m = _unflatten(torch.matmul((hw_m * m).to(v_n.dtype), v_n), f_m)
+    out_n = _unflatten(torch.matmul((hw_n * m.transpose(1, 2)).to(v_m.dtype), v_m), f_n)
     if return_attention:  # where the gathered features come from: M's rows (columns) normalised
         return (out_m, out_n, m / m.sum(2, keepdim=True).clamp_min(1e-12),
                 m.transpose(1, 2) / m.sum(1).unsqueeze(2).clamp_min(1e-12))
@@ -117,7 +119,7 @@ def co_attention(f_m: torch.Tensor, f_n: torch.Tensor, weight: torch.Tensor,
     Returns (F_m^{m∩n} shaped like f_m, F_n^{m∩n} shaped like f_n); with
     ``return_attention`` (explicit only) also A_mn (B, HWm, HWn), rows softmax over n,
     and A_nm (B, HWn, HWm), rows softmax over m. ``mode="mutual"``: the dual-softmax
-    weights M above (explicit; the attention returned is M with its rows normalised).
+    weights HW M above (explicit; the attention returned is M with its rows normalised).
     """
     _check_inputs(f_m, f_n, weight)
     if mode not in MODES:

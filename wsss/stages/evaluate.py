@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -401,8 +402,13 @@ def run(cfg: EvalConfig | dict) -> dict:
     parts = choose_parts(cfg)
     inputs = _inputs(cfg)
     run_dir = Path(cfg.run_dir)
-    C.save_yaml(cfg, run_dir / CONFIG_FILE)
-    provenance.record(run_dir, "evaluate")
+    writable = os.access(run_dir, os.W_OK)
+    if writable:
+        C.save_yaml(cfg, run_dir / CONFIG_FILE)
+        provenance.record(run_dir, "evaluate")
+    else:
+        log.warning("%s is read-only: the metrics are computed and returned but not saved to %s", run_dir,
+                    METRICS_FILE)
     results: dict = {}
     for part in parts:
         check_current(_recorded(part, inputs[part]), run_dir, f"the {part} in {inputs[part]}",
@@ -425,7 +431,8 @@ def run(cfg: EvalConfig | dict) -> dict:
         crf_note = f", with CRF {res['miou_crf']:.4f}" if res.get("miou_crf") is not None else ""
         log.info("%s: mIoU %s%s%s", part, f"{res['miou']:.4f}" if res["miou"] is not None else "n/a",
                  f" at threshold {res['best_threshold']}" if part == "maps" else "", crf_note)
-    write_metrics(run_dir, results)
+    if writable:
+        write_metrics(run_dir, results)
     return results
 
 

@@ -234,6 +234,7 @@ def _datasets(cfg: ClassifierConfig):
     else:
         train_tf = train_transforms(crop=cfg.image_size, scale=scale, flip=cfg.flip, jitter=cfg.jitter, hue=cfg.hue)
     base = VOCDataset(cfg.data_root, tuple(cfg.split), transforms=train_tf, with_mask=False)
+    base.check_files()
     views = (source_view_transforms(cfg.image_size) if cfg.self_views == "source" and cfg.loss.self_pairs
              else None)
     pairs = PairDataset(base, p_common=cfg.p_common, seed=cfg.seed, include_self=cfg.partner_self,
@@ -241,6 +242,7 @@ def _datasets(cfg: ClassifierConfig):
     val = None
     if cfg.val_split:
         val = VOCDataset(cfg.data_root, cfg.val_split, transforms=eval_transforms(cfg.image_size), with_mask=False)
+        val.check_files()
         if val.num_classes != base.num_classes:
             raise ValueError(f"{cfg.val_split} has {val.num_classes} classes but {base.split} has {base.num_classes}")
     return base, pairs, val
@@ -410,6 +412,8 @@ def load_classifier(run_dir_or_path: str | Path, device: str | torch.device = "c
     """The trained CoAttentionClassifier of a run (eval mode, on ``device``), with
     ``.class_names`` and ``.train_config`` (ClassifierConfig) attached. ``coatt_impl``
     overrides the co-attention implementation (e.g. "explicit" to look at attention)."""
+    from wsss.models.backbones import load_weights
+
     path = classifier_path(run_dir_or_path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = C.from_dict(ClassifierConfig, ckpt["cfg"])
@@ -417,7 +421,7 @@ def load_classifier(run_dir_or_path: str | Path, device: str | torch.device = "c
     if coatt_impl is not None:
         cfg.coatt_impl = coatt_impl
     model = build_model(cfg, int(ckpt["num_classes"]))
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], path, f"classifier its config describes ({cfg.backbone})")
     device = E.resolve_device(device) if isinstance(device, str) else device
     model.to(device).eval()
     model.class_names = list(ckpt["class_names"])

@@ -44,6 +44,7 @@ from wsss.files import check_current, write_json
 from wsss import engine as E
 from wsss.data.voc import VOCDataset
 from wsss.metrics import ConfusionMatrix
+from wsss.models.backbones import load_weights
 from wsss.models.segmenter import build_segmenter, predict, segmentation_loss
 from wsss.stages.pseudo_masks import PSEUDO_DIR, SETTINGS_FILE as MASKS_SETTINGS_FILE
 
@@ -189,9 +190,11 @@ def _datasets(cfg: SegmenterConfig) -> tuple[PseudoMaskDataset, VOCDataset | Non
     masks_dir = Path(cfg.run_dir) / cfg.masks_dir  # an absolute masks_dir stays as it is
     train_tf = train_transforms(crop=cfg.crop, scale=_scale(cfg), flip=cfg.flip, jitter=cfg.jitter)
     train = PseudoMaskDataset(cfg.data_root, cfg.split, masks_dir, transforms=train_tf)
+    train.check_files()  # the images and their ground-truth masks; the pseudo-masks are the run's own
     val = None
     if cfg.val_split:
         val = VOCDataset(cfg.data_root, cfg.val_split, transforms=eval_transforms(None), with_mask=True)
+        val.check_files()
         if val.num_classes != train.num_classes:
             raise ValueError(f"{cfg.val_split} has {val.num_classes} classes but {cfg.split} has {train.num_classes}")
     return train, val
@@ -410,7 +413,7 @@ def load_segmenter(run_dir_or_path: str | Path, device: str | torch.device = "cp
     cfg = C.from_dict(SegmenterConfig, ckpt["cfg"])
     cfg.pretrained_backbone = None  # the weights below replace the backbone's initialisation
     model = build_model(cfg, int(ckpt["num_classes"]))
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], path, f"segmenter its config describes ({cfg.model})")
     device = E.resolve_device(device) if isinstance(device, str) else device
     model.to(device).eval()
     model.class_names = list(ckpt["class_names"])
