@@ -126,6 +126,17 @@ def test_unknown_parameter_rejected_before_execution_with_valid_names(tmp_path, 
     assert main(["check", str(good), "-p", "SEED", "1"]) == 0
 
 
+def test_values_of_the_wrong_kind_are_rejected_by_check(tmp_path, nb, caplog):
+    good = write_grid(tmp_path / "ok.yaml", {"notebook": "nbs/toy.ipynb"})
+    assert main(["check", str(good), "-p", "SEED", "abc"]) == 2
+    assert "parameter SEED = 'abc' should be an integer (its default in" in caplog.text
+    assert main(["check", str(good), "-p", "FAIL", "1"]) == 2         # FAIL = False: true or false
+    assert main(["check", str(good), "-p", "SEED", "true"]) == 2      # a bool is not an integer here
+    assert main(["check", str(good), "-p", "VALUE", "7"]) == 0
+    bad = write_grid(tmp_path / "bad.yaml", {"notebook": "nbs/toy.ipynb", "grid": {"VALUE": [1, "two"]}})
+    assert main(["check", str(bad)]) == 2
+
+
 def test_notebook_without_parameters_cell_rejected(tmp_path):
     write_notebook(tmp_path / "bare.ipynb", params=None)
     with pytest.raises(GridError, match="no cell tagged 'parameters'"):

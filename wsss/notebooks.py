@@ -434,16 +434,40 @@ def load_grid(
     return _dedupe(specs, path)
 
 
+def _type_mismatch(default: Any, value: Any) -> str | None:
+    """What kind ``value`` should be when it clearly is not the kind of a literal ``default``
+    (None, strings and expressions accept anything: a string default may be source text)."""
+    if default is None or isinstance(default, str) or value is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if isinstance(default, float):
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if isinstance(default, (list, tuple)):
+        return None if isinstance(value, (list, tuple)) else "a list"
+    if isinstance(default, dict):
+        return None if isinstance(value, dict) else "a mapping"
+    return None
+
+
 def validate(spec: RunSpec) -> None:
-    """Refuse parameter names the notebook's ``parameters`` cell does not define (before running)."""
+    """Refuse parameter names the notebook's ``parameters`` cell does not define, and values
+    of another kind than a literal default (an integer for ``EPOCHS = 10``), before running."""
     declared = notebook_parameters(spec.notebook)
     unknown = sorted(set(spec.parameters) - set(declared))
+    where = f" (grid file {spec.source})" if spec.source else ""
     if unknown:
-        where = f" (grid file {spec.source})" if spec.source else ""
         raise GridError(
             f"run {spec.exp}/{spec.run_id}{where}: notebook {spec.notebook} has no parameter(s) {unknown}; "
             f"its '{PARAMETERS_TAG}' cell defines: {sorted(declared)}. Fix the name or add it to that cell."
         )
+    for name, value in spec.parameters.items():
+        want = _type_mismatch(declared[name], value)
+        if want:
+            raise GridError(f"run {spec.exp}/{spec.run_id}{where}: parameter {name} = {value!r} should be {want} "
+                            f"(its default in {spec.notebook} is {declared[name]!r})")
 
 
 def validate_all(specs: list[RunSpec]) -> None:
