@@ -74,3 +74,26 @@ def test_ranges_hold_for_yaml_and_papermill_style_dicts_too():
         C.from_dict(ClassifierConfig, {"data_root": "d", "run_dir": "r", "loss.w_con": -1})
     assert C.from_dict(ClassifierConfig, {"data_root": "d", "run_dir": "r", "momentum": 0.0}).momentum == 0.0
     assert C._in_range(1.0, "[0, 1]") and not C._in_range(1.0, "[0, 1)") and C._in_range(0.5, "(0, 0.5]")
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_exit_code_5(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import torch
+
+    from wsss import engine as E
+
+    def full(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("U", "total used free")(10, 10, 0))
+    (tmp_path / "checkpoint_last.pt").write_bytes(b"the last good one")
+    with pytest.raises(OSError) as err:
+        E.atomic_torch_save({"x": 1}, tmp_path / "checkpoint_last.pt")
+    kind, message = cli.classify_error(err.value)
+    assert kind == "disk" and cli.EXIT_CODES[kind] == 5
+    assert message.startswith(f"disk full while writing {tmp_path / 'checkpoint_last.pt'}")
+    assert (tmp_path / "checkpoint_last.pt").read_bytes() == b"the last good one"
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pt"]  # no temporary file left

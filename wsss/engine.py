@@ -29,12 +29,14 @@ sampler (nothing is loaded twice) and restores those states.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import itertools
 import json
 import logging
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -470,7 +472,14 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as err:  # torch's zip writer reports a failed write as "enforce fail ..."
+                if "PytorchStreamWriter" not in str(err) and "inline_container" not in str(err):
+                    raise
+                free = shutil.disk_usage(path.parent).free
+                raise OSError(errno.ENOSPC if free < 64 << 20 else errno.EIO,
+                              f"torch could not write the file ({free >> 20} MiB free)", str(path)) from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
