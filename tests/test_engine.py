@@ -315,3 +315,11 @@ def test_a_nested_default_is_kept_when_other_nested_keys_are_given():
     C.add_arguments(parser, WithNestedDefault)
     assert "(default: False)" in parser.format_help()
     assert C.from_args(WithNestedDefault, parser.parse_args(["--inner.weight", "3"])).inner == Inner(False, 3.0)
+
+
+def test_a_checkpoint_write_removes_what_a_killed_earlier_write_left(tmp_path):
+    left = tmp_path / ".checkpoint_last.pt.tmp4242"  # SIGKILL in the middle of torch.save
+    left.write_bytes(b"half a checkpoint")
+    E.atomic_torch_save({"step": 3}, tmp_path / "checkpoint_last.pt")
+    assert not left.exists() and [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pt"]
+    assert torch.load(tmp_path / "checkpoint_last.pt")["step"] == 3

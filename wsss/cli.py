@@ -139,8 +139,8 @@ def draw_run_figures(run_dir: Path, data_root, out_dir: Path, prefix: str = "dem
     source = f"`python -m wsss demo --config {config}` (wsss.cli.draw_run_figures, from {run_dir.name}/)"
     rows = viz.qualitative_rows(run_dir, data_root, n=n)
     out = [viz.save_figure(viz.qualitative_grid(rows, class_names(data_root)), out_dir / f"{prefix}_qualitative.png",
-                           "image, ground truth, single-image CAM, cross-image co-attention map, pseudo-mask and "
-                           "segmentation of the first training images", source)]
+                           "image, ground truth, single-image CAM, the run's saved localization maps (its combine and k), "
+                           "pseudo-mask and segmentation of the first training images", source)]
     metrics = json.loads((run_dir / METRICS_FILE).read_text())
     if "maps" in metrics and "sweep" in metrics["maps"]:
         out.append(viz.save_figure(sweep_figure(metrics["maps"]["sweep"]), out_dir / f"{prefix}_threshold_sweep.png",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 
 from wsss.classes import voc_palette
@@ -29,10 +30,16 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str =
     return ((1 - alpha) * image / 255.0 + alpha * colours).clip(0, 1)
 
 
-def qualitative_rows(run_dir, data_root, names=None, n: int = 6, split: str = "train", k: int = 3,
-                     seed: int = 0, device: str = "cpu") -> list[dict]:
-    """The arrays behind ``qualitative_grid`` (one dict per image), for notebooks that plot their own way."""
-    from wsss.stages.make_maps import MapInputs, localization_maps
+def qualitative_rows(run_dir, data_root, names=None, n: int = 6, split: str = "train",
+                     device: str = "cpu") -> list[dict]:
+    """The arrays behind ``qualitative_grid`` (one dict per image), for notebooks that plot their own way.
+
+    Read from the run's files where it has them: its localization maps (RUN/maps, made with
+    the run's own settings: combine, k, partners, seed; training images only) and its
+    pseudo-masks; the single-image CAM and the segmentation are computed from the run's
+    classifier and segmenter (they take no settings). ``row["maps_title"]`` says how the
+    maps were made (from RUN/config_maps.yaml)."""
+    from wsss.stages.make_maps import CONFIG_FILE, MAPS_DIR, load_maps, localization_maps, maps_path
     from wsss.stages.train_classifier import classifier_path, load_classifier
     from wsss.stages.train_segmenter import load_segmenter, segmenter_path
     from wsss.models.segmenter import predict
@@ -44,25 +51,36 @@ def qualitative_rows(run_dir, data_root, names=None, n: int = 6, split: str = "t
     missing = [x for x in names if x not in index]
     if missing:
         raise KeyError(f"{missing} are not in split {split!r} of {data_root}")
-    inputs = MapInputs(base, eval_transforms(), k=k, seed=seed, with_partners=True)
+    transform = eval_transforms()
     classifier = load_classifier(run_dir, device) if _exists(classifier_path, run_dir) else None
     segmenter = load_segmenter(run_dir, device) if _exists(segmenter_path, run_dir) else None
+    maps_cfg = run_dir / CONFIG_FILE.format(MAPS_DIR)
+    maps_title = "the run's maps"
+    if maps_cfg.is_file():
+        import yaml
+
+        m = yaml.safe_load(maps_cfg.read_text()) or {}
+        combine = m.get("combine")
+        maps_title += f" ({'+'.join(combine) if isinstance(combine, list) else combine}, k={m.get('k')})"
     rows = []
     for name in names:
-        item = inputs[index[name]]
-        image = denormalize(item["image"])
-        row = {"name": name, "classes": item["classes"], "image": image,
+        source = base.source_image(index[name])
+        x = transform(source).as_subclass(torch.Tensor)
+        classes = [int(c) + 1 for c in np.flatnonzero(base.labels[index[name]])]
+        row = {"name": name, "classes": classes, "image": denormalize(x), "maps_title": maps_title,
                "gt": load_mask(base.mask_path(name), base.num_classes)}
-        if classifier is not None and item["classes"]:
-            x = item["image"][None].to(device)
-            for kind in ("cam", "coatt"):
-                maps = localization_maps(classifier, x, item["classes"], item["partners"], combine=kind)
-                row[kind] = maps.max(0).values.cpu().numpy()
+        if classifier is not None and classes:
+            maps = localization_maps(classifier, x[None].to(device), classes, combine="cam")
+            row["cam"] = maps.max(0).values.cpu().numpy()
+        saved = maps_path(run_dir / MAPS_DIR, name)
+        if saved.is_file():
+            maps, _ = load_maps(saved)
+            row["maps"] = maps.max(0) if len(maps) else np.zeros(maps.shape[1:], np.float32)
         pseudo = run_dir / "pseudo" / f"{name}.png"
         if pseudo.is_file():
             row["pseudo"] = load_mask(pseudo, base.num_classes)
         if segmenter is not None:
-            probs = predict(segmenter, item["image"][None].to(device))
+            probs = predict(segmenter, x[None].to(device))
             row["pred"] = probs[0].argmax(0).cpu().numpy().astype(np.uint8)
         rows.append(row)
     return rows
@@ -77,11 +95,11 @@ def _exists(path_fn, run_dir) -> bool:
 
 
 COLUMNS = {"image": "image", "gt": "ground truth", "cam": "CAM (single image)",
-           "coatt": "co-attention (k partners)", "pseudo": "pseudo-mask", "pred": "segmentation"}
+           "maps": "the run's maps", "pseudo": "pseudo-mask", "pred": "segmentation"}
 
 
 def qualitative_grid(rows: list[dict], class_names=None) -> Figure:
-    """Image / GT / CAM / co-attention map / pseudo-mask / prediction, one row per image."""
+    """Image / GT / CAM / the run's maps / pseudo-mask / prediction, one row per image."""
     cols = [c for c in COLUMNS if any(c in r for r in rows)]
     fig = Figure(figsize=(2.1 * len(cols), 2.1 * len(rows) + 0.4), layout="constrained")
     axes = fig.subplots(len(rows), len(cols), squeeze=False)
@@ -90,7 +108,7 @@ def qualitative_grid(rows: list[dict], class_names=None) -> Figure:
             ax = axes[r, c]
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
-                ax.set_title(COLUMNS[col], fontsize=9)
+                ax.set_title(row.get("maps_title", COLUMNS[col]) if col == "maps" else COLUMNS[col], fontsize=9)
             if col not in row:
                 ax.axis("off")
                 continue
@@ -98,7 +116,7 @@ def qualitative_grid(rows: list[dict], class_names=None) -> Figure:
                 ax.imshow(row["image"])
                 label = ", ".join(class_names[i - 1] for i in row["classes"]) if class_names else row["name"]
                 ax.set_ylabel(label, fontsize=8)
-            elif col in ("cam", "coatt"):
+            elif col in ("cam", "maps"):
                 ax.imshow(overlay(row["image"], row[col]))
             else:
                 ax.imshow(colorize(row[col]))
