@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from wsss import config as C
+from wsss import metrics as M
 from wsss import engine as E
 from wsss.stages import train_classifier as T
 
@@ -59,17 +60,17 @@ def finished_run(bench, tmp_path_factory):
 def test_average_precision_by_hand():
     scores = np.array([[0.9, 0.5, 0.3], [0.8, 0.5, 0.2], [0.7, 0.2, 0.1], [0.6, 0.1, 0.0]])
     labels = np.array([[1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]])
-    ap = T.average_precision(scores, labels)
+    ap = M.average_precision(scores, labels)
     # class 0: positives at ranks 1 and 3 -> (1/1 + 2/3) / 2
     # class 1: a tie (one positive, one negative) at 0.5 -> P=1/2 at R=1/2; then P=2/4 at R=1
     # class 2: no positives -> NaN, left out of the mean
     assert ap[0] == pytest.approx((1 + 2 / 3) / 2)
     assert ap[1] == pytest.approx(0.5 * 0.5 + 0.5 * 0.5)
     assert np.isnan(ap[2])
-    assert T.mean_average_precision(scores, labels) == pytest.approx(((1 + 2 / 3) / 2 + 0.5) / 2)
-    assert T.average_precision(np.array([[0.2], [0.9]]), np.array([[0], [1]]))[0] == 1.0
+    assert M.mean_average_precision(scores, labels) == pytest.approx(((1 + 2 / 3) / 2 + 0.5) / 2)
+    assert M.average_precision(np.array([[0.2], [0.9]]), np.array([[0], [1]]))[0] == 1.0
     with pytest.raises(ValueError, match="must both be"):
-        T.average_precision(np.zeros(3), np.zeros(3))
+        M.average_precision(np.zeros(3), np.zeros(3))
 
 
 # --------------------------------------------------------------------------- config

@@ -32,6 +32,7 @@ from wsss import provenance
 from wsss.files import write_json
 from wsss import engine as E
 from wsss.losses import LossConfig, loss_terms
+from wsss.metrics import average_precision, mean_average_precision
 
 log = logging.getLogger(__name__)
 
@@ -151,40 +152,7 @@ HELP = {
 }
 
 
-# =========================================================================== metrics
-
-def average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per-class average precision (K,) of scores (N, K) against 0/1 labels (N, K).
-
-    AP is the area under the precision-recall step curve: sum over the distinct score
-    thresholds t (descending) of (R(t) - R(t_prev)) * P(t), ties counted together, which
-    without ties is the mean over positives of the precision at each positive's rank.
-    A class without positives gets NaN.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels) > 0
-    if scores.shape != labels.shape or scores.ndim != 2:
-        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must both be (N, K)")
-    ap = np.full(scores.shape[1], np.nan)
-    for k in range(scores.shape[1]):
-        pos = labels[:, k].sum()
-        if pos == 0:
-            continue
-        order = np.argsort(-scores[:, k], kind="stable")
-        s, y = scores[order, k], labels[order, k]
-        tp = np.cumsum(y)
-        last_of_tie = np.r_[s[1:] != s[:-1], True]  # evaluate only where the threshold changes
-        tp, n = tp[last_of_tie], np.arange(1, len(s) + 1)[last_of_tie]
-        precision, recall = tp / n, tp / pos
-        ap[k] = np.sum(np.diff(np.r_[0.0, recall]) * precision)
-    return ap
-
-
-def mean_average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Mean AP over the classes that have positives (NaN when none has)."""
-    ap = average_precision(scores, labels)
-    return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
-
+# =========================================================================== evaluation
 
 @torch.no_grad()
 def predict_scores(model, loader, device: torch.device, *, amp: bool = True, channels_last: bool = False
