@@ -318,7 +318,7 @@ def test_a_nested_default_is_kept_when_other_nested_keys_are_given():
 
 
 def test_a_checkpoint_write_removes_what_a_killed_earlier_write_left(tmp_path):
-    left = tmp_path / ".checkpoint_last.pt.tmp4242"  # SIGKILL in the middle of torch.save
+    left = tmp_path / ".checkpoint_last.pt.4242.tmp"  # SIGKILL in the middle of torch.save
     left.write_bytes(b"half a checkpoint")
     E.atomic_torch_save({"step": 3}, tmp_path / "checkpoint_last.pt")
     assert not left.exists() and [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pt"]

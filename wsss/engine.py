@@ -51,6 +51,7 @@ from torch.utils.data.distributed import DistributedSampler
 from wsss.progress import progress
 
 from wsss.config import config_differences
+from wsss.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -463,29 +464,23 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary file, then rename it into place; temporary files that an
-    interrupted earlier write (SIGKILL) left beside ``path`` are removed first."""
+    """torch.save through ``wsss.files.atomic_path`` (flushed to disk before the rename);
+    temporary files that an interrupted earlier write (SIGKILL) left beside ``path`` are
+    removed first."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.tmp*"):
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            try:
-                torch.save(obj, f)
-            except RuntimeError as err:  # torch's zip writer reports a failed write as "enforce fail ..."
-                if "PytorchStreamWriter" not in str(err) and "inline_container" not in str(err):
-                    raise
-                free = shutil.disk_usage(path.parent).free
-                raise OSError(errno.ENOSPC if free < 64 << 20 else errno.EIO,
-                              f"torch could not write the file ({free >> 20} MiB free)", str(path)) from None
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as err:  # torch's zip writer reports a failed write as "enforce fail ..."
+            if "PytorchStreamWriter" not in str(err) and "inline_container" not in str(err):
+                raise
+            free = shutil.disk_usage(path.parent).free
+            raise OSError(errno.ENOSPC if free < 64 << 20 else errno.EIO,
+                          f"torch could not write the file ({free >> 20} MiB free)", str(path)) from None
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def finished_metrics(path: str | Path, cfg: dict, inputs=None, normalise=None) -> dict | None:

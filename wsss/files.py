@@ -7,6 +7,7 @@ a copied or moved run directory stays valid (hashes, not paths or mtimes)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -17,16 +18,25 @@ from pathlib import Path
 import numpy as np
 
 
-def write_text(path: str | Path, text: str) -> Path:
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path`` (".NAME.PID.tmp") to write; when the block
+    finishes it replaces ``path`` in one rename, and on any error it is removed. The one
+    atomic write of the project: every file of a run directory is written through it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 def _clean(v):

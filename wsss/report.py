@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -284,10 +283,7 @@ def run_ablation(cfg, share_dir: str | Path | None = None) -> dict:
 def write_ablation_record(run_dir: str | Path, **params) -> Path:
     """RUN/ablation.json: the parameters of an ablation run (written last: it marks the run finished)."""
     path = Path(run_dir) / ABLATION_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(params, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_json(path, params)
     return path
 
 

@@ -38,7 +38,7 @@ from torchvision import tv_tensors
 from wsss.progress import progress
 
 from wsss.classes import IGNORE_INDEX, load_class_names, voc_palette
-from wsss.files import write_text
+from wsss.files import atomic_path, write_text
 
 log = logging.getLogger(__name__)
 
@@ -228,16 +228,10 @@ def save_mask(path: str | Path, mask: np.ndarray) -> None:
         if mask.size and (mask.min() < 0 or mask.max() > 255):
             raise ValueError(f"save_mask({path}): values must lie in 0..255")
         mask = mask.astype(np.uint8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(mask)
     im.putpalette(voc_palette().ravel().tolist())
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         im.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,17 +262,13 @@ def _read_cache(path: Path, key: np.ndarray, names: list[str]) -> np.ndarray | N
 
 def _write_cache(path: Path, key: np.ndarray, names: list[str], labels: np.ndarray) -> None:
     """Best effort: a read-only root, or any other failure, just means no cache."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    buf = io.BytesIO()
+    np.savez(buf, key=key, names=np.array(names), labels=labels)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        np.savez(buf, key=key, names=np.array(names), labels=labels)
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buf.getvalue())
     except OSError as err:
         log.debug("label cache not written (%s): %s", path, err)
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
 
 
 def _labels_from_masks(root: Path, split: str, names: list[str], num_classes: int) -> np.ndarray:
@@ -417,7 +407,6 @@ class VOCDataset(Dataset):
                         raise _error(f"mask {mpath} is {size[0]}x{size[1]} but image {images / (name + '.jpg')} "
                                      f"is {w}x{h}: they must match; fix the mask, or remove {name} from {split_file}")
             with contextlib.suppress(OSError):
-                cache.parent.mkdir(parents=True, exist_ok=True)
                 write_text(cache, json.dumps(key))
 
     def __len__(self) -> int:

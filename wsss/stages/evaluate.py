@@ -412,8 +412,8 @@ def run(cfg: EvalConfig | dict) -> dict:
     results: dict = {}
     for part in parts:
         check_current(_recorded(part, inputs[part]), run_dir, f"the {part} in {inputs[part]}",
-                      f"run the stages from the changed one on again (python -m wsss pipeline ..., or each stage with "
-                      f"--overwrite / --no-resume) before evaluating")
+                      "run the stages from the changed one on again (python -m wsss pipeline ..., or each stage with "
+                      "--overwrite / --no-resume) before evaluating")
         t0 = time.perf_counter()
         if part == "maps":
             res = evaluate_maps(cfg.data_root, cfg.maps_split, inputs["maps"], cfg.thresholds,

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from wsss.progress import progress
 
 from wsss import config as C
 from wsss import provenance
-from wsss.files import check_settings, fingerprint, write_json
+from wsss.files import atomic_path, check_settings, fingerprint, write_json
 from wsss import engine as E
 from wsss.data.pairs import partners_for_class, self_pair_views
 from wsss.data.transforms import eval_transforms
@@ -334,15 +333,8 @@ def save_maps(path: str | Path, maps, classes) -> None:
     classes = np.asarray(classes, dtype=np.int16).reshape(-1)
     if maps.ndim != 3 or maps.shape[0] != classes.size:
         raise ValueError(f"save_maps({path}): maps {maps.shape} must be (n, H, W) with n = {classes.size} classes")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz" suffix
-            np.savez(f, maps=maps, classes=classes)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez adds no ".npz" suffix
+        np.savez(f, maps=maps, classes=classes)
 
 
 def load_maps(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
