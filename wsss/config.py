@@ -21,6 +21,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from wsss.files import write_text
+
 __all__ = ["ConfigError", "to_dict", "from_dict", "save_yaml", "load_yaml", "add_arguments", "from_args"]
 
 
@@ -252,12 +254,7 @@ def from_dict(cls, data: dict | None, *, base=None):
 
 def save_yaml(cfg, path: str | Path) -> Path:
     """Write the config as YAML (atomically: a crash never leaves half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
-    return path
+    return write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def read_yaml_mapping(path: str | Path, what: str = "settings") -> dict:
