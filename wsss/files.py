@@ -84,12 +84,14 @@ def fingerprint(run_dir: str | Path, name: str) -> dict:
 
 def stale_inputs(settings, run_dir: str | Path) -> list[str]:
     """The files named by the fingerprints anywhere inside ``settings`` (nested settings of
-    earlier stages included) whose content is no longer the recorded one."""
+    earlier stages included) whose content is no longer the recorded one. Names are relative
+    to ``run_dir``, the run directory the outputs were made in; a file not there (outputs
+    used from outside their run directory) cannot be checked and is left out."""
     found = []
     if isinstance(settings, Mapping):
         if set(settings) == {"file", "sha256"}:
             path = Path(run_dir) / settings["file"]
-            if not path.is_file() or fingerprint(run_dir, settings["file"]) != dict(settings):
+            if path.is_file() and fingerprint(run_dir, settings["file"]) != dict(settings):
                 found.append(settings["file"])
         else:
             for v in settings.values():
