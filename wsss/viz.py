@@ -40,6 +40,7 @@ def qualitative_rows(run_dir, data_root, names=None, n: int = 6, split: str = "t
     classifier and segmenter (they take no settings). ``row["maps_title"]`` says how the
     maps were made (from RUN/config_maps.yaml)."""
     from wsss.stages.make_maps import CONFIG_FILE, MAPS_DIR, load_maps, localization_maps, maps_path
+    from wsss.stages.pseudo_masks import PSEUDO_DIR
     from wsss.stages.train_classifier import classifier_path, load_classifier
     from wsss.stages.train_segmenter import load_segmenter, segmenter_path
     from wsss.models.segmenter import predict
@@ -76,7 +77,7 @@ def qualitative_rows(run_dir, data_root, names=None, n: int = 6, split: str = "t
         if saved.is_file():
             maps, _ = load_maps(saved)
             row["maps"] = maps.max(0) if len(maps) else np.zeros(maps.shape[1:], np.float32)
-        pseudo = run_dir / "pseudo" / f"{name}.png"
+        pseudo = run_dir / PSEUDO_DIR / f"{name}.png"
         if pseudo.is_file():
             row["pseudo"] = load_mask(pseudo, base.num_classes)
         if segmenter is not None:
