@@ -336,7 +336,7 @@ def run(cfg: PseudoConfig | dict) -> dict:
                             "put one 0-255 PNG per image there (named like the image), or use bg_mode='power'")
     settings = _settings(cfg, maps_dir)
     check_current(settings["maps"], run_dir, f"the maps in {maps_dir}",
-                  f"make them again (python -m wsss make-maps --run-dir {run_dir} --maps-dir {cfg.maps_dir} "
+                  f"make them again (python -m wsss make-maps --data-root {cfg.data_root} --run-dir {run_dir} --maps-dir {cfg.maps_dir} "
                   f"--overwrite), then these pseudo-masks (--overwrite)")
     check_settings(out_dir, SETTINGS_FILE, settings, cfg.overwrite, "pseudo masks", "out_dir",
                    {"maps": "the maps (they were recomputed)"})

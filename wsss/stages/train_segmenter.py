@@ -302,8 +302,8 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
     run_dir = Path(cfg.run_dir)
     inputs = _masks_settings(cfg)
     check_current(inputs, (run_dir / cfg.masks_dir).parent, f"the pseudo-masks in {run_dir / cfg.masks_dir}",
-                  f"make the maps and pseudo-masks again (python -m wsss make-maps / pseudo-masks --run-dir {run_dir} "
-                  f"--overwrite), then train the segmenter")
+                  f"make the maps and pseudo-masks again (python -m wsss make-maps / pseudo-masks --data-root "
+                  f"{cfg.data_root} --run-dir {run_dir} --overwrite), then train the segmenter")
     if cfg.resume and (done := E.finished_metrics(run_dir / SEGMENTER_FILE, C.to_dict(cfg), inputs)) is not None:
         if dist.is_main:
             log.info("segmenter: %s is already trained with these settings on these masks; keeping it "
