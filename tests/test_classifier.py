@@ -95,6 +95,9 @@ def test_weights_of_another_architecture_give_one_short_message(tmp_path):
                                            r" there, \(32, 3, 3, 3\) here\)") as err:
         build_backbone("tiny", pretrained=tmp_path / "narrow.pth")
     assert len(str(err.value)) < 400
+    from wsss import cli
+
+    assert cli.classify_error(err.value) == ("run", str(err.value))  # one line, exit code 4, no traceback
 
 
 def test_tiny_loads_its_own_state_dict(tmp_path):

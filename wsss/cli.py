@@ -157,6 +157,7 @@ def classify_error(err: BaseException) -> tuple[str, str] | None:
     from wsss.config import ConfigError
     from wsss.data.voc import DatasetError
     from wsss.engine import NonFiniteLossError
+    from wsss.models.backbones import WeightsError
 
     if isinstance(err, KeyboardInterrupt):
         return "interrupted", "interrupted: finished work is kept; run the same command again to continue"
@@ -164,7 +165,7 @@ def classify_error(err: BaseException) -> tuple[str, str] | None:
         return "config", str(err)
     if isinstance(err, DatasetError):
         return "data", str(err)
-    if isinstance(err, NonFiniteLossError):
+    if isinstance(err, (NonFiniteLossError, WeightsError)):
         return "run", str(err)
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         return "disk", (f"disk full while writing {err.filename or 'a file'}: free space and run the same command "

@@ -119,6 +119,10 @@ def load_body_state(body: nn.Module, path: Path, what: str = "backbone",
     log.info("loaded pretrained backbone weights from %s", path)
 
 
+class WeightsError(RuntimeError):
+    """Weights that do not fit the model they are loaded into (the CLI prints one line)."""
+
+
 def load_weights(module: nn.Module, state: dict, source, what: str) -> None:
     """``module.load_state_dict(state)``, strictly; weights that do not fit raise one short
     RuntimeError naming ``source`` and counting the keys (not torch's line per tensor)."""
@@ -129,7 +133,7 @@ def load_weights(module: nn.Module, state: dict, source, what: str) -> None:
     if missing or unexpected or shapes:
         example = (f"{shapes[0]} is {tuple(state[shapes[0]].shape)} there, {tuple(own[shapes[0]].shape)} here"
                    if shapes else f"{(missing or unexpected)[0]!r} is {'missing' if missing else 'unexpected'}")
-        raise RuntimeError(f"weights in {source} do not fit the {what}: {len(shapes)} tensor(s) of another shape, "
+        raise WeightsError(f"weights in {source} do not fit the {what}: {len(shapes)} tensor(s) of another shape, "
                            f"{len(missing)} missing, {len(unexpected)} unexpected (e.g. {example}); they are "
                            f"from another architecture: pass weights of this one")
     module.load_state_dict(state)
