@@ -87,10 +87,10 @@ def print_dataset_statistics(root, split: str = "train", p_common: float = 1.0, 
 
 
 def _make_benchmark(args) -> None:
-    from wsss.data.synth import generate
+    from wsss.data.synth import SCENE_KNOBS, generate
     from wsss.paths import benchmark_root
 
-    scene = {k: getattr(args, k) for k in ("body_class", "context_p", "context_size") if getattr(args, k) is not None}
+    scene = {k: getattr(args, k) for k in SCENE_KNOBS if getattr(args, k) is not None}
     root = args.root or benchmark_root(args.size, args.seed, scene)
     stats = generate(root, size=args.size, seed=args.seed, num_classes=args.num_classes, image_size=args.image_size,
                      num_train=args.num_train, num_val=args.num_val, noise_rate=args.noise_rate, overwrite=args.overwrite,

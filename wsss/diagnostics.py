@@ -173,8 +173,9 @@ def part_reader(data_root):
 
 def maps_part_coverage(data_root, maps_dir, names, thresholds=(0.5,)) -> dict[str, list[float]]:
     """The benchmark's calibration measures of saved maps (``wsss.data.synth.part_coverage``):
-    per threshold, the recall of the discriminative part and of the body, and the share of
-    the above-threshold map on context, over the images ``names`` of MAPS_DIR (NAME.npz)."""
+    per threshold, the recall of the discriminative part and of the body, and the shares of
+    the above-threshold map on the object and on context, over the images ``names`` of
+    MAPS_DIR (NAME.npz)."""
     from pathlib import Path
 
     from PIL import Image

@@ -137,8 +137,8 @@ def resolve_params(size="demo", seed=0, num_classes=10, image_size=None, num_tra
                     image_size=pick(image_size, "image_size"), num_train=pick(num_train, "num_train"),
                     num_val=pick(num_val, "num_val"), num_single=pick(num_single, "num_single"),
                     num_web=pick(num_web, "num_web"), noise_rate=float(noise_rate),
-                    **{k: float(v) for k, v in (("body_class", body_class), ("context_p", context_p),
-                                                ("context_size", context_size)) if v is not None})
+                    **{k: float(v) for k, v in zip(SCENE_KNOBS, (body_class, context_p, context_size))
+                       if v is not None})
     if p.num_classes < 2:
         raise ValueError(f"num_classes={p.num_classes}: the benchmark needs at least 2 classes")
     if p.num_classes > 254:

@@ -340,7 +340,8 @@ def _recorded(part: str, path: Path) -> dict | None:
     """What the output ``part`` at ``path`` records about its inputs (None if nothing)."""
     if part == "segmenter":
         try:
-            return torch.load(path, map_location="cpu", weights_only=False).get("inputs")
+            # mmap: only the small "inputs" entry is read, not the weights load_segmenter reads next
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("inputs")
         except Exception:  # noqa: BLE001 - unreadable: load_segmenter says so, with the fix
             return None
     settings = path / SETTINGS_FILE
