@@ -42,7 +42,7 @@ def main(argv=None) -> None:
                         help="NAME:field=value,... classifier overrides; recipe=official selects a recipe")
     parser.add_argument("--variant", action="append", required=True, help="NAME:field=value,... maps overrides")
     parser.add_argument("--scene", default="", help="the benchmark's realism knobs, field=value,... "
-                        "(body_class, context_p, context_size; wsss.data.synth); use its own --root")
+                        "(body_class, context_p, context_size, noise_rate; wsss.data.synth)")
     parser.add_argument("--limit", type=int, default=500, help="training images that get maps")
     parser.add_argument("--pairs", type=int, default=60, help="pairs for the diagnostics")
     parser.add_argument("--root", default=str(runs_dir() / "localisation"))
@@ -96,8 +96,8 @@ def main(argv=None) -> None:
                     masked = VOCDataset(data_root, "train", transforms=eval_transforms(), with_mask=True)
                     diag = D.collect(model, masked, D.shared_class_pairs(masked.labels, args.pairs, seed=0),
                                      parts=D.part_reader(data_root))
-                row = {"setting": setting, "variant": variant, "seed": seed, "val_map": info["val_map"],
-                       "maps_miou": maps_res["miou"], "maps_threshold": maps_res["best_threshold"],
+                row = {"setting": setting, "variant": variant, "seed": seed, "scene": args.scene,
+                       "val_map": info["val_map"], "maps_miou": maps_res["miou"], "maps_threshold": maps_res["best_threshold"],
                        "pseudo_miou": pseudo_res["miou"], **cover, **diag}
                 with rows_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -99,6 +99,7 @@ NOISE_SIGMA = 0.025            # pixel noise
 JPEG_QUALITY = 95
 
 SCENE_KNOBS = ("body_class", "context_p", "context_size")  # SynthParams' realism knobs
+DATA_KNOBS = (*SCENE_KNOBS, "noise_rate")  # what a pipeline config's ``scene:`` may set
 SPLIT_CODES = {"train": 0, "val": 1, "single": 2, "web": 3}
 SPLIT_FILES = {"train": "train.txt", "val": "val.txt", "single": "train_single.txt", "web": "train_web.txt"}
 

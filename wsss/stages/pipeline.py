@@ -10,7 +10,7 @@ YAML layout (every section optional; keys are the fields of that stage's config)
     recipe: null                    # a recipe under configs/recipes/ (official) or a YAML path
     data_root: null                 # a VOC-layout dataset; null = the embedded benchmark below
     benchmark: demo                 # smoke | demo | full: generated on first use
-    scene: {}                       # its realism knobs: body_class, context_p, context_size (wsss.data.synth)
+    scene: {}                       # its knobs: body_class, context_p, context_size, noise_rate (wsss.data.synth)
     seed: 0
     stages: [classifier, maps, pseudo, segmenter, evaluate]
     classifier: {backbone: tiny, epochs: 6}          # wsss.stages.train_classifier.ClassifierConfig
@@ -118,11 +118,11 @@ def stage_configs(cfg: PipelineConfig, data_root: Path, run_dir: Path) -> dict:
 def prepare_data(cfg: PipelineConfig) -> Path:
     if cfg.data_root:
         return Path(cfg.data_root).expanduser()
-    from wsss.data.synth import SCENE_KNOBS, ensure_benchmark
+    from wsss.data.synth import DATA_KNOBS, ensure_benchmark
 
-    unknown = sorted(set(cfg.scene) - set(SCENE_KNOBS))
+    unknown = sorted(set(cfg.scene) - set(DATA_KNOBS))
     if unknown:
-        raise C.ConfigError(f"scene: unknown knob(s) {unknown}; choose from {list(SCENE_KNOBS)}")
+        raise C.ConfigError(f"scene: unknown knob(s) {unknown}; choose from {list(DATA_KNOBS)}")
     try:
         return Path(ensure_benchmark(benchmark_root(cfg.benchmark, 0, cfg.scene), size=cfg.benchmark, seed=0,
                                      **cfg.scene))
@@ -182,7 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "recipe": "stage overrides from configs/recipes/NAME.yaml (official: the authors' code) or a YAML path",
         "data_root": "VOC-layout dataset; leave unset to use the embedded benchmark",
         "benchmark": "size of the embedded benchmark used when --data-root is unset",
-        "scene": "its realism knobs as a YAML mapping: body_class, context_p, context_size (wsss.data.synth)",
+        "scene": "its knobs as a YAML mapping: body_class, context_p, context_size (realism), noise_rate (the web split's label noise); wsss.data.synth",
         "seed": "seed for every stage",
         "stages": f"stages to run, in order, from {list(STAGES)}",
         **{name: f"overrides of the {name} stage config as a YAML mapping of its fields" for name in STAGES},

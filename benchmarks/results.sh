@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Every run behind docs/results.md (`make results`), or the sections named:
+#   benchmarks/results.sh [ablation] [inference] [segmentation] [settings] [knobs] [figures]
+# Rows go to runs/localisation/rows.jsonl and segmentation.jsonl; a finished row is not
+# recomputed, an interrupted one resumes, so re-running after a stop continues the grid.
+# runs/localisation/table.md is the mean ± std table of every row (docs/results.md quotes it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+GRID="$PY benchmarks/localisation_grid.py --seeds 0 1 2"
+BASIC="loss.coatt=false,loss.contrastive=false"
+OURS_VARIANTS="--variant cam:combine=cam --variant coatt:combine=coatt --variant all:combine=all"
+SECTIONS=${*:-ablation inference segmentation settings knobs figures}
+
+for section in $SECTIONS; do
+    echo "== $section ($(date -u +%H:%M:%S))"
+    case $section in
+    ablation)
+        $GRID --setting "basic:$BASIC" --setting coatt_nocon:loss.contrastive=false --setting ours: \
+            --setting selfpairs:loss.self_pairs=true --setting pcommon05:p_common=0.5 $OURS_VARIANTS ;;
+    inference)
+        $GRID --setting ours: --variant self:combine=self --variant coatt_k1:combine=coatt,k=1 \
+            --variant coatt_k5:combine=coatt,k=5 --variant all_k1:combine=all,k=1 --variant all_k5:combine=all,k=5 \
+            --variant "reference:aggregate=reference,partners=replace,scales=[1.0]" ;;
+    segmentation)
+        $PY benchmarks/segmentation_grid.py --seeds 0 1 2 --run basic/cam:combine=cam --run ours/all:combine=all ;;
+    settings)  # METHOD.md sec. 5: 2 = train + single-label images, 3 = train + noisy web images
+        for s in "s2:split=[train,train_single]" "s3:split=[train,train_web]"; do
+            $GRID --setting "${s%%:*}_basic:$BASIC,${s#*:}" --variant cam:combine=cam
+            $GRID --setting "${s%%:*}_ours:${s#*:}" $OURS_VARIANTS
+        done
+        $GRID --scene noise_rate=0.6 --setting "s3n06_basic:$BASIC,split=[train,train_web]" --variant cam:combine=cam
+        $GRID --scene noise_rate=0.6 --setting "s3n06_ours:split=[train,train_web]" $OURS_VARIANTS ;;
+    knobs)  # the benchmark's realism knobs (data/README.md): class-following bodies, no context bands
+        for k in bc1:body_class=1 ctx0:context_p=0; do
+            $GRID --scene "${k#*:}" --setting "${k%%:*}_basic:$BASIC" --variant cam:combine=cam
+            $GRID --scene "${k#*:}" --setting "${k%%:*}_ours:" $OURS_VARIANTS
+        done ;;
+    figures)
+        $PY benchmarks/localisation_grid.py --figure figures/results_settings.png --images 6 \
+            --column "CAM, setting 1=basic/cam" --column "ours all, setting 1=ours/all" \
+            --column "CAM, setting 2=s2_basic/cam" --column "ours all, setting 2=s2_ours/all" \
+            --column "CAM, setting 3=s3_basic/cam" --column "ours all, setting 3=s3_ours/all" ;;
+    *) echo "unknown section $section: choose from ablation inference segmentation settings knobs figures" >&2
+       exit 2 ;;
+    esac
+done
+echo "== done ($(date -u +%H:%M:%S))"
