@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 KERNEL := wsss
 
-.PHONY: demo test figures lab clean-venv
+.PHONY: demo test figures results lab clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(VENV)/.installed
 figures: $(VENV)/.installed
 	$(PY) -m wsss.notebooks run notebooks/experiments/ablation_demo.yaml
 	$(PY) -m wsss.notebooks run notebooks/experiments/figures.yaml --force
+
+# Every run behind docs/results.md (hours on two cores; resumes where it stopped), then its tables and figures.
+results: $(VENV)/.installed
+	PY=$(PY) benchmarks/results.sh
 
 # Jupyter refuses to run as root without --allow-root (the usual case in a container).
 lab: $(VENV)/.installed

@@ -3,7 +3,8 @@
 #   benchmarks/results.sh [ablation] [inference] [segmentation] [settings] [knobs] [figures]
 # Rows go to runs/localisation/rows.jsonl and segmentation.jsonl; a finished row is not
 # recomputed, an interrupted one resumes, so re-running after a stop continues the grid.
-# runs/localisation/table.md is the mean ± std table of every row (docs/results.md quotes it).
+# runs/localisation/table.md is the mean ± std table of every row; the figures section prints the
+# tables of docs/results.md sections 5-6 and keeps their rows in docs/data/results_rows.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -40,7 +41,8 @@ for section in $SECTIONS; do
         $PY benchmarks/localisation_grid.py --figure figures/results_settings.png --images 6 \
             --column "CAM, setting 1=basic/cam" --column "ours all, setting 1=ours/all" \
             --column "CAM, setting 2=s2_basic/cam" --column "ours all, setting 2=s2_ours/all" \
-            --column "CAM, setting 3=s3_basic/cam" --column "ours all, setting 3=s3_ours/all" ;;
+            --column "CAM, setting 3=s3_basic/cam" --column "ours all, setting 3=s3_ours/all"
+        $PY benchmarks/results_report.py ;;  # the tables of sections 5-6, figures/results_*.png
     *) echo "unknown section $section: choose from ablation inference segmentation settings knobs figures" >&2
        exit 2 ;;
     esac

@@ -349,19 +349,20 @@ def table_markdown(table, metrics: Sequence[str] = ("maps_miou", "pseudo_miou"),
     return "\n".join(lines) + "\n"
 
 
-def ablation_figure(df, metric: str = "pseudo_miou", title: str | None = None):
-    """Bars of a metric (percent) per loss setting, one colour per inference mode, error bars
-    = standard deviation over seeds, dots = the single runs."""
+def ablation_figure(df, metric: str = "pseudo_miou", title: str | None = None, x: str = "losses",
+                    hue: str = "inference", xlabel: str = "loss terms", size=(7, 4)):
+    """Bars of a metric (percent) per ``x`` (default: loss setting), one colour per ``hue``
+    (default: inference mode), error bars = standard deviation over seeds, dots = the single runs."""
     import seaborn as sns
     from matplotlib.figure import Figure
 
     data = df.assign(value=100 * df[metric])
-    fig = Figure(figsize=(7, 4), layout="constrained")
+    fig = Figure(figsize=size, layout="constrained")
     ax = fig.subplots()
-    sns.barplot(data=data, x="losses", y="value", hue="inference", errorbar="sd", ax=ax, alpha=0.8, capsize=0.1)
-    sns.stripplot(data=data, x="losses", y="value", hue="inference", dodge=True, ax=ax, size=3, legend=False,
-                  palette=dict.fromkeys(data["inference"].unique(), "k"))
-    ax.set(xlabel="loss terms", ylabel=f"{metric.replace('_', ' ')} (%)",
+    sns.barplot(data=data, x=x, y="value", hue=hue, errorbar="sd", ax=ax, alpha=0.8, capsize=0.1)
+    sns.stripplot(data=data, x=x, y="value", hue=hue, dodge=True, ax=ax, size=3, legend=False,
+                  palette=dict.fromkeys(data[hue].unique(), "k"))
+    ax.set(xlabel=xlabel, ylabel=f"{metric.replace('_', ' ')} (%)",
            title=title or f"{metric.replace('_', ' ')}: mean ± std over seeds")
     return fig
 
