@@ -96,7 +96,9 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
+import papermill
 import yaml
+from nbstripout import strip_output
 
 from wsss.files import write_text
 
@@ -155,71 +157,41 @@ def _tagged_index(cells: list, tag: str) -> int:
     return -1
 
 
-def _parse_assignments(source: str) -> dict[str, Any]:
-    """Names assigned at top level of a parameters cell -> default (literal value, else source text)."""
-    # IPython magics and shell escapes are not Python; blank them so ast can read the rest.
-    lines = ["" if line.lstrip().startswith(("%", "!")) else line for line in source.splitlines()]
-    tree = ast.parse("\n".join(lines))
-    params: dict[str, Any] = {}
-
-    def default(node: ast.expr | None) -> Any:
-        if node is None:
-            return None
-        try:
-            return ast.literal_eval(node)
-        except (ValueError, SyntaxError, TypeError):
-            return ast.unparse(node)
-
-    for stmt in tree.body:
-        if isinstance(stmt, ast.Assign):
-            for target in stmt.targets:
-                if isinstance(target, ast.Name):
-                    params[target.id] = default(stmt.value)
-                elif isinstance(target, (ast.Tuple, ast.List)):
-                    params.update({t.id: None for t in target.elts if isinstance(t, ast.Name)})
-        elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-            params[stmt.target.id] = default(stmt.value)
-    return params
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
 
 
 def notebook_parameters(path: str | Path) -> dict[str, Any]:
-    """The parameters a notebook declares: name -> default, from its cell tagged ``parameters``.
-
-    Defaults that are Python literals come back as values, others as their source text.
-    Raises GridError when the notebook has no such cell or the cell is not valid Python.
+    """The parameters a notebook declares: name -> default, as ``papermill.inspect_notebook``
+    reads its cell tagged ``parameters`` (so the runner sees exactly the names papermill
+    injects). Defaults that are Python literals come back as values, others as their source
+    text. Raises GridError when the notebook has no such cell.
     """
     path = Path(path)
     nb = _read_notebook(path)
-    index = _tagged_index(nb.cells, PARAMETERS_TAG)
-    if index < 0:
+    if _tagged_index(nb.cells, PARAMETERS_TAG) < 0:
         raise GridError(
             f"notebook {path} has no cell tagged '{PARAMETERS_TAG}'; tag the cell of UPPER_CASE "
             "assignments (JupyterLab: property inspector > Cell tags) so papermill can inject values"
         )
-    try:
-        return _parse_assignments(nb.cells[index].source)
-    except SyntaxError as exc:
-        raise GridError(f"notebook {path}: the '{PARAMETERS_TAG}' cell (#{index}) is not valid Python: {exc}") from exc
+    return {name: _literal(p["default"]) for name, p in papermill.inspect_notebook(str(path)).items()}
 
 
-RUN_CELL_TAGS = {INJECTED_TAG, ERROR_TAG}  # cells papermill adds to an executed notebook
-RUN_CELL_METADATA = ("execution", "papermill")  # per-cell timings and status
-RUN_NOTEBOOK_METADATA = ("papermill", "widgets")  # run record, saved ipywidgets state
+# What a run leaves in a notebook besides outputs and execution counts (nbstripout clears those):
+RUN_CELL_TAGS = [INJECTED_TAG, ERROR_TAG]  # cells papermill adds
+RUN_METADATA = ["cell.metadata.execution", "cell.metadata.papermill", "metadata.papermill", "metadata.widgets"]
 
 
 def _stripped(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
-    """The notebook without outputs, execution counts, papermill cells or run metadata."""
-    nb = nbformat.from_dict(nb)  # a copy
-    nb.cells = [c for c in nb.cells if not RUN_CELL_TAGS & set(c.get("metadata", {}).get("tags", []))]
-    for cell in nb.cells:
-        for key in RUN_CELL_METADATA:
-            cell.metadata.pop(key, None)
-        if cell.cell_type == "code":
-            cell.outputs = []
-            cell.execution_count = None
-    for key in RUN_NOTEBOOK_METADATA:
-        nb.metadata.pop(key, None)
-    return nb
+    """A copy without outputs, execution counts, papermill's cells or run metadata (nbstripout).
+    Tagged cells are dropped here: nbstripout 0.9's ``drop_tagged_cells`` binds its tag test
+    late and so only honours the last of several tags."""
+    nb = nbformat.from_dict(nb)
+    nb.cells = [c for c in nb.cells if not set(RUN_CELL_TAGS) & set(c.get("metadata", {}).get("tags", []))]
+    return strip_output(nb, keep_output=False, keep_count=False, keep_id=True, extra_keys=RUN_METADATA)
 
 
 def has_outputs(path: str | Path) -> bool:
