@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from wsss import rundir as R
 from wsss.data.synth import ensure_benchmark
 from wsss.paths import REPO_ROOT, benchmark_root, runs_dir
 from wsss.stages import train_classifier
@@ -43,7 +44,7 @@ def main(argv=None) -> Path:
     out = Path(args.out)
     info = train_classifier.run({**base, "data_root": str(root), "run_dir": str(out), "seed": 0,
                                  "loss": {"coatt": False, "contrastive": False}})
-    state = torch.load(out / train_classifier.CLASSIFIER_FILE, map_location="cpu", weights_only=False)["model"]
+    state = torch.load(out / R.CLASSIFIER, map_location="cpu", weights_only=False)["model"]
     body = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.body.")}
     path = out / "backbone.pt"
     torch.save(body, path)

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from wsss import report
-from wsss.viz import save_figure
 from wsss.paths import REPO_ROOT, runs_dir
+from wsss.viz import save_figure
 
 # setting name prefix -> the condition it measures (METHOD.md sec. 5; data/README.md's knobs)
 CONDITIONS = {

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from wsss import config as C
 from wsss import engine as E
-
+from wsss import rundir as R
 
 # --------------------------------------------------------------------------- toys
 
@@ -180,7 +180,7 @@ def test_resume_mid_epoch_gives_the_same_weights(tmp_path):
 
     with pytest.raises(Interrupt):
         fit_toy(tmp_path / "cut", epochs=2, ckpt_every=4, step_fn=crashing_step)
-    ck = torch.load(tmp_path / "cut" / E.CHECKPOINT_LAST, weights_only=True)
+    ck = torch.load(tmp_path / "cut" / R.CHECKPOINT, weights_only=True)
     assert (ck["epoch"], ck["step"], ck["extra"]["batch_in_epoch"]) == (1, 8, 2)
     resumed, hist = fit_toy(tmp_path / "cut", epochs=2, ckpt_every=4)
     for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
@@ -211,7 +211,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     with pytest.raises(E.NonFiniteLossError) as err:
         fit_toy(tmp_path, epochs=2, step_fn=nan_at_step_8)
     msg = str(err.value)
-    ckpt = tmp_path / E.CHECKPOINT_LAST
+    ckpt = tmp_path / R.CHECKPOINT
     for part in ("step 8", "epoch 2", "'mse'", "'total'", str(tmp_path), str(ckpt), "lower the learning rate", "amp"):
         assert part in msg, part
     assert err.value.terms == ["mse", "total"] and err.value.checkpoint == ckpt

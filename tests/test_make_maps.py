@@ -18,13 +18,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from wsss import config as C
+from wsss import rundir as R
 from wsss.classes import write_class_names
 from wsss.data.pairs import self_pair_views
 from wsss.data.voc import save_mask
 from wsss.engine import atomic_torch_save
 from wsss.models.classifier import CoAttentionClassifier
 from wsss.stages import make_maps as mm
-from wsss.stages.train_classifier import CLASSIFIER_FILE, ClassifierConfig, build_model
+from wsss.stages.train_classifier import ClassifierConfig, build_model
 
 K = 4
 
@@ -313,7 +314,7 @@ def _save_classifier(run_dir: Path, data_root: Path) -> Path:
     cfg = ClassifierConfig(data_root=str(data_root), run_dir=str(run_dir))
     torch.manual_seed(0)
     net = build_model(cfg, K)
-    path = run_dir / CLASSIFIER_FILE
+    path = run_dir / R.CLASSIFIER
     atomic_torch_save({"model": net.state_dict(), "cfg": C.to_dict(cfg), "num_classes": K, "metrics": {},
                        "class_names": ["red", "green", "blue", "grey"]}, path)
     return path
@@ -339,7 +340,7 @@ def test_run_writes_maps_then_skips_them(stage, caplog):
         maps, ids = mm.load_maps(run_dir / "maps" / f"{name}.npz")
         assert sorted(ids.tolist()) == sorted(classes) and maps.shape == (len(classes), H, W)
         assert maps.min() >= 0 and np.allclose(maps.max(axis=(1, 2)), 1, atol=1e-3)
-    assert json.loads((run_dir / "maps" / mm.SETTINGS_FILE).read_text())["k"] == 2
+    assert json.loads((run_dir / "maps" / R.SETTINGS).read_text())["k"] == 2
     assert C.load_yaml(mm.MapsConfig, run_dir / "config_maps.yaml") == cfg
 
     stamps = {p.name: p.stat().st_mtime_ns for p in (run_dir / "maps").glob("*.npz")}

@@ -2,9 +2,9 @@
 packages; the method note shipped with the repo is the project's."""
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from wsss import config as C
+from wsss import rundir as R
 from wsss.stages import pseudo_masks as P
 from wsss.stages.make_maps import save_maps
 
@@ -100,7 +101,7 @@ def test_masks_hold_the_expected_labels_as_palette_pngs(tree):
     assert result["ignored_fraction"] == pytest.approx(H * 8 / pixels)
     assert result["fg_fraction"] == pytest.approx((H * 8 + H * W + H * 8) / pixels)
     assert result["num_all_ignored"] == 0
-    assert (out / P.SETTINGS_FILE).is_file() and (tree[1] / "config_pseudo.yaml").is_file()
+    assert (out / R.SETTINGS).is_file() and (tree[1] / "config_pseudo.yaml").is_file()
 
 
 def test_min_foreground_rule_ignores_whole_images_and_a_mostly_ignored_split_is_reported(tree, caplog):

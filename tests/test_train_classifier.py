@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from wsss import config as C
-from wsss import metrics as M
 from wsss import engine as E
+from wsss import metrics as M
+from wsss import rundir as R
 from wsss.stages import train_classifier as T
 
 
@@ -45,7 +46,7 @@ def tiny_cfg(bench, run_dir, **kw) -> T.ClassifierConfig:
 
 
 def weights(run_dir):
-    return torch.load(run_dir / T.CLASSIFIER_FILE, weights_only=True)["model"]
+    return torch.load(run_dir / R.CLASSIFIER, weights_only=True)["model"]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_command_line_flags():
 
 def test_run_writes_every_output(finished_run, bench):
     run_dir, metrics = finished_run
-    for name in (T.CLASSIFIER_FILE, E.CHECKPOINT_LAST, E.LOG_FILE, T.METRICS_FILE, T.CONFIG_FILE):
+    for name in (R.CLASSIFIER, R.CHECKPOINT, R.LOG, R.CLASSIFIER_METRICS, R.CLASSIFIER_CONFIG):
         assert (run_dir / name).is_file(), name
     log = E.read_log(run_dir)
     assert [r["epoch"] for r in log] == [1, 2]
@@ -111,8 +112,8 @@ def test_run_writes_every_output(finished_run, bench):
         assert np.isfinite(log[-1][f"loss/{term}"]), term
     assert log[-1]["loss/self_basic"] > 0 and log[0]["loss/contrastive"] == 0  # warm-up: 2 epochs
     assert 0 <= metrics["val_map"] <= 1 and metrics["steps"] == 4
-    assert json.loads((run_dir / T.METRICS_FILE).read_text())["val_map"] == metrics["val_map"]
-    assert C.load_yaml(T.ClassifierConfig, run_dir / T.CONFIG_FILE) == tiny_cfg(bench, run_dir)
+    assert json.loads((run_dir / R.CLASSIFIER_METRICS).read_text())["val_map"] == metrics["val_map"]
+    assert C.load_yaml(T.ClassifierConfig, run_dir / R.CLASSIFIER_CONFIG) == tiny_cfg(bench, run_dir)
 
 
 def test_load_classifier_reproduces_the_recorded_map(finished_run, bench):
@@ -131,7 +132,7 @@ def test_load_classifier_reproduces_the_recorded_map(finished_run, bench):
 
 def test_rerunning_a_finished_run_keeps_classifier_pt(finished_run, bench, tmp_path):
     run_dir, metrics = finished_run
-    path = run_dir / T.CLASSIFIER_FILE
+    path = run_dir / R.CLASSIFIER
     before = path.stat().st_mtime_ns
     again = T.run(tiny_cfg(bench, run_dir, workers=0, log_every=5))  # runtime settings only: nothing to do
     assert path.stat().st_mtime_ns == before and again == metrics
@@ -140,7 +141,7 @@ def test_rerunning_a_finished_run_keeps_classifier_pt(finished_run, bench, tmp_p
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
     more = T.run(tiny_cfg(bench, copy, epochs=3))
-    assert more["epochs"] == 3 and (copy / T.CLASSIFIER_FILE).stat().st_mtime_ns != before
+    assert more["epochs"] == 3 and (copy / R.CLASSIFIER).stat().st_mtime_ns != before
 
 
 class Interrupt(Exception):
@@ -158,7 +159,7 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(finished_run, b
     monkeypatch.setattr(E, "append_log", log_then_crash)
     with pytest.raises(Interrupt):
         T.run(tiny_cfg(bench, tmp_path))
-    assert not (tmp_path / T.CLASSIFIER_FILE).exists()
+    assert not (tmp_path / R.CLASSIFIER).exists()
     monkeypatch.setattr(E, "append_log", original)
     T.run(tiny_cfg(bench, tmp_path))
 
@@ -186,12 +187,12 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(bench, tmp_path, mon
     monkeypatch.setattr(T, "loss_terms", nan_in_epoch_2)
     with pytest.raises(E.NonFiniteLossError) as err:
         T.run(tiny_cfg(bench, tmp_path))
-    ckpt = tmp_path / E.CHECKPOINT_LAST
+    ckpt = tmp_path / R.CHECKPOINT
     msg = str(err.value)
     for part in ("step 3", "epoch 2", "'coatt'", str(ckpt), "lower the learning rate", "--no-amp"):
         assert part in msg, part
     assert "'basic'" not in msg.split("are NaN")[0]
-    assert not (tmp_path / T.CLASSIFIER_FILE).exists()
+    assert not (tmp_path / R.CLASSIFIER).exists()
     model = T.build_model(tiny_cfg(bench, tmp_path), 4)
     ck = E.load_checkpoint(ckpt, model)
     assert ck["epoch"] == 1 and ck["step"] == 2

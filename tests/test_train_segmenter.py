@@ -19,6 +19,7 @@ from torchvision import tv_tensors
 
 from wsss import config as C
 from wsss import engine as E
+from wsss import rundir as R
 from wsss.stages import train_segmenter as T
 
 
@@ -32,7 +33,7 @@ def bench(tmp_path_factory):
 
 def with_pseudo(bench, run_dir):
     """A run directory whose RUN/pseudo holds copies of the train split's ground truth."""
-    pseudo = run_dir / T.PSEUDO_DIR
+    pseudo = run_dir / R.PSEUDO
     pseudo.mkdir(parents=True, exist_ok=True)
     for name in (bench / "ImageSets" / "Segmentation" / "train.txt").read_text().split():
         shutil.copy(bench / "SegmentationClass" / f"{name}.png", pseudo / f"{name}.png")
@@ -47,11 +48,11 @@ def tiny_cfg(bench, run_dir, **kw) -> T.SegmenterConfig:
 
 
 def weights(run_dir):
-    return torch.load(run_dir / T.SEGMENTER_FILE, weights_only=True)["model"]
+    return torch.load(run_dir / R.SEGMENTER, weights_only=True)["model"]
 
 
 def state_dir(run_dir):
-    return run_dir / T.STATE_DIR
+    return run_dir / R.SEGMENTER_STATE
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +64,12 @@ def finished_run(bench, tmp_path_factory):
 def test_rerun_keeps_the_segmenter_unless_its_masks_changed(bench, tmp_path, caplog):
     run_dir = tmp_path / "run"
     cfg = tiny_cfg(bench, run_dir, epochs=1)
-    (run_dir / T.PSEUDO_DIR / "settings.json").write_text(json.dumps({"alpha": 4.0}))
+    (run_dir / R.PSEUDO / "settings.json").write_text(json.dumps({"alpha": 4.0}))
     first = T.run(cfg)
-    path = run_dir / T.SEGMENTER_FILE
+    path = run_dir / R.SEGMENTER
     stamp = path.stat().st_mtime_ns
     assert T.run(cfg) == first and path.stat().st_mtime_ns == stamp  # same settings, same masks: kept
-    (run_dir / T.PSEUDO_DIR / "settings.json").write_text(json.dumps({"alpha": 0.5}))  # masks remade
+    (run_dir / R.PSEUDO / "settings.json").write_text(json.dumps({"alpha": 0.5}))  # masks remade
     with caplog.at_level("WARNING"):
         T.run(cfg)
     assert path.stat().st_mtime_ns != stamp and "pseudo-masks changed" in caplog.text
@@ -84,8 +85,8 @@ def comparable(log):
 
 def test_run_writes_every_output_and_the_loss_is_finite(finished_run, bench):
     run_dir, metrics = finished_run
-    for path in (run_dir / T.SEGMENTER_FILE, run_dir / T.METRICS_FILE, run_dir / T.CONFIG_FILE,
-                 state_dir(run_dir) / E.CHECKPOINT_LAST, state_dir(run_dir) / E.LOG_FILE):
+    for path in (run_dir / R.SEGMENTER, run_dir / R.SEGMENTER_METRICS, run_dir / R.SEGMENTER_CONFIG,
+                 state_dir(run_dir) / R.CHECKPOINT, state_dir(run_dir) / R.LOG):
         assert path.is_file(), path
     log = E.read_log(state_dir(run_dir))
     assert [r["epoch"] for r in log] == [1, 2] and [r["step"] for r in log] == [2, 4]
@@ -93,8 +94,8 @@ def test_run_writes_every_output_and_the_loss_is_finite(finished_run, bench):
     assert log[1]["lr/new"] == pytest.approx(10 * log[1]["lr/backbone"])
     assert metrics["val_miou"] == log[-1]["val/miou"] and metrics["steps"] == 4
     assert list(metrics["val_iou"])[0] == "background" and len(metrics["val_iou"]) == 5
-    assert json.loads((run_dir / T.METRICS_FILE).read_text())["val_miou"] == metrics["val_miou"]
-    assert C.load_yaml(T.SegmenterConfig, run_dir / T.CONFIG_FILE) == tiny_cfg(bench, run_dir)
+    assert json.loads((run_dir / R.SEGMENTER_METRICS).read_text())["val_miou"] == metrics["val_miou"]
+    assert C.load_yaml(T.SegmenterConfig, run_dir / R.SEGMENTER_CONFIG) == tiny_cfg(bench, run_dir)
 
 
 def test_load_segmenter_reproduces_the_recorded_miou(finished_run, bench):
@@ -139,8 +140,8 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(finished_run, b
     monkeypatch.setattr(T, "segmentation_loss", loss_then_crash)
     with pytest.raises(Interrupt):
         T.run(tiny_cfg(bench, tmp_path, ckpt_every=ckpt_every))
-    assert not (tmp_path / T.SEGMENTER_FILE).exists()
-    ckpt = torch.load(state_dir(tmp_path) / E.CHECKPOINT_LAST, weights_only=True)
+    assert not (tmp_path / R.SEGMENTER).exists()
+    ckpt = torch.load(state_dir(tmp_path) / R.CHECKPOINT, weights_only=True)
     assert ckpt["step"] == crash_at_call - 1
     monkeypatch.setattr(T, "segmentation_loss", real_loss)
     T.run(tiny_cfg(bench, tmp_path, ckpt_every=ckpt_every))
@@ -165,10 +166,10 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(bench, tmp_path, mon
     monkeypatch.setattr(T, "segmentation_loss", nan_in_epoch_2)
     with pytest.raises(E.NonFiniteLossError) as err:
         T.run(tiny_cfg(bench, tmp_path))
-    ckpt = state_dir(tmp_path) / E.CHECKPOINT_LAST
+    ckpt = state_dir(tmp_path) / R.CHECKPOINT
     for part in ("step 3", "epoch 2", "'total'", str(ckpt), "lower the learning rate"):
         assert part in str(err.value), part
-    assert not (tmp_path / T.SEGMENTER_FILE).exists()
+    assert not (tmp_path / R.SEGMENTER).exists()
     model = T.build_model(tiny_cfg(bench, tmp_path), 4)
     assert E.load_checkpoint(ckpt, model)["step"] == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -176,7 +177,7 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(bench, tmp_path, mon
 
 def test_missing_pseudo_masks_name_the_file_and_the_fix(bench, tmp_path):
     cfg = tiny_cfg(bench, tmp_path)
-    victim = sorted((tmp_path / T.PSEUDO_DIR).glob("*.png"))[1]
+    victim = sorted((tmp_path / R.PSEUDO).glob("*.png"))[1]
     victim.unlink()
     with pytest.raises(FileNotFoundError) as err:
         T.run(cfg)

@@ -9,8 +9,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from wsss.data.transforms import (MEAN, STD, RandomScale, denormalize, eval_transforms,
-                                  train_transforms)
+from wsss.data.transforms import MEAN, STD, RandomScale, denormalize, eval_transforms, train_transforms
 
 GREY_STEP = 50  # image value = class * GREY_STEP, so the image "is" its mask
 

@@ -15,8 +15,7 @@ from torchvision import tv_tensors
 from wsss.classes import voc_palette, write_class_names
 from wsss.data import voc
 from wsss.data.transforms import train_transforms
-from wsss.data.voc import (DatasetError, VOCDataset, image_labels, load_image, load_mask,
-                           read_split, save_mask)
+from wsss.data.voc import DatasetError, VOCDataset, image_labels, load_image, load_mask, read_split, save_mask
 
 SIZE = 32
 

@@ -132,16 +132,17 @@ def _shown(path) -> str:
 def draw_run_figures(run_dir: Path, data_root, out_dir: Path, prefix: str = "demo", n: int = 6,
                      config: str = "configs/demo.yaml") -> list[Path]:
     """The qualitative grid and the threshold sweep of a finished run, as PNGs in ``out_dir``."""
+    from wsss import rundir as R
     from wsss import viz
     from wsss.data.voc import class_names
-    from wsss.stages.evaluate import METRICS_FILE, sweep_figure
+    from wsss.stages.evaluate import sweep_figure
 
     source = f"`python -m wsss demo --config {config}` (wsss.cli.draw_run_figures, from {run_dir.name}/)"
     rows = viz.qualitative_rows(run_dir, data_root, n=n)
     out = [viz.save_figure(viz.qualitative_grid(rows, class_names(data_root)), out_dir / f"{prefix}_qualitative.png",
                            "image, ground truth, single-image CAM, the run's saved localization maps (its combine and k), "
                            "pseudo-mask and segmentation of the first training images", source)]
-    metrics = json.loads((run_dir / METRICS_FILE).read_text())
+    metrics = json.loads((run_dir / R.SUMMARY).read_text())
     if "maps" in metrics and "sweep" in metrics["maps"]:
         out.append(viz.save_figure(sweep_figure(metrics["maps"]["sweep"]), out_dir / f"{prefix}_threshold_sweep.png",
                                    "mIoU of the localization maps on train against the background threshold", source))

@@ -175,7 +175,7 @@ def maps_part_coverage(data_root, maps_dir, names, thresholds=(0.5,)) -> dict[st
     """The benchmark's calibration measures of saved maps (``wsss.data.synth.part_coverage``):
     per threshold, the recall of the discriminative part and of the body, and the shares of
     the above-threshold map on the object and on context, over the images ``names`` of
-    MAPS_DIR (NAME.npz)."""
+    MAPS (NAME.npz)."""
     from pathlib import Path
 
     from PIL import Image

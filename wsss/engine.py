@@ -48,15 +48,13 @@ import torch.distributed as tdist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
-from wsss.progress import progress
 
+from wsss import rundir as R
 from wsss.config import config_differences
 from wsss.files import atomic_path
+from wsss.progress import progress
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_LAST = "checkpoint_last.pt"
-LOG_FILE = "log.jsonl"
 
 
 # =========================================================================== devices, numerics
@@ -623,7 +621,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                 raise KeyError(f"step_fn must return a dict with a 'total' loss, got keys {sorted(terms)}")
             bad = check_finite(terms)
             if bad:
-                ckpt = Path(run_dir) / CHECKPOINT_LAST if run_dir is not None else None
+                ckpt = Path(run_dir) / R.CHECKPOINT if run_dir is not None else None
                 raise NonFiniteLossError(
                     step=state.step + 1, epoch=state.epoch + 1, terms=bad, run_dir=run_dir,
                     values={k: float(torch.as_tensor(v).detach().float().mean()) for k, v in terms.items()},
@@ -653,14 +651,14 @@ def append_log(run_dir: str | Path, record: dict) -> None:
     """Append one JSON line to RUN/log.jsonl (main rank only)."""
     if not is_main():
         return
-    path = Path(run_dir) / LOG_FILE
+    path = Path(run_dir) / R.LOG
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def read_log(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / LOG_FILE
+    path = Path(run_dir) / R.LOG
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -702,7 +700,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, train_set
     spe = steps_per_epoch(len(train_set), batch_size, dist.world_size)
     total = total_steps(epochs, spe, max_steps)
     state = TrainState()
-    ckpt_path = run_dir / CHECKPOINT_LAST
+    ckpt_path = run_dir / R.CHECKPOINT
     save = _Checkpointer(ckpt_path, model, optimizer, scheduler, state, cfg, dict(extra or {}))
     skip_rng = None
     if ckpt_path.is_file() and resume:
@@ -724,8 +722,8 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, train_set
                      state.epoch, state.batch_in_epoch, state.step)
     elif ckpt_path.is_file() and is_main():
         log.warning("resume=False: %s will be overwritten by this run", ckpt_path)
-        if (run_dir / LOG_FILE).is_file():
-            (run_dir / LOG_FILE).unlink()
+        if (run_dir / R.LOG).is_file():
+            (run_dir / R.LOG).unlink()
 
     while state.epoch < epochs and state.step < total:
         epoch = state.epoch

@@ -15,10 +15,10 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from wsss import rundir as R
 from wsss.files import write_json
 from wsss.paths import REPO_ROOT
 
-FILE = "provenance.json"
 PACKAGES = ("torch", "torchvision", "numpy", "pydensecrf2")
 
 
@@ -56,7 +56,7 @@ def facts(device: str | None = None) -> dict:
 
 def record(run_dir: str | Path, stage: str, device: str | None = None) -> Path:
     """Write (or replace) ``stage``'s entry of RUN/provenance.json."""
-    path = Path(run_dir) / FILE
+    path = Path(run_dir) / R.PROVENANCE
     try:
         entries = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):

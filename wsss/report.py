@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from wsss import config as C
+from wsss import rundir as R
 from wsss.config import MACHINERY_KEYS, config_differences  # noqa: F401  (part of report's API)
 from wsss.files import write_json  # noqa: F401  (notebooks call report.write_json)
 from wsss.paths import REPO_ROOT, runs_dir
@@ -42,11 +43,8 @@ from wsss.paths import REPO_ROOT, runs_dir
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = REPO_ROOT / "configs"
-ABLATION_FILE = "ablation.json"
-#: training stage -> the file it leaves in the run directory
-TRAINED_FILES = {"classifier": "classifier.pt", "segmenter": "segmenter.pt"}
 #: files of a classifier run copied when one classifier serves several ablation runs
-CLASSIFIER_RUN_FILES = ("classifier.pt", "metrics_classifier.json", "config_classifier.yaml", "log.jsonl")
+CLASSIFIER_RUN_FILES = (R.CLASSIFIER, R.CLASSIFIER_METRICS, R.CLASSIFIER_CONFIG, R.LOG)
 
 #: the ablation's loss settings (METHOD.md sec. 1): LossConfig switches per LOSSES string
 LOSSES = {
@@ -171,7 +169,7 @@ def finished_training(stage_cfgs: Mapping, run_dir: str | Path) -> list[str]:
     """The training stages of ``stage_cfgs`` whose model is already in ``run_dir`` with the
     same settings; raises ValueError naming the differences when it was trained otherwise."""
     done = []
-    for stage, file in TRAINED_FILES.items():
+    for stage, file in R.TRAINED.items():
         path = Path(run_dir) / file
         if stage not in stage_cfgs or not path.is_file():
             continue
@@ -268,7 +266,7 @@ def run_ablation(cfg, share_dir: str | Path | None = None) -> dict:
     (:func:`classifier_key`) and copied into the run directory, so runs that differ only in
     inference reuse it (the same weights they would train themselves: training is seeded)."""
     run_dir = Path(cfg.run_dir)
-    if share_dir is not None and "classifier" in cfg.stages and not (run_dir / TRAINED_FILES["classifier"]).is_file():
+    if share_dir is not None and "classifier" in cfg.stages and not (run_dir / R.TRAINED["classifier"]).is_file():
         shared = Path(share_dir) / classifier_key(cfg)
         with _locked(shared.with_suffix(".lock")):
             run_pipeline(dataclasses.replace(cfg, run_dir=str(shared), stages=("classifier",)))
@@ -282,7 +280,7 @@ def run_ablation(cfg, share_dir: str | Path | None = None) -> dict:
 
 def write_ablation_record(run_dir: str | Path, **params) -> Path:
     """RUN/ablation.json: the parameters of an ablation run (written last: it marks the run finished)."""
-    path = Path(run_dir) / ABLATION_FILE
+    path = Path(run_dir) / R.ABLATION
     write_json(path, params)
     return path
 
@@ -302,8 +300,8 @@ def collect_ablation(root: str | Path):
 
     root = Path(root)
     rows = []
-    for record in sorted(root.glob(f"*/{ABLATION_FILE}")):
-        metrics_path = record.parent / "metrics.json"
+    for record in sorted(root.glob(f"*/{R.ABLATION}")):
+        metrics_path = record.parent / R.SUMMARY
         if not metrics_path.is_file():
             log.warning("%s has no metrics.json (run unfinished?); left out", record.parent)
             continue
@@ -313,7 +311,7 @@ def collect_ablation(root: str | Path):
             row[column] = (metrics.get(part) or {}).get(key)
         rows.append(row)
     if not rows:
-        raise FileNotFoundError(f"no finished ablation runs (*/{ABLATION_FILE} + metrics.json) under {root}: run the "
+        raise FileNotFoundError(f"no finished ablation runs (*/{R.ABLATION} + metrics.json) under {root}: run the "
                                 f"grid first (python -m wsss.notebooks run notebooks/experiments/ablation_demo.yaml)")
     df = pd.DataFrame(rows)
     for column in ABLATION_METRICS:
@@ -390,7 +388,7 @@ def sweeps_by(df, root: str | Path, by: str = "inference", **where) -> dict[str,
         rows = rows[rows[key] == value]
     out = {}
     for label, group in rows.groupby(by, observed=True):
-        sweeps = [json.loads((Path(root) / run / "metrics.json").read_text())["maps"]["sweep"] for run in group["run"]]
+        sweeps = [json.loads((Path(root) / run / R.SUMMARY).read_text())["maps"]["sweep"] for run in group["run"]]
         out[str(label)] = {"sweep": mean_sweep(sweeps)}
     return out
 
@@ -432,7 +430,7 @@ def loss_log(path: str | Path):
     import pandas as pd
 
     path = Path(path)
-    path = path / "log.jsonl" if path.is_dir() else path
+    path = path / R.LOG if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: train first (it is written after every epoch)")
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

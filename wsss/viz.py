@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from wsss import rundir as R
 from wsss.classes import voc_palette
 from wsss.data.transforms import denormalize, eval_transforms
 from wsss.data.voc import VOCDataset, load_mask
@@ -39,11 +40,10 @@ def qualitative_rows(run_dir, data_root, names=None, n: int = 6, split: str = "t
     pseudo-masks; the single-image CAM and the segmentation are computed from the run's
     classifier and segmenter (they take no settings). ``row["maps_title"]`` says how the
     maps were made (from RUN/config_maps.yaml)."""
-    from wsss.stages.make_maps import CONFIG_FILE, MAPS_DIR, load_maps, localization_maps, maps_path
-    from wsss.stages.pseudo_masks import PSEUDO_DIR
+    from wsss.models.segmenter import predict
+    from wsss.stages.make_maps import load_maps, localization_maps, maps_path
     from wsss.stages.train_classifier import classifier_path, load_classifier
     from wsss.stages.train_segmenter import load_segmenter, segmenter_path
-    from wsss.models.segmenter import predict
 
     run_dir = Path(run_dir)
     base = VOCDataset(data_root, split, with_mask=False)
@@ -55,7 +55,7 @@ def qualitative_rows(run_dir, data_root, names=None, n: int = 6, split: str = "t
     transform = eval_transforms()
     classifier = load_classifier(run_dir, device) if _exists(classifier_path, run_dir) else None
     segmenter = load_segmenter(run_dir, device) if _exists(segmenter_path, run_dir) else None
-    maps_cfg = run_dir / CONFIG_FILE.format(MAPS_DIR)
+    maps_cfg = run_dir / R.folder_config(R.MAPS)
     maps_title = "the run's maps"
     if maps_cfg.is_file():
         import yaml
@@ -73,11 +73,11 @@ def qualitative_rows(run_dir, data_root, names=None, n: int = 6, split: str = "t
         if classifier is not None and classes:
             maps = localization_maps(classifier, x[None].to(device), classes, combine="cam")
             row["cam"] = maps.max(0).values.cpu().numpy()
-        saved = maps_path(run_dir / MAPS_DIR, name)
+        saved = maps_path(run_dir / R.MAPS, name)
         if saved.is_file():
             maps, _ = load_maps(saved)
             row["maps"] = maps.max(0) if len(maps) else np.zeros(maps.shape[1:], np.float32)
-        pseudo = run_dir / PSEUDO_DIR / f"{name}.png"
+        pseudo = run_dir / R.PSEUDO / f"{name}.png"
         if pseudo.is_file():
             row["pseudo"] = load_mask(pseudo, base.num_classes)
         if segmenter is not None:

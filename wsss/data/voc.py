@@ -35,10 +35,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from wsss.progress import progress
 
 from wsss.classes import IGNORE_INDEX, load_class_names, voc_palette
 from wsss.files import atomic_path, write_text
+from wsss.progress import progress
 
 log = logging.getLogger(__name__)
 

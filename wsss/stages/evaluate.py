@@ -35,29 +35,27 @@ from pathlib import Path
 import numpy as np
 import torch
 from torchvision import tv_tensors
-from wsss.progress import progress
 
 from wsss import config as C
-from wsss import provenance
-from wsss.files import check_current, write_json
 from wsss import engine as E
+from wsss import provenance
+from wsss import rundir as R
 from wsss.classes import IGNORE_INDEX
 from wsss.crf import CRFParams, crf_labels
 from wsss.data.transforms import eval_transforms
 from wsss.data.voc import class_names, load_image, load_mask, mask_dir, read_split
+from wsss.files import check_current, write_json
 from wsss.metrics import ConfusionMatrix
-from wsss.stages.make_maps import MAPS_DIR, SETTINGS_FILE, load_maps, maps_path
-from wsss.stages.pseudo_masks import CRF_REFERENCE_SIZE
+from wsss.progress import progress
 from wsss.stages import train_segmenter
-from wsss.stages.train_segmenter import PSEUDO_DIR, SEGMENTER_FILE
+from wsss.stages.make_maps import load_maps, maps_path
+from wsss.stages.pseudo_masks import CRF_REFERENCE_SIZE
 
 log = logging.getLogger(__name__)
 
 #: 0.05, 0.10, ..., 0.90
 DEFAULT_THRESHOLDS = tuple(round(float(t), 4) for t in np.arange(0.05, 0.95, 0.05))
 PARTS = ("maps", "pseudo", "segmenter")
-METRICS_FILE = "metrics.json"
-CONFIG_FILE = "config_evaluate.yaml"
 
 
 # =========================================================================== pure functions
@@ -315,9 +313,9 @@ class EvalConfig:
     run_dir: str
     parts: tuple[str, ...] = ("auto",)
     maps_split: str = "train"
-    maps_dir: str = MAPS_DIR
+    maps_dir: str = R.MAPS
     pseudo_split: str = "train"
-    pseudo_dir: str = PSEUDO_DIR
+    pseudo_dir: str = R.PSEUDO
     seg_split: str = "val"
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     crf: bool = True
@@ -333,7 +331,7 @@ class EvalConfig:
 
 def _inputs(cfg: EvalConfig) -> dict[str, Path]:
     run_dir = Path(cfg.run_dir)
-    return {"maps": run_dir / cfg.maps_dir, "pseudo": run_dir / cfg.pseudo_dir, "segmenter": run_dir / SEGMENTER_FILE}
+    return {"maps": run_dir / cfg.maps_dir, "pseudo": run_dir / cfg.pseudo_dir, "segmenter": run_dir / R.SEGMENTER}
 
 
 def _recorded(part: str, path: Path) -> dict | None:
@@ -344,7 +342,7 @@ def _recorded(part: str, path: Path) -> dict | None:
             return torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("inputs")
         except Exception:  # noqa: BLE001 - unreadable: load_segmenter says so, with the fix
             return None
-    settings = path / SETTINGS_FILE
+    settings = path / R.SETTINGS
     return json.loads(settings.read_text()) if settings.is_file() else None
 
 
@@ -389,7 +387,7 @@ def _read_metrics(path: Path) -> dict:
 
 def write_metrics(run_dir, results: dict) -> dict:
     """Merge ``results`` (top-level keys replaced) into RUN/metrics.json, atomically."""
-    path = Path(run_dir) / METRICS_FILE
+    path = Path(run_dir) / R.SUMMARY
     merged = {**_read_metrics(path), **results}
     write_json(path, merged)
     return merged
@@ -405,11 +403,11 @@ def run(cfg: EvalConfig | dict) -> dict:
     run_dir = Path(cfg.run_dir)
     writable = os.access(run_dir, os.W_OK)
     if writable:
-        C.save_yaml(cfg, run_dir / CONFIG_FILE)
+        C.save_yaml(cfg, run_dir / R.EVALUATE_CONFIG)
         provenance.record(run_dir, "evaluate")
     else:
         log.warning("%s is read-only: the metrics are computed and returned but not saved to %s", run_dir,
-                    METRICS_FILE)
+                    R.SUMMARY)
     results: dict = {}
     for part in parts:
         check_current(_recorded(part, inputs[part]), run_dir, f"the {part} in {inputs[part]}",

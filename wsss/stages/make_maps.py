@@ -46,15 +46,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
-from wsss.progress import progress
 
 from wsss import config as C
-from wsss import provenance
-from wsss.files import atomic_path, check_settings, fingerprint, write_json
 from wsss import engine as E
+from wsss import provenance
+from wsss import rundir as R
 from wsss.data.pairs import partners_for_class, self_pair_views
 from wsss.data.transforms import eval_transforms
 from wsss.data.voc import VOCDataset
+from wsss.files import atomic_path, check_settings, fingerprint, write_json
+from wsss.progress import progress
 from wsss.stages.train_classifier import classifier_path, load_classifier
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,6 @@ log = logging.getLogger(__name__)
 KINDS = ("cam", "coatt", "self")
 AGGREGATES = ("mean", "reference")
 SELF_TRANSFORMS = ("identity", "flip", "down", "up")
-MAPS_DIR = "maps"
-SETTINGS_FILE = "settings.json"
-CONFIG_FILE = "config_{}.yaml"  # formatted with the maps folder's name: config_maps.yaml by default
 
 
 # =========================================================================== pure core
@@ -389,7 +387,7 @@ class MapsConfig:
     batch: int = 8
     workers: int = 0
     limit: int | None = None
-    maps_dir: str = MAPS_DIR
+    maps_dir: str = R.MAPS
     overwrite: bool = False
 
 
@@ -440,7 +438,7 @@ def _first(batch: list):
 
 
 def run(cfg: MapsConfig | dict) -> dict:
-    """Write RUN/MAPS_DIR/NAME.npz for every image of ``cfg.split`` (skipping finished ones)
+    """Write RUN/R.MAPS/NAME.npz for every image of ``cfg.split`` (skipping finished ones)
     and the settings to RUN/config_maps.yaml (config_NAME.yaml for another maps_dir NAME).
 
     Returns {"num_images" (computed now), "num_skipped", "num_no_partner" (classes without
@@ -459,7 +457,7 @@ def run(cfg: MapsConfig | dict) -> dict:
     checkpoint = classifier_path(run_dir)  # raises, saying how to train or resume, when missing
     out_dir = run_dir / cfg.maps_dir
     settings = _settings(cfg, checkpoint)
-    check_settings(out_dir, SETTINGS_FILE, settings, cfg.overwrite, "maps", "maps_dir",
+    check_settings(out_dir, R.SETTINGS, settings, cfg.overwrite, "maps", "maps_dir",
                    {"classifier": "the classifier (classifier.pt was retrained)"})
 
     base = VOCDataset(cfg.data_root, cfg.split, transforms=None, with_mask=False)
@@ -468,11 +466,11 @@ def run(cfg: MapsConfig | dict) -> dict:
                        replace=cfg.partners == "replace")
     count = len(base) if cfg.limit is None else min(len(base), max(0, cfg.limit))
     todo = [i for i in range(count) if cfg.overwrite or not maps_path(out_dir, base.names[i]).is_file()]
-    write_json(out_dir / SETTINGS_FILE, settings)
+    write_json(out_dir / R.SETTINGS, settings)
     log.info("maps (%s) of %d %s images into %s: %d to compute, %d already there", "+".join(kinds), count,
              cfg.split, out_dir, len(todo), count - len(todo))
 
-    C.save_yaml(cfg, run_dir / CONFIG_FILE.format(out_dir.name))
+    C.save_yaml(cfg, run_dir / R.folder_config(out_dir))
     provenance.record(run_dir, out_dir.name)
     device = E.resolve_device(cfg.device)
     model = load_classifier(checkpoint, device)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 from wsss import config as C
+from wsss import rundir as R
 from wsss.paths import REPO_ROOT, benchmark_root, runs_dir
 from wsss.stages import evaluate, make_maps, pseudo_masks, train_classifier, train_segmenter
 
@@ -154,7 +155,7 @@ def run(cfg: PipelineConfig | dict) -> dict:
 
 def summary_table(run_dir: str | Path) -> str:
     """The headline numbers of a run (from RUN/metrics.json) as a small text table."""
-    path = Path(run_dir) / evaluate.METRICS_FILE
+    path = Path(run_dir) / R.SUMMARY
     metrics = json.loads(path.read_text()) if path.is_file() else {}
 
     def fmt(v):

@@ -46,22 +46,20 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
-from wsss.progress import progress
 
 from wsss import config as C
 from wsss import provenance
-from wsss.files import check_current, check_settings, write_json
+from wsss import rundir as R
 from wsss.classes import IGNORE_INDEX
 from wsss.crf import CRFParams
 from wsss.data.voc import IMAGE_DIR, DatasetError, VOCDataset, load_image, load_mask, save_mask
+from wsss.files import check_current, check_settings, write_json
+from wsss.progress import progress
 from wsss.pseudo import BG_MODES, PseudoMaskParams, scores_to_mask
-from wsss.stages.make_maps import MAPS_DIR, load_maps
+from wsss.stages.make_maps import load_maps
 
 log = logging.getLogger(__name__)
 
-PSEUDO_DIR = "pseudo"
-SETTINGS_FILE = "settings.json"
-CONFIG_FILE = "config_{}.yaml"  # formatted with the output folder's name: config_pseudo.yaml by default
 #: the long side, in pixels, of the images the CRF defaults were chosen for (PASCAL VOC)
 CRF_REFERENCE_SIZE = 500
 #: save_mask's temporary files: ".NAME.png.PID.tmp"
@@ -83,8 +81,8 @@ class PseudoConfig:
     data_root: str
     run_dir: str
     split: str = "train"
-    maps_dir: str = MAPS_DIR
-    out_dir: str = PSEUDO_DIR
+    maps_dir: str = R.MAPS
+    out_dir: str = R.PSEUDO
     saliency_dir: str | None = None
     # rules (wsss.pseudo.PseudoMaskParams)
     bg_mode: Literal["power", "threshold", "saliency"] = "power"
@@ -260,7 +258,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _settings(cfg: PseudoConfig, maps_dir: Path) -> dict:
     """What the masks depend on; the maps folder's own settings stand for the maps."""
-    maps_settings = maps_dir / SETTINGS_FILE
+    maps_settings = maps_dir / R.SETTINGS
     return {"params": C.to_dict(cfg.mask_params()), "crf_scale": cfg.crf_scale,
             "saliency_dir": str(cfg.saliency_dir) if cfg.saliency_dir else None,
             "maps": json.loads(maps_settings.read_text()) if maps_settings.is_file() else None}
@@ -338,10 +336,10 @@ def run(cfg: PseudoConfig | dict) -> dict:
     check_current(settings["maps"], run_dir, f"the maps in {maps_dir}",
                   f"make them again (python -m wsss make-maps --data-root {cfg.data_root} --run-dir {run_dir} --maps-dir {cfg.maps_dir} "
                   f"--overwrite), then these pseudo-masks (--overwrite)")
-    check_settings(out_dir, SETTINGS_FILE, settings, cfg.overwrite, "pseudo masks", "out_dir",
+    check_settings(out_dir, R.SETTINGS, settings, cfg.overwrite, "pseudo masks", "out_dir",
                    {"maps": "the maps (they were recomputed)"})
-    write_json(out_dir / SETTINGS_FILE, settings)
-    C.save_yaml(cfg, run_dir / CONFIG_FILE.format(out_dir.name))
+    write_json(out_dir / R.SETTINGS, settings)
+    C.save_yaml(cfg, run_dir / R.folder_config(out_dir))
     provenance.record(run_dir, out_dir.name)
     stale = remove_stale_tmp(out_dir)
     if stale:

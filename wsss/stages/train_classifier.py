@@ -28,17 +28,14 @@ import numpy as np
 import torch
 
 from wsss import config as C
-from wsss import provenance
-from wsss.files import write_json
 from wsss import engine as E
+from wsss import provenance
+from wsss import rundir as R
+from wsss.files import write_json
 from wsss.losses import LossConfig, loss_terms
 from wsss.metrics import average_precision, mean_average_precision
 
 log = logging.getLogger(__name__)
-
-CLASSIFIER_FILE = "classifier.pt"
-METRICS_FILE = "metrics_classifier.json"
-CONFIG_FILE = "config_classifier.yaml"
 
 
 @dataclass
@@ -286,19 +283,19 @@ def stored_settings(cfg: dict) -> dict:
 
 def _run(cfg: ClassifierConfig, dist: E.DistInfo, t_start: float) -> dict:
     run_dir = Path(cfg.run_dir)
-    done = E.finished_metrics(run_dir / CLASSIFIER_FILE, C.to_dict(cfg), normalise=stored_settings) \
+    done = E.finished_metrics(run_dir / R.CLASSIFIER, C.to_dict(cfg), normalise=stored_settings) \
         if cfg.resume else None
     if done is not None:
         if dist.is_main:
             log.info("classifier: %s is already trained with these settings; keeping it "
-                     "(pass resume=False to train again)", run_dir / CLASSIFIER_FILE)
+                     "(pass resume=False to train again)", run_dir / R.CLASSIFIER)
         return done
     device = E.resolve_device(cfg.device, dist.local_rank)
     channels_last = E.use_channels_last(device, cfg.channels_last)
     cfg_dict = C.to_dict(cfg)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        C.save_yaml(cfg, run_dir / CONFIG_FILE)
+        C.save_yaml(cfg, run_dir / R.CLASSIFIER_CONFIG)
         provenance.record(run_dir, "classifier", str(device))
 
     base, pairs, val = _datasets(cfg)
@@ -332,9 +329,9 @@ def _run(cfg: ClassifierConfig, dist: E.DistInfo, t_start: float) -> dict:
     metrics = _final_metrics(history, base.class_names, time.perf_counter() - t_start)
     if dist.is_main:
         E.atomic_torch_save({"model": model.state_dict(), "cfg": cfg_dict, "class_names": list(base.class_names),
-                             "num_classes": base.num_classes, "metrics": metrics}, run_dir / CLASSIFIER_FILE)
-        write_json(run_dir / METRICS_FILE, metrics)
-        log.info("classifier done: val mAP %s, %s", metrics.get("val_map"), run_dir / CLASSIFIER_FILE)
+                             "num_classes": base.num_classes, "metrics": metrics}, run_dir / R.CLASSIFIER)
+        write_json(run_dir / R.CLASSIFIER_METRICS, metrics)
+        log.info("classifier done: val mAP %s, %s", metrics.get("val_map"), run_dir / R.CLASSIFIER)
     E.barrier()
     return metrics
 
@@ -360,10 +357,10 @@ def classifier_path(run_dir_or_path: str | Path) -> Path:
     """RUN/classifier.pt for a run directory, or the file itself."""
     p = Path(run_dir_or_path)
     if p.is_dir():
-        p = p / CLASSIFIER_FILE
+        p = p / R.CLASSIFIER
     if not p.is_file():
         hint = (" training did not finish: rerun the same train-classifier command to resume from "
-                f"{p.parent / E.CHECKPOINT_LAST}" if (p.parent / E.CHECKPOINT_LAST).is_file()
+                f"{p.parent / R.CHECKPOINT}" if (p.parent / R.CHECKPOINT).is_file()
                 else " train the classifier first (python -m wsss train-classifier --run-dir ...)")
         raise FileNotFoundError(f"{p} does not exist;{hint}")
     return p

@@ -39,22 +39,18 @@ import torch
 from torch import nn
 
 from wsss import config as C
-from wsss import provenance
-from wsss.files import check_current, write_json
 from wsss import engine as E
+from wsss import provenance
+from wsss import rundir as R
 from wsss.data.voc import VOCDataset
+from wsss.files import check_current, write_json
 from wsss.metrics import ConfusionMatrix
 from wsss.models.backbones import load_weights
 from wsss.models.segmenter import build_segmenter, predict, segmentation_loss
-from wsss.stages.pseudo_masks import PSEUDO_DIR, SETTINGS_FILE as MASKS_SETTINGS_FILE
 
 log = logging.getLogger(__name__)
 
-SEGMENTER_FILE = "segmenter.pt"
-METRICS_FILE = "metrics_segmenter.json"
-CONFIG_FILE = "config_segmenter.yaml"
 #: the engine's checkpoint_last.pt and log.jsonl of this stage live here, apart from the classifier's
-STATE_DIR = "segmenter_train"
 
 
 @dataclass
@@ -72,7 +68,7 @@ class SegmenterConfig:
     data_root: str
     run_dir: str
     split: str = "train"
-    masks_dir: str = PSEUDO_DIR
+    masks_dir: str = R.PSEUDO
     val_split: str | None = "val"
     # model
     model: Literal["tiny", "deeplabv3_resnet50", "deeplabv3_resnet101"] = "tiny"
@@ -202,7 +198,7 @@ def _datasets(cfg: SegmenterConfig) -> tuple[PseudoMaskDataset, VOCDataset | Non
 
 def _masks_settings(cfg: SegmenterConfig) -> dict | None:
     """What the pseudo-masks were made with (their folder's settings.json), or None."""
-    path = Path(cfg.run_dir) / cfg.masks_dir / MASKS_SETTINGS_FILE
+    path = Path(cfg.run_dir) / cfg.masks_dir / R.SETTINGS
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -211,7 +207,7 @@ def _masks_settings(cfg: SegmenterConfig) -> dict | None:
 
 def _state_inputs(run_dir: Path):
     """The masks' settings recorded in the training checkpoint, or None when there is none."""
-    path = run_dir / STATE_DIR / E.CHECKPOINT_LAST
+    path = run_dir / R.SEGMENTER_STATE / R.CHECKPOINT
     if not path.is_file():
         return None
     return (torch.load(path, map_location="cpu", weights_only=False).get("extra") or {}).get("inputs")
@@ -304,23 +300,23 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
     check_current(inputs, (run_dir / cfg.masks_dir).parent, f"the pseudo-masks in {run_dir / cfg.masks_dir}",
                   f"make the maps and pseudo-masks again (python -m wsss make-maps / pseudo-masks --data-root "
                   f"{cfg.data_root} --run-dir {run_dir} --overwrite), then train the segmenter")
-    if cfg.resume and (done := E.finished_metrics(run_dir / SEGMENTER_FILE, C.to_dict(cfg), inputs)) is not None:
+    if cfg.resume and (done := E.finished_metrics(run_dir / R.SEGMENTER, C.to_dict(cfg), inputs)) is not None:
         if dist.is_main:
             log.info("segmenter: %s is already trained with these settings on these masks; keeping it "
-                     "(pass resume=False to train again)", run_dir / SEGMENTER_FILE)
+                     "(pass resume=False to train again)", run_dir / R.SEGMENTER)
         return done
     resume = cfg.resume
     if resume and _state_inputs(run_dir) not in (None, inputs):
         if dist.is_main:
             log.warning("segmenter: the pseudo-masks changed since %s was written (their settings.json differs); "
-                        "training again from scratch", run_dir / STATE_DIR)
+                        "training again from scratch", run_dir / R.SEGMENTER_STATE)
         resume = False
     device = E.resolve_device(cfg.device, dist.local_rank)
     channels_last = E.use_channels_last(device, cfg.channels_last)
     cfg_dict = C.to_dict(cfg)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        C.save_yaml(cfg, run_dir / CONFIG_FILE)
+        C.save_yaml(cfg, run_dir / R.SEGMENTER_CONFIG)
         provenance.record(run_dir, "segmenter", str(device))
 
     if cfg.model.startswith("deeplabv3") and cfg.batch_size < 2:
@@ -354,7 +350,7 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
             return evaluate_miou(plain_model, val_loader, device, train.num_classes, amp=cfg.amp,
                                  channels_last=channels_last)
 
-    history = E.fit(ddp_model, optimizer, scheduler, train, step_fn, run_dir=run_dir / STATE_DIR, cfg=cfg_dict,
+    history = E.fit(ddp_model, optimizer, scheduler, train, step_fn, run_dir=run_dir / R.SEGMENTER_STATE, cfg=cfg_dict,
                     epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=device, dist=dist,
                     max_steps=cfg.max_steps, amp=cfg.amp, channels_last=channels_last, workers=cfg.workers,
                     evaluate=evaluate, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, resume=resume,
@@ -366,9 +362,9 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
     metrics = _final_metrics(history, ["background", *train.class_names], time.perf_counter() - t_start)
     if dist.is_main:
         E.atomic_torch_save({"model": model.state_dict(), "cfg": cfg_dict, "class_names": list(train.class_names),
-                             "num_classes": train.num_classes, "metrics": metrics, "inputs": inputs}, run_dir / SEGMENTER_FILE)
-        write_json(run_dir / METRICS_FILE, metrics)
-        log.info("segmenter done: val mIoU %s, %s", metrics.get("val_miou"), run_dir / SEGMENTER_FILE)
+                             "num_classes": train.num_classes, "metrics": metrics, "inputs": inputs}, run_dir / R.SEGMENTER)
+        write_json(run_dir / R.SEGMENTER_METRICS, metrics)
+        log.info("segmenter done: val mIoU %s, %s", metrics.get("val_miou"), run_dir / R.SEGMENTER)
     E.barrier()
     return metrics
 
@@ -395,9 +391,9 @@ def segmenter_path(run_dir_or_path: str | Path) -> Path:
     """RUN/segmenter.pt for a run directory, or the file itself."""
     p = Path(run_dir_or_path)
     if p.is_dir():
-        p = p / SEGMENTER_FILE
+        p = p / R.SEGMENTER
     if not p.is_file():
-        state = p.parent / STATE_DIR / E.CHECKPOINT_LAST
+        state = p.parent / R.SEGMENTER_STATE / R.CHECKPOINT
         hint = (f" training did not finish: rerun the same train-segmenter command to resume from {state}"
                 if state.is_file() else " train the segmenter first (python -m wsss train-segmenter --run-dir ...)")
         raise FileNotFoundError(f"{p} does not exist;{hint}")
