@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.data.distributed import DistributedSampler
 
 from wsss import rundir as R
-from wsss.config import config_differences
+from wsss.config import MACHINERY_KEYS, config_differences
 from wsss.files import atomic_path
 from wsss.progress import progress
 
@@ -760,19 +760,18 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, train_set
     return state.history
 
 
-_RESUME_FREE_KEYS = {"epochs", "max_steps", "workers", "device", "log_every", "ckpt_every", "resume", "run_dir",
-                     "data_root", "amp"}
+#: what a resumed run may change: the machinery (``wsss.config.MACHINERY_KEYS``) and how long it trains
+RESUME_FREE_KEYS = MACHINERY_KEYS | {"epochs", "max_steps"}
 
 
 def _check_resumable(old: dict | None, new: dict | None, path: Path) -> None:
     """Refuse to resume from a checkpoint written with other settings (only the keys of
-    ``_RESUME_FREE_KEYS``, e.g. a longer ``epochs``, may change): the weights would be kept
+    ``RESUME_FREE_KEYS``, e.g. a longer ``epochs``, may change): the weights would be kept
     under the new settings' label."""
     if not old or not new:
         return
-    changed = sorted(k for k in set(old) | set(new) if k not in _RESUME_FREE_KEYS and old.get(k) != new.get(k))
+    changed = config_differences(old, new, ignore=RESUME_FREE_KEYS)
     if changed:
-        raise ValueError(f"{path} was written with other settings ("
-                         + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
-                         + "): pass --no-resume (resume=False) to train again with the new ones (what was made from "
-                           "the old weights is then refused until it is made again), or use another run_dir")
+        raise ValueError(f"{path} was written with other settings ({', '.join(changed)}): pass --no-resume "
+                         "(resume=False) to train again with the new ones (what was made from the old weights is "
+                         "then refused until it is made again), or use another run_dir")
