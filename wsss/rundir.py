@@ -12,6 +12,7 @@ Stages, reports and figures join these names to a run directory; none spells one
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 CLASSIFIER = "classifier.pt"
@@ -37,3 +38,33 @@ TRAINED = {"classifier": CLASSIFIER, "segmenter": SEGMENTER}
 def folder_config(folder: str | Path) -> str:
     """The config file a maps / pseudo-mask folder's stage saves beside it: config_FOLDER.yaml."""
     return f"config_{Path(folder).name}.yaml"
+
+
+#: training stage -> (its weights, its resumable checkpoint, the command that makes them)
+_TRAINING = {"classifier": (CLASSIFIER, CHECKPOINT, "train-classifier"),
+             "segmenter": (SEGMENTER, f"{SEGMENTER_STATE}/{CHECKPOINT}", "train-segmenter")}
+
+
+def trained(run_dir_or_path: str | Path, stage: str) -> Path:
+    """RUN/classifier.pt or RUN/segmenter.pt (``stage``) for a run directory, or the file itself;
+    FileNotFoundError saying how to make it (resume an unfinished training, or train) when missing."""
+    weights, checkpoint, command = _TRAINING[stage]
+    p = Path(run_dir_or_path)
+    if p.is_dir():
+        p = p / weights
+    if not p.is_file():
+        state = p.parent / checkpoint
+        hint = (f"training did not finish: rerun the same {command} command to resume from {state}" if state.is_file()
+                else f"train the {stage} first (python -m wsss {command} --run-dir ...)")
+        raise FileNotFoundError(f"{p} does not exist; {hint}")
+    return p
+
+
+def require_files(folder: Path, names: list[str], suffix: str, what: str, fix: str) -> None:
+    """FileNotFoundError naming the first missing FOLDER/NAME+SUFFIX (and how many more) and ``fix``,
+    the stage to run first, unless every image of ``names`` has its file."""
+    listing = set(os.listdir(folder)) if folder.is_dir() else set()
+    missing = [n for n in names if f"{n}{suffix}" not in listing]
+    if missing:
+        more = f" (and {len(missing) - 1} more of {len(names)})" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"{what} {folder / (missing[0] + suffix)}{more} does not exist: {fix}")

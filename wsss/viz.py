@@ -42,8 +42,8 @@ def qualitative_rows(run_dir, data_root, names=None, n: int = 6, split: str = "t
     maps were made (from RUN/config_maps.yaml)."""
     from wsss.models.segmenter import predict
     from wsss.stages.make_maps import load_maps, localization_maps, maps_path
-    from wsss.stages.train_classifier import classifier_path, load_classifier
-    from wsss.stages.train_segmenter import load_segmenter, segmenter_path
+    from wsss.stages.train_classifier import load_classifier
+    from wsss.stages.train_segmenter import load_segmenter
 
     run_dir = Path(run_dir)
     base = VOCDataset(data_root, split, with_mask=False)
@@ -53,8 +53,8 @@ def qualitative_rows(run_dir, data_root, names=None, n: int = 6, split: str = "t
     if missing:
         raise KeyError(f"{missing} are not in split {split!r} of {data_root}")
     transform = eval_transforms()
-    classifier = load_classifier(run_dir, device) if _exists(classifier_path, run_dir) else None
-    segmenter = load_segmenter(run_dir, device) if _exists(segmenter_path, run_dir) else None
+    classifier = load_classifier(run_dir, device) if (run_dir / R.CLASSIFIER).is_file() else None
+    segmenter = load_segmenter(run_dir, device) if (run_dir / R.SEGMENTER).is_file() else None
     maps_cfg = run_dir / R.folder_config(R.MAPS)
     maps_title = "the run's maps"
     if maps_cfg.is_file():
@@ -85,14 +85,6 @@ def qualitative_rows(run_dir, data_root, names=None, n: int = 6, split: str = "t
             row["pred"] = probs[0].argmax(0).cpu().numpy().astype(np.uint8)
         rows.append(row)
     return rows
-
-
-def _exists(path_fn, run_dir) -> bool:
-    try:
-        path_fn(run_dir)
-        return True
-    except FileNotFoundError:
-        return False
 
 
 COLUMNS = {"image": "image", "gt": "ground truth", "cam": "CAM (single image)",

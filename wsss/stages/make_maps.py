@@ -56,7 +56,7 @@ from wsss.data.transforms import eval_transforms
 from wsss.data.voc import VOCDataset
 from wsss.files import atomic_path, check_settings, fingerprint, write_json
 from wsss.progress import progress
-from wsss.stages.train_classifier import classifier_path, load_classifier
+from wsss.stages.train_classifier import load_classifier
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +454,7 @@ def run(cfg: MapsConfig | dict) -> dict:
         raise ValueError(f"scales={list(cfg.scales)}: aggregate=reference uses one scale, as the reference does; "
                          f"set scales: [1.0] or aggregate: mean")
     run_dir = Path(cfg.run_dir)
-    checkpoint = classifier_path(run_dir)  # raises, saying how to train or resume, when missing
+    checkpoint = R.trained(run_dir, "classifier")  # raises, saying how to train or resume, when missing
     out_dir = run_dir / cfg.maps_dir
     settings = _settings(cfg, checkpoint)
     check_settings(out_dir, R.SETTINGS, settings, cfg.overwrite, "maps", "maps_dir",

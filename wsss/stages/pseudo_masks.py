@@ -223,14 +223,6 @@ def make_one(job: _Job, name: str) -> dict:
     return {"name": name, "skipped": skipped, **mask_counts(mask)}
 
 
-def _check_inputs_exist(folder: Path, names: list[str], suffix: str, what: str, fix: str) -> None:
-    listing = set(os.listdir(folder)) if folder.is_dir() else set()
-    missing = [n for n in names if f"{n}{suffix}" not in listing]
-    if missing:
-        more = f" (and {len(missing) - 1} more of {len(names)})" if len(missing) > 1 else ""
-        raise FileNotFoundError(f"{what} {folder / (missing[0] + suffix)}{more} does not exist: {fix}")
-
-
 def remove_stale_tmp(out_dir: Path) -> int:
     """Delete temporary files left by ``save_mask`` in processes that no longer run."""
     removed = 0
@@ -325,12 +317,12 @@ def run(cfg: PseudoConfig | dict) -> dict:
     maps_dir, out_dir = run_dir / cfg.maps_dir, run_dir / cfg.out_dir
     dataset = VOCDataset(cfg.data_root, cfg.split, transforms=None, with_mask=False)
     names = dataset.names if cfg.limit is None else dataset.names[:max(0, cfg.limit)]
-    _check_inputs_exist(maps_dir, names, ".npz", "localization maps",
+    R.require_files(maps_dir, names, ".npz", "localization maps",
                         f"run the maps stage first (python -m wsss make-maps --data-root {cfg.data_root} "
                         f"--run-dir {run_dir} --split {cfg.split}, or wsss.stages.make_maps.run)")
     saliency_dir = Path(cfg.saliency_dir) if cfg.saliency_dir and params.bg_mode == "saliency" else None
     if saliency_dir is not None:
-        _check_inputs_exist(saliency_dir, names, ".png", "saliency map",
+        R.require_files(saliency_dir, names, ".png", "saliency map",
                             "put one 0-255 PNG per image there (named like the image), or use bg_mode='power'")
     settings = _settings(cfg, maps_dir)
     check_current(settings["maps"], run_dir, f"the maps in {maps_dir}",

@@ -353,22 +353,9 @@ def _final_metrics(history: list[dict], class_names, seconds: float) -> dict:
 
 # =========================================================================== loading
 
-def classifier_path(run_dir_or_path: str | Path) -> Path:
-    """RUN/classifier.pt for a run directory, or the file itself."""
-    p = Path(run_dir_or_path)
-    if p.is_dir():
-        p = p / R.CLASSIFIER
-    if not p.is_file():
-        hint = (" training did not finish: rerun the same train-classifier command to resume from "
-                f"{p.parent / R.CHECKPOINT}" if (p.parent / R.CHECKPOINT).is_file()
-                else " train the classifier first (python -m wsss train-classifier --run-dir ...)")
-        raise FileNotFoundError(f"{p} does not exist;{hint}")
-    return p
-
-
 def classifier_info(run_dir_or_path: str | Path) -> dict:
     """What classifier.pt records besides the weights: cfg (dict), class_names, num_classes, metrics."""
-    ckpt = torch.load(classifier_path(run_dir_or_path), map_location="cpu", weights_only=True)
+    ckpt = torch.load(R.trained(run_dir_or_path, "classifier"), map_location="cpu", weights_only=True)
     return {k: v for k, v in ckpt.items() if k != "model"}
 
 
@@ -379,7 +366,7 @@ def load_classifier(run_dir_or_path: str | Path, device: str | torch.device = "c
     overrides the co-attention implementation (e.g. "explicit" to look at attention)."""
     from wsss.models.backbones import load_weights
 
-    path = classifier_path(run_dir_or_path)
+    path = R.trained(run_dir_or_path, "classifier")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = C.from_dict(ClassifierConfig, ckpt["cfg"])
     cfg.pretrained = None  # the weights below replace whatever the backbone was initialised from

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,21 +155,12 @@ class PseudoMaskDataset(VOCDataset):
         super().__init__(root, split, transforms=transforms, with_mask=False)
         self.masks_dir = Path(masks_dir)
         self.with_mask = True  # VOCDataset.__getitem__ then reads self.mask_path(name)
-        _check_masks_exist(self.masks_dir, self.names, split)
+        R.require_files(self.masks_dir, self.names, ".png", "training mask", f"run the pseudo-mask stage for split {split} "
+                            "first (python -m wsss pseudo-masks ..., or wsss.stages.pseudo_masks.run), or point "
+                            "masks_dir at a folder of NAME.png masks")
 
     def mask_path(self, name: str) -> Path:
         return self.masks_dir / f"{name}.png"
-
-
-def _check_masks_exist(folder: Path, names: list[str], split: str) -> None:
-    listing = set(os.listdir(folder)) if folder.is_dir() else set()
-    missing = [n for n in names if f"{n}.png" not in listing]
-    if missing:
-        more = f" (and {len(missing) - 1} more of {len(names)})" if len(missing) > 1 else ""
-        raise FileNotFoundError(
-            f"training mask {folder / (missing[0] + '.png')}{more} does not exist: run the pseudo-mask stage "
-            f"for split {split} first (python -m wsss pseudo-masks ..., or wsss.stages.pseudo_masks.run), "
-            f"or point masks_dir at a folder of NAME.png masks")
 
 
 def _scale(cfg: SegmenterConfig) -> tuple[float, float] | None:
@@ -387,24 +377,11 @@ def _final_metrics(history: list[dict], names_with_bg: list[str], seconds: float
 
 # =========================================================================== loading
 
-def segmenter_path(run_dir_or_path: str | Path) -> Path:
-    """RUN/segmenter.pt for a run directory, or the file itself."""
-    p = Path(run_dir_or_path)
-    if p.is_dir():
-        p = p / R.SEGMENTER
-    if not p.is_file():
-        state = p.parent / R.SEGMENTER_STATE / R.CHECKPOINT
-        hint = (f" training did not finish: rerun the same train-segmenter command to resume from {state}"
-                if state.is_file() else " train the segmenter first (python -m wsss train-segmenter --run-dir ...)")
-        raise FileNotFoundError(f"{p} does not exist;{hint}")
-    return p
-
-
 def load_segmenter(run_dir_or_path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The trained segmenter of a run (eval mode, on ``device``): maps normalised images
     (B, 3, H, W) to logits (B, K + 1, H, W); ``.class_names`` (K foreground names) and
     ``.train_config`` (SegmenterConfig) are attached."""
-    path = segmenter_path(run_dir_or_path)
+    path = R.trained(run_dir_or_path, "segmenter")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = C.from_dict(SegmenterConfig, ckpt["cfg"])
     cfg.pretrained_backbone = None  # the weights below replace the backbone's initialisation
