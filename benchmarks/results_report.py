@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from wsss import report
+from wsss import viz
 from wsss.paths import REPO_ROOT, runs_dir
-from wsss.viz import save_figure
 
 # setting name prefix -> the condition it measures (METHOD.md sec. 5; data/README.md's knobs)
 CONDITIONS = {
@@ -86,11 +85,11 @@ def main(argv=None) -> None:
     df["condition"] = pd.Categorical(df["condition"], order)
     df["maps"] = pd.Categorical(df["maps"], list(MAPS.values()))
     for metric in ("maps_miou", "pseudo_miou"):
-        fig = report.ablation_figure(df, metric, x="condition", hue="maps", xlabel="", size=(11, 4.5),
+        fig = viz.ablation_figure(df, metric, x="condition", hue="maps", xlabel="", size=(11, 4.5),
                                      title=f"{metric.replace('_', ' ')} per condition: basic CAM vs the method, "
                                            "mean ± std over seeds")
         fig.axes[0].tick_params(axis="x", labelrotation=15)
-        save_figure(fig, Path(args.figures) / f"results_{metric}.png",
+        viz.save_figure(fig, Path(args.figures) / f"results_{metric}.png",
                     f"{metric} of the first 500 training images per supervision setting and benchmark knob; "
                     "bars = mean, error bars = std over seeds, dots = seeds",
                     "benchmarks/results_report.py (from runs/localisation/rows.jsonl)")

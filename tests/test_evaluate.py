@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 
+from wsss import viz
 from wsss.classes import IGNORE_INDEX, write_class_names
 from wsss.data.transforms import MEAN, STD
 from wsss.data.voc import save_mask
@@ -241,8 +242,8 @@ def test_a_read_only_run_directory_is_evaluated_without_writing(tree, tmp_path, 
 def test_sweep_figure(tree, tmp_path):
     res = ev.evaluate_maps(tree, "train", write_maps(tmp_path / "maps", {
         "p": ([MAP_P], [1]), "q": ([np.ones((2, 4), np.float32)], [2])}))
-    fig = ev.sweep_figure(res)
+    fig = viz.sweep_figure(res)
     assert isinstance(fig, Figure) and len(fig.axes[0].lines) == 2  # curve + best point
-    fig = ev.sweep_figure({"single-image": res, "cross-image": res["sweep"]})
+    fig = viz.sweep_figure({"single-image": res, "cross-image": res["sweep"]})
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["single-image", "cross-image"]
     assert math.isclose(fig.axes[0].lines[0].get_ydata().max(), res["miou"])

@@ -13,10 +13,10 @@ from wsss.data.pairs import (
     format_statistics,
     pair_statistics,
     partners_for_class,
-    plot_statistics,
     sample_partner,
     self_pair_views,
 )
+from wsss.viz import plot_statistics
 
 LOGGER = "wsss.data.pairs"
 

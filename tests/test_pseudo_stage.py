@@ -242,10 +242,10 @@ def test_every_field_is_read_and_flags_parse():
     unread = [f.name for f in fields(P.PseudoConfig)
               if f"cfg.{f.name}" not in source and f"self.{f.name}" not in source]
     assert not unread, f"PseudoConfig fields never read by the stage: {unread}"
-    parser = P.add_arguments(argparse.ArgumentParser())
+    parser = C.command_line(argparse.ArgumentParser(), P.PseudoConfig, P.HELP)
     args = parser.parse_args(["--data-root", "D", "--run-dir", "R", "--no-use-crf", "--crf.iters", "3",
                               "--bg-mode", "threshold", "--limit", "5", "--no-crf-scale"])
-    got = P.from_args(args, parser)
+    got = C.from_args(P.PseudoConfig, args, parser=parser)
     assert (got.use_crf, got.crf.iters, got.bg_mode, got.limit, got.crf_scale) == (False, 3, "threshold", 5, False)
     with pytest.raises(SystemExit):
         parser.parse_args(["--data-root", "D", "--run-dir", "R", "--bg-mode", "sal"])

@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 from wsss import config as C
-from wsss import report
+from wsss import report, viz
 from wsss.classes import write_class_names
 from wsss.data.voc import save_mask
 from wsss.stages import pipeline
@@ -117,7 +117,7 @@ def test_mean_sweep_keeps_shared_thresholds_and_skips_missing_values():
 
 def test_ablation_figure_draws_one_bar_per_setting(tmp_path):
     write_ablation_runs(tmp_path)
-    fig = report.ablation_figure(report.collect_ablation(tmp_path), "maps_miou")
+    fig = viz.ablation_figure(report.collect_ablation(tmp_path), "maps_miou")
     heights = sorted(round(p.get_height(), 6) for p in fig.axes[0].patches if p.get_height() > 0)
     assert heights == [32.0, 42.0, 60.0]
 
@@ -278,7 +278,7 @@ def test_loss_log_and_curves_leave_out_terms_switched_off(tmp_path):
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     df = report.loss_log(tmp_path)
     assert list(df["epoch"]) == [1, 2, 3] and "val/ap" not in df.columns
-    fig = report.loss_curves_figure(df)
+    fig = viz.loss_curves_figure(df)
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
     assert labels == ["basic", "total"]
     assert [line.get_label() for line in fig.axes[1].get_lines()] == ["val/map"]
@@ -308,7 +308,7 @@ def test_example_pairs_carry_the_label_sets_of_the_losses():
 def test_save_with_caption_names_the_notebook_and_parameters(tmp_path):
     from matplotlib.figure import Figure
 
-    path = report.save_with_caption(Figure(), tmp_path / "f" / "a.png", "a caption", "notebooks/07_figures.ipynb",
+    path = viz.save_figure(Figure(), tmp_path / "f" / "a.png", "a caption", "notebooks/07_figures.ipynb",
                                     {"SEED": 1})
     assert path.is_file()
     text = (tmp_path / "f" / "a.png.txt").read_text()
@@ -372,7 +372,7 @@ def test_pseudo_mask_steps_and_per_image_iou(tmp_path):
     table = report.per_image_iou(data, "train", run / "pseudo")
     assert list(table["name"]) == ["img1", "img0"]  # lowest first: the failure cases
     assert table["miou"].iloc[1] == 1.0
-    fig = report.pseudo_steps_figure([steps, worse], ["a", "b"])
+    fig = viz.pseudo_steps_figure([steps, worse], ["a", "b"])
     assert len(fig.axes) == 12
     assert report.run_mask_params(run).alpha == 4.0 and report.run_mask_params(run, alpha=8.0).alpha == 8.0
     with pytest.raises(FileNotFoundError, match="pseudo-mask stage"):

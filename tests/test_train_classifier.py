@@ -88,11 +88,11 @@ def test_config_rejects_unknown_keys_and_every_field_is_read():
 
 
 def test_command_line_flags():
-    parser = T.add_arguments(argparse.ArgumentParser())
+    parser = C.command_line(argparse.ArgumentParser(), T.ClassifierConfig, T.HELP)
     args = parser.parse_args(["--data-root", "D", "--run-dir", "R", "--no-amp", "--loss.w-con", "0.5",
                               "--no-loss.self-pairs", "--step-epochs", "3", "6", "--max-steps", "5",
                               "--val-split", "none", "--schedule", "step", "--scale", "0.9", "1.1"])
-    cfg = T.from_args(args, parser)
+    cfg = C.from_args(T.ClassifierConfig, args, parser=parser)
     assert (cfg.data_root, cfg.run_dir, cfg.amp, cfg.step_epochs, cfg.max_steps, cfg.val_split, cfg.schedule,
             cfg.scale) == ("D", "R", False, (3, 6), 5, None, "step", (0.9, 1.1))
     assert cfg.loss.w_con == 0.5 and cfg.loss.self_pairs is False and cfg.loss.coatt is True

@@ -241,11 +241,11 @@ def test_config_fields_are_read_flags_parse_and_the_reference_builds():
     source = inspect.getsource(T)
     unread = [f.name for f in fields(T.SegmenterConfig) if f"cfg.{f.name}" not in source]
     assert not unread, f"SegmenterConfig fields never read by the stage: {unread}"
-    parser = T.add_arguments(argparse.ArgumentParser())
+    parser = C.command_line(argparse.ArgumentParser(), T.SegmenterConfig, T.HELP)
     args = parser.parse_args(["--data-root", "D", "--run-dir", "R", "--no-amp", "--crop", "64", "--scale", "0.5",
                               "1.5", "--model", "deeplabv3_resnet50", "--max-steps", "7", "--val-split", "none",
                               "--masks-dir", "/abs/masks"])
-    cfg = T.from_args(args, parser)
+    cfg = C.from_args(T.SegmenterConfig, args, parser=parser)
     assert (cfg.amp, cfg.crop, cfg.scale, cfg.model, cfg.max_steps, cfg.val_split, cfg.masks_dir) == \
         (False, 64, (0.5, 1.5), "deeplabv3_resnet50", 7, None, "/abs/masks")
     with pytest.raises(SystemExit):

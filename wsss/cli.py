@@ -15,18 +15,28 @@ import os
 import sys
 from pathlib import Path
 
+from wsss import config as C
 from wsss.paths import REPO_ROOT
 
-# subcommand -> (module, one-line help). Each module has add_arguments(parser),
-# from_args(args, parser) and run(cfg) -> dict of metrics.
+# subcommand -> (module, its config class, one-line help). Each module has the config
+# dataclass, HELP (flag help per field) and run(cfg) -> dict of metrics.
 STAGES = {
-    "train-classifier": ("wsss.stages.train_classifier", "train the co-attention classifier on image pairs (METHOD.md sec 1)"),
-    "make-maps": ("wsss.stages.make_maps", "localization maps with cross-image context (METHOD.md sec 2)"),
-    "pseudo-masks": ("wsss.stages.pseudo_masks", "CRF-refined pseudo-masks from the maps (METHOD.md sec 3)"),
-    "train-segmenter": ("wsss.stages.train_segmenter", "train the segmentation network on the pseudo-masks (METHOD.md sec 4)"),
-    "evaluate": ("wsss.stages.evaluate", "mIoU of maps, pseudo-masks and segmentation into RUN/metrics.json"),
-    "pipeline": ("wsss.stages.pipeline", "run the stages above in order from one YAML config"),
+    "train-classifier": ("wsss.stages.train_classifier", "ClassifierConfig",
+                         "train the co-attention classifier on image pairs (METHOD.md sec 1)"),
+    "make-maps": ("wsss.stages.make_maps", "MapsConfig", "localization maps with cross-image context (METHOD.md sec 2)"),
+    "pseudo-masks": ("wsss.stages.pseudo_masks", "PseudoConfig",
+                     "CRF-refined pseudo-masks from the maps (METHOD.md sec 3)"),
+    "train-segmenter": ("wsss.stages.train_segmenter", "SegmenterConfig",
+                        "train the segmentation network on the pseudo-masks (METHOD.md sec 4)"),
+    "evaluate": ("wsss.stages.evaluate", "EvalConfig", "mIoU of maps, pseudo-masks and segmentation into RUN/metrics.json"),
+    "pipeline": ("wsss.stages.pipeline", "PipelineConfig", "run the stages above in order from one YAML config"),
 }
+
+
+def _stage(command: str):
+    """(module, config class) of a stage subcommand."""
+    module = importlib.import_module(STAGES[command][0])
+    return module, getattr(module, STAGES[command][1])
 
 
 def _add_benchmark_parser(sub) -> None:
@@ -70,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figures", default=None, help="folder for the figures (default: figures/)")
     _add_benchmark_parser(sub)
     _add_stats_parser(sub)
-    for name, (module, text) in STAGES.items():
-        importlib.import_module(module).add_arguments(sub.add_parser(name, help=text, description=text))
+    for name, (_, _, text) in STAGES.items():
+        module, cls = _stage(name)
+        C.command_line(sub.add_parser(name, help=text, description=text), cls, module.HELP)
     return parser
 
 
@@ -135,7 +146,6 @@ def draw_run_figures(run_dir: Path, data_root, out_dir: Path, prefix: str = "dem
     from wsss import rundir as R
     from wsss import viz
     from wsss.data.voc import class_names
-    from wsss.stages.evaluate import sweep_figure
 
     source = f"`python -m wsss demo --config {config}` (wsss.cli.draw_run_figures, from {run_dir.name}/)"
     rows = viz.qualitative_rows(run_dir, data_root, n=n)
@@ -144,7 +154,7 @@ def draw_run_figures(run_dir: Path, data_root, out_dir: Path, prefix: str = "dem
                            "pseudo-mask and segmentation of the first training images", source)]
     metrics = json.loads((run_dir / R.SUMMARY).read_text())
     if "maps" in metrics and "sweep" in metrics["maps"]:
-        out.append(viz.save_figure(sweep_figure(metrics["maps"]["sweep"]), out_dir / f"{prefix}_threshold_sweep.png",
+        out.append(viz.save_figure(viz.sweep_figure(metrics["maps"]["sweep"]), out_dir / f"{prefix}_threshold_sweep.png",
                                    "mIoU of the localization maps on train against the background threshold", source))
     return out
 
@@ -209,8 +219,8 @@ def _dispatch(args, parser) -> int:
         from wsss.paths import benchmark_root
         print_dataset_statistics(args.root or benchmark_root("demo"), args.split, args.p_common, args.seed)
     else:
-        mod = importlib.import_module(STAGES[args.command][0])
-        metrics = mod.run(mod.from_args(args, parser))
+        module, cls = _stage(args.command)
+        metrics = module.run(C.from_args(cls, args, parser=parser))
         print(json.dumps(metrics, indent=2, default=str))
     return 0
 

@@ -23,7 +23,7 @@ import yaml
 
 from wsss.files import write_text
 
-__all__ = ["ConfigError", "to_dict", "from_dict", "save_yaml", "load_yaml", "add_arguments", "from_args"]
+__all__ = ["ConfigError", "to_dict", "from_dict", "save_yaml", "load_yaml", "command_line", "add_arguments", "from_args"]
 
 
 class ConfigError(ValueError):
@@ -347,9 +347,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "", hel
         parser.add_argument(flag, **kw)
 
 
-def add_config_argument(parser: argparse.ArgumentParser) -> None:
+def command_line(parser: argparse.ArgumentParser, cls, help_texts: dict | None = None) -> argparse.ArgumentParser:
+    """A stage's command line: ``--config YAML`` plus one typed flag per field of ``cls``
+    (``--loss.w-con``, ``--no-amp``, ...) with ``help_texts`` as their help; read it back with
+    ``from_args(cls, args)``."""
     parser.add_argument("--config", default=None, metavar="YAML",
                         help="read settings from a YAML file first; flags given on the command line override it")
+    add_arguments(parser, cls, help_texts=help_texts)
+    return parser
 
 
 def from_args(cls, args: argparse.Namespace, *, parser: argparse.ArgumentParser | None = None):

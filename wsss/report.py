@@ -17,7 +17,7 @@ A notebook holds its parameters cell, narrative, short calls into
   (:func:`per_image_iou`), the pseudo-mask rules one step at a time (:func:`pseudo_mask_steps`).
 - Figures: loss curves, example pairs, pseudo-mask steps, ablation bars; every saved
   figure gets a caption file naming the notebook and parameters that drew it
-  (:func:`save_with_caption`).
+  (``wsss.viz.save_figure``).
 """
 
 from __future__ import annotations
@@ -347,24 +347,6 @@ def table_markdown(table, metrics: Sequence[str] = ("maps_miou", "pseudo_miou"),
     return "\n".join(lines) + "\n"
 
 
-def ablation_figure(df, metric: str = "pseudo_miou", title: str | None = None, x: str = "losses",
-                    hue: str = "inference", xlabel: str = "loss terms", size=(7, 4)):
-    """Bars of a metric (percent) per ``x`` (default: loss setting), one colour per ``hue``
-    (default: inference mode), error bars = standard deviation over seeds, dots = the single runs."""
-    import seaborn as sns
-    from matplotlib.figure import Figure
-
-    data = df.assign(value=100 * df[metric])
-    fig = Figure(figsize=size, layout="constrained")
-    ax = fig.subplots()
-    sns.barplot(data=data, x=x, y="value", hue=hue, errorbar="sd", ax=ax, alpha=0.8, capsize=0.1)
-    sns.stripplot(data=data, x=x, y="value", hue=hue, dodge=True, ax=ax, size=3, legend=False,
-                  palette=dict.fromkeys(data[hue].unique(), "k"))
-    ax.set(xlabel=xlabel, ylabel=f"{metric.replace('_', ' ')} (%)",
-           title=title or f"{metric.replace('_', ' ')}: mean ± std over seeds")
-    return fig
-
-
 def mean_sweep(sweeps: Sequence[Sequence[Mapping]]) -> list[dict]:
     """The pointwise mean of several threshold sweeps (lists of {"threshold", "miou"}) over
     the thresholds they share."""
@@ -382,7 +364,7 @@ def mean_sweep(sweeps: Sequence[Sequence[Mapping]]) -> list[dict]:
 def sweeps_by(df, root: str | Path, by: str = "inference", **where) -> dict[str, dict]:
     """label -> {"sweep": mean sweep over the runs of df with that ``by`` value}, runs
     restricted by ``where`` (e.g. losses="all"): the mapping form of
-    ``wsss.stages.evaluate.sweep_figure``."""
+    ``wsss.viz.sweep_figure``."""
     rows = df
     for key, value in where.items():
         rows = rows[rows[key] == value]
@@ -437,27 +419,6 @@ def loss_log(path: str | Path):
     return pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, (list, dict))} for r in records])
 
 
-def loss_curves_figure(df, title: str = "training"):
-    """Loss terms against epochs (terms that stay 0, i.e. switched off, are left out) and,
-    when logged, the validation metrics (val/*) on a second panel."""
-    from matplotlib.figure import Figure
-
-    losses = [c for c in df.columns if c.startswith("loss/") and df[c].abs().sum() > 0]
-    vals = [c for c in df.columns if c.startswith("val/")]
-    fig = Figure(figsize=(10 if vals else 6, 3.8), layout="constrained")
-    axes = fig.subplots(1, 2 if vals else 1, squeeze=False)[0]
-    for column in losses:
-        axes[0].plot(df["epoch"], df[column], marker="o", label=column[len("loss/"):])
-    axes[0].set(xlabel="epoch", ylabel="mean loss", title=f"{title}: loss terms")
-    axes[0].legend(fontsize=8)
-    for column in vals:
-        axes[1].plot(df["epoch"], df[column], marker="o", label=column)
-    if vals:
-        axes[1].set(xlabel="epoch", title=f"{title}: validation")
-        axes[1].legend(fontsize=8)
-    return fig
-
-
 # =========================================================================== pairs (notebook 01)
 
 def example_pairs(labels: np.ndarray, n: int = 4, p_common: float = 1.0, seed: int = 0) -> list[dict]:
@@ -474,26 +435,6 @@ def example_pairs(labels: np.ndarray, n: int = 4, p_common: float = 1.0, seed: i
         out.append({"m": m, "n": int(j), "l_m": ids(lm), "l_n": ids(ln), "common": ids(lm & ln),
                     "m_only": ids(lm & ~ln), "n_only": ids(ln & ~lm)})
     return out
-
-
-def pairs_figure(dataset, pairs: Sequence[Mapping], class_names: Sequence[str]):
-    """One row per pair: I_m and I_n with their labels, l_m ∩ l_n (the co-attention target)
-    and l_m \\ l_n (the contrastive target) in the titles."""
-    from matplotlib.figure import Figure
-
-    from wsss.data.transforms import denormalize
-
-    names = lambda ids: ", ".join(class_names[c - 1] for c in ids) or "∅"  # noqa: E731
-    fig = Figure(figsize=(6.4, 3.1 * len(pairs)), layout="constrained")
-    axes = fig.subplots(len(pairs), 2, squeeze=False)
-    for row, p in zip(axes, pairs):
-        for ax, key, label in ((row[0], "m", "I_m"), (row[1], "n", "I_n")):
-            ax.imshow(denormalize(dataset[p[key]]["image"]))
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"{label}: {names(p['l_' + key])}", fontsize=9)
-        row[0].set_xlabel(f"l_m ∩ l_n: {names(p['common'])}", fontsize=9)
-        row[1].set_xlabel(f"l_m \\ l_n: {names(p['m_only'])}   l_n \\ l_m: {names(p['n_only'])}", fontsize=9)
-    return fig
 
 
 # =========================================================================== masks (notebook 05)
@@ -570,37 +511,4 @@ def pseudo_mask_steps(run_dir: str | Path, data_root: str | Path, name: str, par
             "miou": image_miou(plain, gt, k), "miou_crf": image_miou(crf, gt, k)}
 
 
-def pseudo_steps_figure(steps: Sequence[Mapping], class_names: Sequence[str] | None = None):
-    """Rows of image / ground truth / largest class map / background score / mask without
-    CRF / mask with CRF (per-image mIoU in the titles)."""
-    from matplotlib.figure import Figure
-
-    from wsss.viz import colorize, overlay
-
-    titles = ["image", "ground truth", "max class map", "background score", "mask, no CRF", "mask + CRF"]
-    fig = Figure(figsize=(2.1 * len(titles), 2.2 * len(steps) + 0.3), layout="constrained")
-    axes = fig.subplots(len(steps), len(titles), squeeze=False)
-    for row, s in zip(axes, steps):
-        panels = [s["image"], colorize(s["gt"]), overlay(s["image"], s["peak"]), s["background"],
-                  colorize(s["mask"]), colorize(s["mask_crf"])]
-        for ax, panel in zip(row, panels):
-            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=1)
-            ax.set_xticks([]), ax.set_yticks([])
-        label = ", ".join(class_names[c - 1] for c in s["classes"]) if class_names else s["name"]
-        row[0].set_ylabel(label, fontsize=8)
-        row[4].set_xlabel(f"mIoU {s['miou']:.2f}", fontsize=8)
-        row[5].set_xlabel(f"mIoU {s['miou_crf']:.2f}", fontsize=8)
-    for ax, title in zip(axes[0], titles):
-        ax.set_title(title, fontsize=9)
-    return fig
-
-
 # =========================================================================== saving
-
-def save_with_caption(fig, path: str | Path, caption: str, notebook: str, parameters: Mapping | None = None) -> Path:
-    """Save ``fig`` as PATH (PNG) and its caption as PATH.txt, naming the notebook and the
-    parameter set that drew it (every figure names the notebook behind it)."""
-    from wsss.viz import save_figure
-
-    params = ", ".join(f"{k}={v!r}" for k, v in (parameters or {}).items())
-    return save_figure(fig, path, caption, notebook + (f" with {params}" if params else ""))

@@ -1,12 +1,17 @@
-"""Figures drawn from a run directory: the qualitative grid of the paper's figures.
+"""Every figure of the package, and the one saver (``save_figure``: PNG plus a caption file).
 
-Rows are images; columns are the image, its ground truth, the single-image CAM, the
-cross-image co-attention map (k partners, METHOD.md sec. 2), the pseudo-mask (sec. 3) and
-the segmenter's prediction (sec. 4). Missing stages leave their column out.
+The qualitative grid of the paper's figures (rows are images; columns are the image, its
+ground truth, the single-image CAM, the run's saved maps (METHOD.md sec. 2), the
+pseudo-mask (sec. 3) and the segmenter's prediction (sec. 4); missing stages leave their
+column out), maps side by side, and the plots of numbers: ablation bars, threshold sweeps,
+loss curves, pair statistics, pseudo-mask steps. The benchmark's own illustration stays in
+``wsss.data.synth.draw_examples`` (the data layer draws it without importing upwards), and
+the attention explorer's interactive figure in ``wsss.explorer``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -145,12 +150,163 @@ def maps_grid(data_root, columns: dict, names, split: str = "train", class_names
     return fig
 
 
-def save_figure(fig: Figure, path, caption: str | None = None, source: str | None = None) -> Path:
-    """Save ``fig`` as PATH (PNG); with a caption, also PATH.txt naming what drew it
-    (every figure in figures/ names the notebook or command behind it)."""
+# ----------------------------------------------------------------------------- plots of numbers
+
+def plot_statistics(stats: dict, class_names=None):
+    """A matplotlib Figure: co-occurrence heat map, shared-label histogram, label frequency."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    names = list(class_names if class_names is not None else stats["class_names"])
+    k = len(names)
+    fig = Figure(figsize=(6 + 0.35 * k + 8, 4 + 0.25 * k), layout="constrained")
+    ax_co, ax_hist, ax_freq = fig.subplots(1, 3, width_ratios=[2, 1, 1.5])
+    sns.heatmap(np.asarray(stats["cooccurrence"]), mask=np.eye(k, dtype=bool), ax=ax_co, xticklabels=names,
+                yticklabels=names, cmap="viridis", square=True, cbar_kws={"label": "images with both classes"})
+    ax_co.set_title("class co-occurrence (diagonal: see label frequency)")
+    hist = stats["shared_hist"]
+    ax_hist.bar(list(hist), list(hist.values()), color="tab:blue")
+    ax_hist.set(xlabel="labels shared by a pair", ylabel="pairs",
+                title=f"{stats['num_pairs']} pairs, p_common={stats['p_common']:g}")
+    ax_freq.barh(names, stats["label_frequency"], color="tab:green")
+    ax_freq.invert_yaxis()
+    ax_freq.set(xlabel="images", title="label frequency")
+    return fig
+
+
+def _curves(sweep) -> dict[str, tuple[list[float], list[float]]]:
+    """label -> (thresholds, mIoUs) from a result, a list of sweep points, or a mapping of them."""
+    def points(s):
+        s = s["sweep"] if isinstance(s, Mapping) and "sweep" in s else s
+        pts = [(float(p["threshold"]), p["miou"]) for p in s]
+        return [t for t, _ in pts], [float("nan") if m is None else float(m) for _, m in pts]
+
+    if isinstance(sweep, Mapping) and "sweep" not in sweep:
+        return {str(label): points(s) for label, s in sweep.items()}
+    return {"": points(sweep)}
+
+
+def sweep_figure(sweep, title: str = "localization maps: mIoU vs background threshold"):
+    """A matplotlib Figure of mIoU against the background threshold, best point marked.
+
+    ``sweep``: a result of :func:`evaluate_maps` (or its "sweep" list), or a mapping
+    label -> such results to compare several curves (e.g. single-image vs cross-image).
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for label, (ts, mious) in _curves(sweep).items():
+        values = np.asarray(mious, dtype=float)
+        line, = ax.plot(ts, values, marker="o", markersize=3, label=label or None)
+        if np.isfinite(values).any():
+            best = int(np.nanargmax(values))
+            ax.plot(ts[best], values[best], marker="*", markersize=12, color=line.get_color())
+            right = ts[best] > (min(ts) + max(ts)) / 2  # keep the label inside the axes
+            ax.annotate(f"{values[best]:.3f} @ {ts[best]:.2f}", (ts[best], values[best]), textcoords="offset points",
+                        xytext=(-6 if right else 6, 6), ha="right" if right else "left", fontsize=8,
+                        color=line.get_color())
+    ax.set(xlabel="background threshold", ylabel="mIoU", title=title)
+    ax.grid(alpha=0.3)
+    if any(ax.get_legend_handles_labels()[1]):
+        ax.legend()
+    return fig
+
+
+def ablation_figure(df, metric: str = "pseudo_miou", title: str | None = None, x: str = "losses",
+                    hue: str = "inference", xlabel: str = "loss terms", size=(7, 4)):
+    """Bars of a metric (percent) per ``x`` (default: loss setting), one colour per ``hue``
+    (default: inference mode), error bars = standard deviation over seeds, dots = the single runs."""
+    import seaborn as sns
+    from matplotlib.figure import Figure
+
+    data = df.assign(value=100 * df[metric])
+    fig = Figure(figsize=size, layout="constrained")
+    ax = fig.subplots()
+    sns.barplot(data=data, x=x, y="value", hue=hue, errorbar="sd", ax=ax, alpha=0.8, capsize=0.1)
+    sns.stripplot(data=data, x=x, y="value", hue=hue, dodge=True, ax=ax, size=3, legend=False,
+                  palette=dict.fromkeys(data[hue].unique(), "k"))
+    ax.set(xlabel=xlabel, ylabel=f"{metric.replace('_', ' ')} (%)",
+           title=title or f"{metric.replace('_', ' ')}: mean ± std over seeds")
+    return fig
+
+
+def loss_curves_figure(df, title: str = "training"):
+    """Loss terms against epochs (terms that stay 0, i.e. switched off, are left out) and,
+    when logged, the validation metrics (val/*) on a second panel."""
+    from matplotlib.figure import Figure
+
+    losses = [c for c in df.columns if c.startswith("loss/") and df[c].abs().sum() > 0]
+    vals = [c for c in df.columns if c.startswith("val/")]
+    fig = Figure(figsize=(10 if vals else 6, 3.8), layout="constrained")
+    axes = fig.subplots(1, 2 if vals else 1, squeeze=False)[0]
+    for column in losses:
+        axes[0].plot(df["epoch"], df[column], marker="o", label=column[len("loss/"):])
+    axes[0].set(xlabel="epoch", ylabel="mean loss", title=f"{title}: loss terms")
+    axes[0].legend(fontsize=8)
+    for column in vals:
+        axes[1].plot(df["epoch"], df[column], marker="o", label=column)
+    if vals:
+        axes[1].set(xlabel="epoch", title=f"{title}: validation")
+        axes[1].legend(fontsize=8)
+    return fig
+
+
+def pairs_figure(dataset, pairs: Sequence[Mapping], class_names: Sequence[str]):
+    """One row per pair: I_m and I_n with their labels, l_m ∩ l_n (the co-attention target)
+    and l_m \\ l_n (the contrastive target) in the titles."""
+    from matplotlib.figure import Figure
+
+    from wsss.data.transforms import denormalize
+
+    names = lambda ids: ", ".join(class_names[c - 1] for c in ids) or "∅"  # noqa: E731
+    fig = Figure(figsize=(6.4, 3.1 * len(pairs)), layout="constrained")
+    axes = fig.subplots(len(pairs), 2, squeeze=False)
+    for row, p in zip(axes, pairs):
+        for ax, key, label in ((row[0], "m", "I_m"), (row[1], "n", "I_n")):
+            ax.imshow(denormalize(dataset[p[key]]["image"]))
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.set_title(f"{label}: {names(p['l_' + key])}", fontsize=9)
+        row[0].set_xlabel(f"l_m ∩ l_n: {names(p['common'])}", fontsize=9)
+        row[1].set_xlabel(f"l_m \\ l_n: {names(p['m_only'])}   l_n \\ l_m: {names(p['n_only'])}", fontsize=9)
+    return fig
+
+
+def pseudo_steps_figure(steps: Sequence[Mapping], class_names: Sequence[str] | None = None):
+    """Rows of image / ground truth / largest class map / background score / mask without
+    CRF / mask with CRF (per-image mIoU in the titles)."""
+    from matplotlib.figure import Figure
+
+    from wsss.viz import colorize, overlay
+
+    titles = ["image", "ground truth", "max class map", "background score", "mask, no CRF", "mask + CRF"]
+    fig = Figure(figsize=(2.1 * len(titles), 2.2 * len(steps) + 0.3), layout="constrained")
+    axes = fig.subplots(len(steps), len(titles), squeeze=False)
+    for row, s in zip(axes, steps):
+        panels = [s["image"], colorize(s["gt"]), overlay(s["image"], s["peak"]), s["background"],
+                  colorize(s["mask"]), colorize(s["mask_crf"])]
+        for ax, panel in zip(row, panels):
+            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, vmin=0, vmax=1)
+            ax.set_xticks([]), ax.set_yticks([])
+        label = ", ".join(class_names[c - 1] for c in s["classes"]) if class_names else s["name"]
+        row[0].set_ylabel(label, fontsize=8)
+        row[4].set_xlabel(f"mIoU {s['miou']:.2f}", fontsize=8)
+        row[5].set_xlabel(f"mIoU {s['miou_crf']:.2f}", fontsize=8)
+    for ax, title in zip(axes[0], titles):
+        ax.set_title(title, fontsize=9)
+    return fig
+
+
+
+def save_figure(fig: Figure, path, caption: str | None = None, source: str | None = None,
+                parameters: Mapping | None = None) -> Path:
+    """Save ``fig`` as PATH (PNG); with a caption, also PATH.txt naming what drew it (every
+    figure in figures/ names the notebook or command behind it, and the parameters it ran with)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     if caption is not None:
+        params = ", ".join(f"{k}={v!r}" for k, v in (parameters or {}).items())
+        source = f"{source} with {params}" if params else source
         path.with_suffix(path.suffix + ".txt").write_text(f"{path.name}: {caption}\nDrawn by {source}.\n")
     return path

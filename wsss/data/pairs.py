@@ -358,23 +358,3 @@ def format_statistics(stats: dict, class_names=None) -> str:
     return "\n".join(lines)
 
 
-def plot_statistics(stats: dict, class_names=None):
-    """A matplotlib Figure: co-occurrence heat map, shared-label histogram, label frequency."""
-    import seaborn as sns
-    from matplotlib.figure import Figure
-
-    names = list(class_names if class_names is not None else stats["class_names"])
-    k = len(names)
-    fig = Figure(figsize=(6 + 0.35 * k + 8, 4 + 0.25 * k), layout="constrained")
-    ax_co, ax_hist, ax_freq = fig.subplots(1, 3, width_ratios=[2, 1, 1.5])
-    sns.heatmap(np.asarray(stats["cooccurrence"]), mask=np.eye(k, dtype=bool), ax=ax_co, xticklabels=names,
-                yticklabels=names, cmap="viridis", square=True, cbar_kws={"label": "images with both classes"})
-    ax_co.set_title("class co-occurrence (diagonal: see label frequency)")
-    hist = stats["shared_hist"]
-    ax_hist.bar(list(hist), list(hist.values()), color="tab:blue")
-    ax_hist.set(xlabel="labels shared by a pair", ylabel="pairs",
-                title=f"{stats['num_pairs']} pairs, p_common={stats['p_common']:g}")
-    ax_freq.barh(names, stats["label_frequency"], color="tab:green")
-    ax_freq.invert_yaxis()
-    ax_freq.set(xlabel="images", title="label frequency")
-    return fig

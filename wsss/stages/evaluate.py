@@ -22,13 +22,12 @@ results into RUN/metrics.json under the keys "maps", "pseudo" and "segmenter".
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,44 +253,6 @@ def load_segmenter(run_dir, device):
 
 # =========================================================================== figure
 
-def _curves(sweep) -> dict[str, tuple[list[float], list[float]]]:
-    """label -> (thresholds, mIoUs) from a result, a list of sweep points, or a mapping of them."""
-    def points(s):
-        s = s["sweep"] if isinstance(s, Mapping) and "sweep" in s else s
-        pts = [(float(p["threshold"]), p["miou"]) for p in s]
-        return [t for t, _ in pts], [float("nan") if m is None else float(m) for _, m in pts]
-
-    if isinstance(sweep, Mapping) and "sweep" not in sweep:
-        return {str(label): points(s) for label, s in sweep.items()}
-    return {"": points(sweep)}
-
-
-def sweep_figure(sweep, title: str = "localization maps: mIoU vs background threshold"):
-    """A matplotlib Figure of mIoU against the background threshold, best point marked.
-
-    ``sweep``: a result of :func:`evaluate_maps` (or its "sweep" list), or a mapping
-    label -> such results to compare several curves (e.g. single-image vs cross-image).
-    """
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
-    for label, (ts, mious) in _curves(sweep).items():
-        values = np.asarray(mious, dtype=float)
-        line, = ax.plot(ts, values, marker="o", markersize=3, label=label or None)
-        if np.isfinite(values).any():
-            best = int(np.nanargmax(values))
-            ax.plot(ts[best], values[best], marker="*", markersize=12, color=line.get_color())
-            right = ts[best] > (min(ts) + max(ts)) / 2  # keep the label inside the axes
-            ax.annotate(f"{values[best]:.3f} @ {ts[best]:.2f}", (ts[best], values[best]), textcoords="offset points",
-                        xytext=(-6 if right else 6, 6), ha="right" if right else "left", fontsize=8,
-                        color=line.get_color())
-    ax.set(xlabel="background threshold", ylabel="mIoU", title=title)
-    ax.grid(alpha=0.3)
-    if any(ax.get_legend_handles_labels()[1]):
-        ax.legend()
-    return fig
-
 
 # =========================================================================== stage
 
@@ -460,14 +421,3 @@ HELP = {
     "allow_missing": "evaluate only the images that have maps / pseudo masks",
     "limit": "only the first N images of the segmenter's split",
 }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Typed flags, one per EvalConfig field (``--crf-params.bilateral-sxy``, ...), plus --config."""
-    C.add_config_argument(parser)
-    C.add_arguments(parser, EvalConfig, help_texts=HELP)
-    return parser
-
-
-def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> EvalConfig:
-    return C.from_args(EvalConfig, args, parser=parser)

@@ -34,7 +34,6 @@ were made the same way (``overwrite=True`` recomputes everything).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -521,14 +520,3 @@ HELP = {
     "maps_dir": "output folder inside the run directory (or an absolute path)",
     "overwrite": "recompute maps that already exist",
 }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Typed flags, one per MapsConfig field, plus --config."""
-    C.add_config_argument(parser)
-    C.add_arguments(parser, MapsConfig, help_texts=HELP)
-    return parser
-
-
-def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> MapsConfig:
-    return C.from_args(MapsConfig, args, parser=parser)

@@ -27,7 +27,6 @@ section's own keys win. The merged settings are saved as RUN/config.yaml.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -176,20 +175,15 @@ def summary_table(run_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    C.add_config_argument(parser)
-    C.add_arguments(parser, PipelineConfig, help_texts={
-        "run_dir": "run directory (relative paths go under runs/)",
-        "recipe": "stage overrides from configs/recipes/NAME.yaml (official: the authors' code) or a YAML path",
-        "data_root": "VOC-layout dataset; leave unset to use the embedded benchmark",
-        "benchmark": "size of the embedded benchmark used when --data-root is unset",
-        "scene": "its knobs as a YAML mapping: body_class, context_p, context_size (realism), noise_rate (the web split's label noise); wsss.data.synth",
-        "seed": "seed for every stage",
-        "stages": f"stages to run, in order, from {list(STAGES)}",
-        **{name: f"overrides of the {name} stage config as a YAML mapping of its fields" for name in STAGES},
-    })
-    return parser
-
-
-def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> PipelineConfig:
-    return C.from_args(PipelineConfig, args, parser=parser)
+#: --help text per PipelineConfig field
+HELP = {
+    "run_dir": "run directory (relative paths go under runs/)",
+    "recipe": "stage overrides from configs/recipes/NAME.yaml (official: the authors' code) or a YAML path",
+    "data_root": "VOC-layout dataset; leave unset to use the embedded benchmark",
+    "benchmark": "size of the embedded benchmark used when --data-root is unset",
+    "scene": "its knobs as a YAML mapping: body_class, context_p, context_size (realism), noise_rate (the web "
+             "split's label noise); wsss.data.synth",
+    "seed": "seed for every stage",
+    "stages": f"stages to run, in order, from {list(STAGES)}",
+    **{name: f"overrides of the {name} stage config as a YAML mapping of its fields" for name in STAGES},
+}

@@ -32,7 +32,6 @@ depend on the number of workers.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -362,16 +361,3 @@ def _warn_if_mostly_ignored(metrics: dict, num_images: int, maps_dir: Path) -> N
                     "or conflicting classes); the segmenter learns nothing from them. The localization maps in "
                     "%s are probably (nearly) empty or flat: train the classifier longer, or lower "
                     "min_fg_fraction / score_floor.", metrics["num_all_ignored"], num_images, maps_dir)
-
-
-# =========================================================================== command line
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Typed flags, one per PseudoConfig field (``--crf.iters``, ``--no-use-crf``, ...), plus --config."""
-    C.add_config_argument(parser)
-    C.add_arguments(parser, PseudoConfig, help_texts=HELP)
-    return parser
-
-
-def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> PseudoConfig:
-    return C.from_args(PseudoConfig, args, parser=parser)

@@ -17,7 +17,6 @@ each process takes ``batch_size`` pairs per step (global batch N x batch_size).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from dataclasses import dataclass, field
@@ -379,16 +378,3 @@ def load_classifier(run_dir_or_path: str | Path, device: str | torch.device = "c
     model.class_names = list(ckpt["class_names"])
     model.train_config = cfg
     return model
-
-
-# =========================================================================== command line
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Typed flags, one per ClassifierConfig field (``--loss.w-con``, ``--no-amp``, ...), plus --config."""
-    C.add_config_argument(parser)
-    C.add_arguments(parser, ClassifierConfig, help_texts=HELP)
-    return parser
-
-
-def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> ClassifierConfig:
-    return C.from_args(ClassifierConfig, args, parser=parser)

@@ -25,7 +25,6 @@ on ground truth (the fully supervised upper bound).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -392,16 +391,3 @@ def load_segmenter(run_dir_or_path: str | Path, device: str | torch.device = "cp
     model.class_names = list(ckpt["class_names"])
     model.train_config = cfg
     return model
-
-
-# =========================================================================== command line
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Typed flags, one per SegmenterConfig field (``--crop``, ``--no-amp``, ...), plus --config."""
-    C.add_config_argument(parser)
-    C.add_arguments(parser, SegmenterConfig, help_texts=HELP)
-    return parser
-
-
-def from_args(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> SegmenterConfig:
-    return C.from_args(SegmenterConfig, args, parser=parser)
