@@ -289,9 +289,7 @@ def test_from_dict_coerces_yaml_values_and_dotted_keys(tmp_path):
 
 
 def test_argparse_flags_from_the_dataclass(tmp_path):
-    parser = argparse.ArgumentParser()
-    C.add_config_argument(parser)
-    C.add_arguments(parser, Outer)
+    parser = C.command_line(argparse.ArgumentParser(), Outer)
     args = parser.parse_args(["--root", "R", "--rate", "0.5", "--mode", "b", "--cap", "7", "--epochs-at", "1", "2",
                               "--no-inner.flag", "--inner.weight", "3"])
     assert C.from_args(Outer, args) == Outer("R", 2, 0.5, "b", 7, (1, 2), Inner(False, 3.0))

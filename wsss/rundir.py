@@ -31,8 +31,10 @@ CHECKPOINT = "checkpoint_last.pt"  # a training stage's resumable state
 LOG = "log.jsonl"  # a training stage's loss log
 PROVENANCE = "provenance.json"
 ABLATION = "ablation.json"  # an ablation run's parameters (04_ablation)
-#: training stage -> the weights it leaves
+#: training stage -> the weights it leaves, its metrics, its config
 TRAINED = {"classifier": CLASSIFIER, "segmenter": SEGMENTER}
+METRICS = {"classifier": CLASSIFIER_METRICS, "segmenter": SEGMENTER_METRICS}
+CONFIGS = {"classifier": CLASSIFIER_CONFIG, "segmenter": SEGMENTER_CONFIG}
 
 
 def folder_config(folder: str | Path) -> str:

@@ -18,7 +18,6 @@ each process takes ``batch_size`` pairs per step (global batch N x batch_size).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -28,11 +27,10 @@ import torch
 
 from wsss import config as C
 from wsss import engine as E
-from wsss import provenance
 from wsss import rundir as R
-from wsss.files import write_json
 from wsss.losses import LossConfig, loss_terms
 from wsss.metrics import average_precision, mean_average_precision
+from wsss.stages import training
 
 log = logging.getLogger(__name__)
 
@@ -257,14 +255,7 @@ def make_step_fn(loss_cfg: LossConfig):
 def run(cfg: ClassifierConfig | dict) -> dict:
     """Train (or resume) the co-attention classifier; returns the final metrics
     (``val_map``, ``val_ap``, ``epochs``, ``steps``, ``seconds``, ``train_loss``, ...)."""
-    if isinstance(cfg, dict):
-        cfg = C.from_dict(ClassifierConfig, cfg)
-    t_start = time.perf_counter()
-    dist = E.init_distributed(cfg.device)
-    try:
-        return _run(cfg, dist, t_start)
-    finally:
-        E.cleanup_distributed(dist)
+    return training.run(C.from_dict(ClassifierConfig, cfg) if isinstance(cfg, dict) else cfg, _run)
 
 
 def stored_settings(cfg: dict) -> dict:
@@ -281,21 +272,9 @@ def stored_settings(cfg: dict) -> dict:
 
 
 def _run(cfg: ClassifierConfig, dist: E.DistInfo, t_start: float) -> dict:
-    run_dir = Path(cfg.run_dir)
-    done = E.finished_metrics(run_dir / R.CLASSIFIER, C.to_dict(cfg), normalise=stored_settings) \
-        if cfg.resume else None
-    if done is not None:
-        if dist.is_main:
-            log.info("classifier: %s is already trained with these settings; keeping it "
-                     "(pass resume=False to train again)", run_dir / R.CLASSIFIER)
+    if (done := training.finished(cfg, "classifier", dist, normalise=stored_settings)) is not None:
         return done
-    device = E.resolve_device(cfg.device, dist.local_rank)
-    channels_last = E.use_channels_last(device, cfg.channels_last)
-    cfg_dict = C.to_dict(cfg)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        C.save_yaml(cfg, run_dir / R.CLASSIFIER_CONFIG)
-        provenance.record(run_dir, "classifier", str(device))
+    device, channels_last = training.start(cfg, "classifier", dist)
 
     base, pairs, val = _datasets(cfg)
     E.seed_everything(cfg.seed)  # same initial weights on every rank
@@ -303,10 +282,7 @@ def _run(cfg: ClassifierConfig, dist: E.DistInfo, t_start: float) -> dict:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
-    spe = E.steps_per_epoch(len(pairs), cfg.batch_size, dist.world_size)
-    total = E.total_steps(cfg.epochs, spe, cfg.max_steps)
-    scheduler = E.build_scheduler(optimizer, schedule=cfg.schedule, total_steps=total, steps_per_epoch=spe,
-                                  step_epochs=cfg.step_epochs)
+    scheduler, spe, _ = training.schedule(cfg, optimizer, len(pairs), dist)
     ddp_model = E.wrap_ddp(model, device, dist, find_unused_parameters=False)  # losses touch every parameter
     if dist.is_main:
         log.info("classifier: %d %s pairs, %d val images, %d classes, %d steps/epoch x %d epochs on %s%s",
@@ -320,34 +296,19 @@ def _run(cfg: ClassifierConfig, dist: E.DistInfo, t_start: float) -> dict:
         def evaluate(plain_model, epoch):
             return evaluate_map(plain_model, val_loader, device, amp=cfg.amp, channels_last=channels_last)
 
-    history = E.fit(ddp_model, optimizer, scheduler, pairs, make_step_fn(cfg.loss), run_dir=run_dir, cfg=cfg_dict,
-                    epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=device, dist=dist,
-                    max_steps=cfg.max_steps, amp=cfg.amp, channels_last=channels_last, workers=cfg.workers,
-                    evaluate=evaluate, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, resume=cfg.resume,
-                    extra={"class_names": list(base.class_names)}, desc="classifier")
-    metrics = _final_metrics(history, base.class_names, time.perf_counter() - t_start)
-    if dist.is_main:
-        E.atomic_torch_save({"model": model.state_dict(), "cfg": cfg_dict, "class_names": list(base.class_names),
-                             "num_classes": base.num_classes, "metrics": metrics}, run_dir / R.CLASSIFIER)
-        write_json(run_dir / R.CLASSIFIER_METRICS, metrics)
-        log.info("classifier done: val mAP %s, %s", metrics.get("val_map"), run_dir / R.CLASSIFIER)
-    E.barrier()
-    return metrics
-
-
-def _final_metrics(history: list[dict], class_names, seconds: float) -> dict:
+    history = E.fit(ddp_model, optimizer, scheduler, pairs, make_step_fn(cfg.loss), run_dir=Path(cfg.run_dir),
+                    cfg=C.to_dict(cfg), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
+                    dist=dist, max_steps=cfg.max_steps, amp=cfg.amp, channels_last=channels_last,
+                    workers=cfg.workers, evaluate=evaluate, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+                    resume=cfg.resume, extra={"class_names": list(base.class_names)}, desc="classifier")
     last = history[-1] if history else {}
-    finished = [r for r in history if float(r["epoch"]).is_integer()]
-    return {
-        "val_map": last.get("val/map"),
-        "val_ap": dict(zip(class_names, last["val/ap"])) if "val/ap" in last else None,
-        "epochs": last.get("epoch", 0),
-        "steps": last.get("step", 0),
-        "train_loss": {k[len("loss/"):]: v for k, v in last.items() if k.startswith("loss/")},
-        "seconds_per_epoch": (float(np.mean([r["seconds"] for r in finished])) if finished else None),
-        "seconds": seconds,
-        "history": [{k: v for k, v in r.items() if k != "val/ap"} for r in history],
-    }
+    metrics = {"val_map": last.get("val/map"),
+               "val_ap": dict(zip(base.class_names, last["val/ap"])) if "val/ap" in last else None,
+               **training.summary(history, t_start, "val/ap")}
+    training.save(cfg, "classifier", dist, model, {"class_names": list(base.class_names),
+                                                   "num_classes": base.num_classes}, metrics,
+                  f"val mAP {metrics['val_map']}")
+    return metrics
 
 
 # =========================================================================== loading

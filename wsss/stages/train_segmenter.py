@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,13 +37,13 @@ from torch import nn
 
 from wsss import config as C
 from wsss import engine as E
-from wsss import provenance
 from wsss import rundir as R
 from wsss.data.voc import VOCDataset
-from wsss.files import check_current, write_json
+from wsss.files import check_current
 from wsss.metrics import ConfusionMatrix
 from wsss.models.backbones import load_weights
 from wsss.models.segmenter import build_segmenter, predict, segmentation_loss
+from wsss.stages import training
 
 log = logging.getLogger(__name__)
 
@@ -273,14 +272,7 @@ def evaluate_miou(model: nn.Module, loader, device: torch.device, num_classes: i
 def run(cfg: SegmenterConfig | dict) -> dict:
     """Train (or resume) the segmenter; returns the final metrics (``val_miou``, ``val_iou``,
     ``val_pixel_acc``, ``epochs``, ``steps``, ``train_loss``, ``seconds_per_epoch``, ``seconds``, ...)."""
-    if isinstance(cfg, dict):
-        cfg = C.from_dict(SegmenterConfig, cfg)
-    t_start = time.perf_counter()
-    dist = E.init_distributed(cfg.device)
-    try:
-        return _run(cfg, dist, t_start)
-    finally:
-        E.cleanup_distributed(dist)
+    return training.run(C.from_dict(SegmenterConfig, cfg) if isinstance(cfg, dict) else cfg, _run)
 
 
 def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
@@ -289,10 +281,7 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
     check_current(inputs, (run_dir / cfg.masks_dir).parent, f"the pseudo-masks in {run_dir / cfg.masks_dir}",
                   f"make the maps and pseudo-masks again (python -m wsss make-maps / pseudo-masks --data-root "
                   f"{cfg.data_root} --run-dir {run_dir} --overwrite), then train the segmenter")
-    if cfg.resume and (done := E.finished_metrics(run_dir / R.SEGMENTER, C.to_dict(cfg), inputs)) is not None:
-        if dist.is_main:
-            log.info("segmenter: %s is already trained with these settings on these masks; keeping it "
-                     "(pass resume=False to train again)", run_dir / R.SEGMENTER)
+    if (done := training.finished(cfg, "segmenter", dist, inputs)) is not None:
         return done
     resume = cfg.resume
     if resume and _state_inputs(run_dir) not in (None, inputs):
@@ -300,13 +289,7 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
             log.warning("segmenter: the pseudo-masks changed since %s was written (their settings.json differs); "
                         "training again from scratch", run_dir / R.SEGMENTER_STATE)
         resume = False
-    device = E.resolve_device(cfg.device, dist.local_rank)
-    channels_last = E.use_channels_last(device, cfg.channels_last)
-    cfg_dict = C.to_dict(cfg)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        C.save_yaml(cfg, run_dir / R.SEGMENTER_CONFIG)
-        provenance.record(run_dir, "segmenter", str(device))
+    device, channels_last = training.start(cfg, "segmenter", dist)
 
     if cfg.model.startswith("deeplabv3") and cfg.batch_size < 2:
         raise ValueError(f"model={cfg.model} needs batch_size >= 2 per process: the BatchNorm of its ASPP "
@@ -319,10 +302,7 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
-    spe = E.steps_per_epoch(len(train), cfg.batch_size, dist.world_size)
-    total = E.total_steps(cfg.epochs, spe, cfg.max_steps)
-    scheduler = E.build_scheduler(optimizer, schedule=cfg.schedule, total_steps=total, steps_per_epoch=spe,
-                                  step_epochs=cfg.step_epochs, power=cfg.poly_power)
+    scheduler, spe, total = training.schedule(cfg, optimizer, len(train), dist, power=cfg.poly_power)
     ddp_model = E.wrap_ddp(model, device, dist, find_unused_parameters=False)
     if dist.is_main:
         log.info("segmenter %s: %d %s images (masks %s), %d val images, %d classes + background, "
@@ -339,7 +319,7 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
             return evaluate_miou(plain_model, val_loader, device, train.num_classes, amp=cfg.amp,
                                  channels_last=channels_last)
 
-    history = E.fit(ddp_model, optimizer, scheduler, train, step_fn, run_dir=run_dir / R.SEGMENTER_STATE, cfg=cfg_dict,
+    history = E.fit(ddp_model, optimizer, scheduler, train, step_fn, run_dir=run_dir / R.SEGMENTER_STATE, cfg=C.to_dict(cfg),
                     epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=device, dist=dist,
                     max_steps=cfg.max_steps, amp=cfg.amp, channels_last=channels_last, workers=cfg.workers,
                     evaluate=evaluate, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, resume=resume,
@@ -348,30 +328,14 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
         log.warning("the training loss was exactly 0 in some epoch: every pixel of its masks is 255 (ignored), "
                     "so the segmenter learned nothing there; check the masks in %s (the pseudo-mask stage "
                     "reports num_all_ignored)", train.masks_dir)
-    metrics = _final_metrics(history, ["background", *train.class_names], time.perf_counter() - t_start)
-    if dist.is_main:
-        E.atomic_torch_save({"model": model.state_dict(), "cfg": cfg_dict, "class_names": list(train.class_names),
-                             "num_classes": train.num_classes, "metrics": metrics, "inputs": inputs}, run_dir / R.SEGMENTER)
-        write_json(run_dir / R.SEGMENTER_METRICS, metrics)
-        log.info("segmenter done: val mIoU %s, %s", metrics.get("val_miou"), run_dir / R.SEGMENTER)
-    E.barrier()
-    return metrics
-
-
-def _final_metrics(history: list[dict], names_with_bg: list[str], seconds: float) -> dict:
     last = history[-1] if history else {}
-    finished = [r for r in history if float(r["epoch"]).is_integer()]
-    return {
-        "val_miou": last.get("val/miou"),
-        "val_pixel_acc": last.get("val/pixel_acc"),
-        "val_iou": dict(zip(names_with_bg, last["val/iou"])) if "val/iou" in last else None,
-        "epochs": last.get("epoch", 0),
-        "steps": last.get("step", 0),
-        "train_loss": {k[len("loss/"):]: v for k, v in last.items() if k.startswith("loss/")},
-        "seconds_per_epoch": float(np.mean([r["seconds"] for r in finished])) if finished else None,
-        "seconds": seconds,
-        "history": [{k: v for k, v in r.items() if k != "val/iou"} for r in history],
-    }
+    metrics = {"val_miou": last.get("val/miou"), "val_pixel_acc": last.get("val/pixel_acc"),
+               "val_iou": dict(zip(["background", *train.class_names], last["val/iou"])) if "val/iou" in last else None,
+               **training.summary(history, t_start, "val/iou")}
+    training.save(cfg, "segmenter", dist, model, {"class_names": list(train.class_names),
+                                                  "num_classes": train.num_classes, "inputs": inputs}, metrics,
+                  f"val mIoU {metrics['val_miou']}")
+    return metrics
 
 
 # =========================================================================== loading

@@ -1,0 +1,100 @@
+"""The steps both training stages share, so that each reads top to bottom as
+"finished already? -> start -> data -> model -> schedule -> fit -> summary -> save":
+
+    def _run(cfg, dist, t_start):
+        if (done := training.finished(cfg, "classifier", dist)) is not None:
+            return done
+        device, channels_last = training.start(cfg, "classifier", dist)
+        ...data, model, optimizer (the stage's own)...
+        scheduler, spe, total = training.schedule(cfg, optimizer, len(train), dist)
+        history = E.fit(...)
+        metrics = {...its own numbers..., **training.summary(history, t_start, "val/ap")}
+        training.save(cfg, "classifier", dist, model, {...}, metrics, "val mAP ...")
+
+The loop itself (resume, checkpoints, DDP) is ``wsss.engine.fit``; where the files go is
+``wsss.rundir``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from wsss import config as C
+from wsss import engine as E
+from wsss import provenance
+from wsss import rundir as R
+from wsss.files import write_json
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg, body) -> dict:
+    """``body(cfg, dist, t_start)`` inside the process group of a (possibly) distributed run."""
+    t_start = time.perf_counter()
+    dist = E.init_distributed(cfg.device)
+    try:
+        return body(cfg, dist, t_start)
+    finally:
+        E.cleanup_distributed(dist)
+
+
+def finished(cfg, stage: str, dist: E.DistInfo, inputs=None, normalise=None) -> dict | None:
+    """The stored metrics when RUN's weights were trained with the same settings (and
+    ``inputs``) and ``cfg.resume`` is on: then the stage keeps them and does nothing."""
+    path = Path(cfg.run_dir) / R.TRAINED[stage]
+    done = E.finished_metrics(path, C.to_dict(cfg), inputs, normalise) if cfg.resume else None
+    if done is not None and dist.is_main:
+        log.info("%s: %s is already trained with these settings%s; keeping it (pass resume=False to train again)",
+                 stage, path, " on these inputs" if inputs is not None else "")
+    return done
+
+
+def start(cfg, stage: str, dist: E.DistInfo):
+    """(device, channels_last); the main process creates RUN and records the config and provenance."""
+    device = E.resolve_device(cfg.device, dist.local_rank)
+    if dist.is_main:
+        run_dir = Path(cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        C.save_yaml(cfg, run_dir / R.CONFIGS[stage])
+        provenance.record(run_dir, stage, str(device))
+    return device, E.use_channels_last(device, cfg.channels_last)
+
+
+def schedule(cfg, optimizer, num_items: int, dist: E.DistInfo, **kwargs):
+    """(scheduler, steps per epoch, total steps) of ``cfg.schedule`` over ``cfg.epochs`` (or ``cfg.max_steps``)."""
+    spe = E.steps_per_epoch(num_items, cfg.batch_size, dist.world_size)
+    total = E.total_steps(cfg.epochs, spe, cfg.max_steps)
+    scheduler = E.build_scheduler(optimizer, schedule=cfg.schedule, total_steps=total, steps_per_epoch=spe,
+                                  step_epochs=cfg.step_epochs, **kwargs)
+    return scheduler, spe, total
+
+
+def summary(history: list[dict], t_start: float, per_class: str) -> dict:
+    """What every training stage reports: epochs, steps, the last losses, time, and the
+    history without its per-class list ``per_class`` (kept in the stage's own keys)."""
+    last = history[-1] if history else {}
+    finished_epochs = [r for r in history if float(r["epoch"]).is_integer()]
+    return {
+        "epochs": last.get("epoch", 0),
+        "steps": last.get("step", 0),
+        "train_loss": {k[len("loss/"):]: v for k, v in last.items() if k.startswith("loss/")},
+        "seconds_per_epoch": float(np.mean([r["seconds"] for r in finished_epochs])) if finished_epochs else None,
+        "seconds": time.perf_counter() - t_start,
+        "history": [{k: v for k, v in r.items() if k != per_class} for r in history],
+    }
+
+
+def save(cfg, stage: str, dist: E.DistInfo, model, record: dict, metrics: dict, headline: str) -> None:
+    """RUN's weights (``record`` plus the model, its config and metrics) and metrics file,
+    written by the main process; every process waits for them."""
+    if dist.is_main:
+        run_dir = Path(cfg.run_dir)
+        E.atomic_torch_save({"model": model.state_dict(), "cfg": C.to_dict(cfg), **record, "metrics": metrics},
+                            run_dir / R.TRAINED[stage])
+        write_json(run_dir / R.METRICS[stage], metrics)
+        log.info("%s done: %s, %s", stage, headline, run_dir / R.TRAINED[stage])
+    E.barrier()
