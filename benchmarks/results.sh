@@ -39,9 +39,9 @@ for section in $SECTIONS; do
         done ;;
     figures)
         $PY benchmarks/localisation_grid.py --figure figures/results_settings.png --images 6 \
-            --column "CAM, setting 1=basic/cam" --column "ours all, setting 1=ours/all" \
             --column "CAM, setting 2=s2_basic/cam" --column "ours all, setting 2=s2_ours/all" \
-            --column "CAM, setting 3=s3_basic/cam" --column "ours all, setting 3=s3_ours/all"
+            --column "CAM, setting 3=s3_basic/cam" --column "ours all, setting 3=s3_ours/all" \
+            --column "CAM, 3 at noise 0.6=s3n06_basic/cam" --column "ours all, 3 at noise 0.6=s3n06_ours/all"
         $PY benchmarks/results_report.py ;;  # the tables of sections 5-6, figures/results_*.png
     *) echo "unknown section $section: choose from ablation inference segmentation settings knobs figures" >&2
        exit 2 ;;
