@@ -324,7 +324,6 @@ def load_classifier(run_dir_or_path: str | Path, device: str | torch.device = "c
     """The trained CoAttentionClassifier of a run (eval mode, on ``device``), with
     ``.class_names`` and ``.train_config`` (ClassifierConfig) attached. ``coatt_impl``
     overrides the co-attention implementation (e.g. "explicit" to look at attention)."""
-    from wsss.models.backbones import load_weights
 
     path = R.trained(run_dir_or_path, "classifier")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -333,9 +332,4 @@ def load_classifier(run_dir_or_path: str | Path, device: str | torch.device = "c
     if coatt_impl is not None:
         cfg.coatt_impl = coatt_impl
     model = build_model(cfg, int(ckpt["num_classes"]))
-    load_weights(model, ckpt["model"], path, f"classifier its config describes ({cfg.backbone})")
-    device = E.resolve_device(device) if isinstance(device, str) else device
-    model.to(device).eval()
-    model.class_names = list(ckpt["class_names"])
-    model.train_config = cfg
-    return model
+    return training.load_trained(model, ckpt, path, f"classifier its config describes ({cfg.backbone})", cfg, device)

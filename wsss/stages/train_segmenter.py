@@ -41,7 +41,6 @@ from wsss import rundir as R
 from wsss.data.voc import VOCDataset
 from wsss.files import check_current
 from wsss.metrics import ConfusionMatrix
-from wsss.models.backbones import load_weights
 from wsss.models.segmenter import build_segmenter, predict, segmentation_loss
 from wsss.stages import training
 
@@ -153,9 +152,9 @@ class PseudoMaskDataset(VOCDataset):
         super().__init__(root, split, transforms=transforms, with_mask=False)
         self.masks_dir = Path(masks_dir)
         self.with_mask = True  # VOCDataset.__getitem__ then reads self.mask_path(name)
-        R.require_files(self.masks_dir, self.names, ".png", "training mask", f"run the pseudo-mask stage for split {split} "
-                            "first (python -m wsss pseudo-masks ..., or wsss.stages.pseudo_masks.run), or point "
-                            "masks_dir at a folder of NAME.png masks")
+        R.require_files(self.masks_dir, self.names, ".png", "training mask",
+                        f"run the pseudo-mask stage for split {split} first (python -m wsss pseudo-masks ..., "
+                        "or wsss.stages.pseudo_masks.run), or point masks_dir at a folder of NAME.png masks")
 
     def mask_path(self, name: str) -> Path:
         return self.masks_dir / f"{name}.png"
@@ -319,8 +318,8 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
             return evaluate_miou(plain_model, val_loader, device, train.num_classes, amp=cfg.amp,
                                  channels_last=channels_last)
 
-    history = E.fit(ddp_model, optimizer, scheduler, train, step_fn, run_dir=run_dir / R.SEGMENTER_STATE, cfg=C.to_dict(cfg),
-                    epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=device, dist=dist,
+    history = E.fit(ddp_model, optimizer, scheduler, train, step_fn, run_dir=run_dir / R.SEGMENTER_STATE,
+                    cfg=C.to_dict(cfg), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=device, dist=dist,
                     max_steps=cfg.max_steps, amp=cfg.amp, channels_last=channels_last, workers=cfg.workers,
                     evaluate=evaluate, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, resume=resume,
                     extra={"class_names": list(train.class_names), "inputs": inputs}, desc="segmenter")
@@ -349,9 +348,4 @@ def load_segmenter(run_dir_or_path: str | Path, device: str | torch.device = "cp
     cfg = C.from_dict(SegmenterConfig, ckpt["cfg"])
     cfg.pretrained_backbone = None  # the weights below replace the backbone's initialisation
     model = build_model(cfg, int(ckpt["num_classes"]))
-    load_weights(model, ckpt["model"], path, f"segmenter its config describes ({cfg.model})")
-    device = E.resolve_device(device) if isinstance(device, str) else device
-    model.to(device).eval()
-    model.class_names = list(ckpt["class_names"])
-    model.train_config = cfg
-    return model
+    return training.load_trained(model, ckpt, path, f"segmenter its config describes ({cfg.model})", cfg, device)

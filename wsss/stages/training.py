@@ -28,6 +28,7 @@ from wsss import engine as E
 from wsss import provenance
 from wsss import rundir as R
 from wsss.files import write_json
+from wsss.models.backbones import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -98,3 +99,15 @@ def save(cfg, stage: str, dist: E.DistInfo, model, record: dict, metrics: dict, 
         write_json(run_dir / R.METRICS[stage], metrics)
         log.info("%s done: %s, %s", stage, headline, run_dir / R.TRAINED[stage])
     E.barrier()
+
+
+def load_trained(model, ckpt: dict, path, what: str, cfg, device):
+    """``model`` with the weights of ``ckpt`` (read from ``path``; ``what`` names the
+    architecture in a mismatch message), in eval mode on ``device``, with ``.class_names``
+    and ``.train_config`` attached."""
+    load_weights(model, ckpt["model"], path, what)
+    device = E.resolve_device(device) if isinstance(device, str) else device
+    model.to(device).eval()
+    model.class_names = list(ckpt["class_names"])
+    model.train_config = cfg
+    return model
