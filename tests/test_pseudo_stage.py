@@ -17,6 +17,8 @@ from PIL import Image
 
 from wsss import config as C
 from wsss import rundir as R
+from wsss.crf import CRFParams
+from wsss.pseudo import PseudoMaskParams
 from wsss.stages import pseudo_masks as P
 from wsss.stages.make_maps import save_maps
 
@@ -239,9 +241,12 @@ def test_changed_settings_are_refused_unless_overwriting(tree):
 
 def test_every_field_is_read_and_flags_parse():
     source = inspect.getsource(P)
+    rules = {f.name for f in fields(PseudoMaskParams)}  # read together by mask_params()
     unread = [f.name for f in fields(P.PseudoConfig)
-              if f"cfg.{f.name}" not in source and f"self.{f.name}" not in source]
+              if f.name not in rules and f"cfg.{f.name}" not in source and f"self.{f.name}" not in source]
     assert not unread, f"PseudoConfig fields never read by the stage: {unread}"
+    cfg = C.from_dict(P.PseudoConfig, {"data_root": "d", "run_dir": "r", "alpha": 0.5, "conflict": 0.9, "crf.iters": 2})
+    assert cfg.mask_params() == PseudoMaskParams(alpha=0.5, conflict=0.9, crf=CRFParams(iters=2))
     parser = C.command_line(argparse.ArgumentParser(), P.PseudoConfig, P.HELP)
     args = parser.parse_args(["--data-root", "D", "--run-dir", "R", "--no-use-crf", "--crf.iters", "3",
                               "--bg-mode", "threshold", "--limit", "5", "--no-crf-scale"])

@@ -38,7 +38,7 @@ import os
 import re
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -50,7 +50,6 @@ from wsss import config as C
 from wsss import provenance
 from wsss import rundir as R
 from wsss.classes import IGNORE_INDEX
-from wsss.crf import CRFParams
 from wsss.data.voc import IMAGE_DIR, DatasetError, VOCDataset, load_image, load_mask, save_mask
 from wsss.files import check_current, check_settings, write_json
 from wsss.progress import progress
@@ -67,13 +66,14 @@ _TMP_PATTERN = re.compile(r"^\..+\.png\.(\d+)\.tmp$")
 
 # =========================================================================== config
 
-@dataclass
-class PseudoConfig:
+@dataclass(kw_only=True)
+class PseudoConfig(PseudoMaskParams):
     """Settings of the pseudo-mask stage (METHOD.md section 3).
 
     ``maps_dir`` / ``out_dir``: folders inside ``run_dir`` (or absolute paths).
     The rule parameters (``bg_mode`` ... ``min_fg_fraction``, ``use_crf``, ``crf``) are
-    those of :class:`wsss.pseudo.PseudoMaskParams`; see :mod:`wsss.pseudo` for the rules.
+    inherited from :class:`wsss.pseudo.PseudoMaskParams` (one definition, one set of
+    defaults); see :mod:`wsss.pseudo` for the rules.
     ``limit``: only the first ``limit`` images of the split (a quick look).
     """
 
@@ -83,16 +83,8 @@ class PseudoConfig:
     maps_dir: str = R.MAPS
     out_dir: str = R.PSEUDO
     saliency_dir: str | None = None
-    # rules (wsss.pseudo.PseudoMaskParams)
+    # the rules: the fields of wsss.pseudo.PseudoMaskParams (inherited); bg_mode narrowed for the CLI
     bg_mode: Literal["power", "threshold", "saliency"] = "power"
-    alpha: float = 4.0
-    bg_threshold: float = 0.2
-    saliency_threshold: float = 0.5
-    score_floor: float = 0.3
-    conflict: float = 0.99
-    min_fg_fraction: float = 0.01
-    use_crf: bool = True
-    crf: CRFParams = field(default_factory=CRFParams)
     crf_scale: bool = True
     # machinery
     workers: int = 2
@@ -101,10 +93,7 @@ class PseudoConfig:
 
     def mask_params(self) -> PseudoMaskParams:
         """The rule parameters as :class:`wsss.pseudo.PseudoMaskParams` (checks ``bg_mode``)."""
-        return PseudoMaskParams(bg_mode=self.bg_mode, alpha=self.alpha, bg_threshold=self.bg_threshold,
-                                saliency_threshold=self.saliency_threshold, score_floor=self.score_floor,
-                                conflict=self.conflict, min_fg_fraction=self.min_fg_fraction,
-                                use_crf=self.use_crf, crf=CRFParams(**asdict(self.crf)))
+        return PseudoMaskParams(**{f.name: getattr(self, f.name) for f in fields(PseudoMaskParams)})
 
 
 HELP = {
