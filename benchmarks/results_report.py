@@ -1,7 +1,9 @@
 """Tables and figures of docs/results.md sections 5 and 6 from the grid's rows.
 
-Reads runs/localisation/rows.jsonl (benchmarks/results.sh writes it), prints one markdown
-table per question (mean ± std over seeds, the seed count when it is not 3), draws
+Reads runs/localisation/rows.jsonl (benchmarks/results.sh writes it), writes one markdown
+table per question (mean ± std over seeds, the seed count when it is not 3) into
+docs/results.md between its ``<!-- results_report: NAME -->`` and ``<!-- /results_report -->``
+lines (and prints them), draws
 figures/results_maps_miou.png and figures/results_pseudo_miou.png (bars = mean, error bars
 = std, dots = seeds) and copies the rows it used to docs/data/results_rows.jsonl, so the
 per-seed values behind the tables are kept with them.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +64,8 @@ def table(df: pd.DataFrame, conditions: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for c in conditions:
         d = df[df["condition"] == c]
+        if d.empty:
+            continue
         by = lambda m: d[d["maps"] == m]  # noqa: E731
         cells = [cell(by("basic CAM")["val_map"], 1, 3), cell(by("ours: own CAM")["val_map"], 1, 3),
                  *[cell(by(m)["maps_miou"]) for m in MAPS.values()],
@@ -75,8 +80,14 @@ def main(argv=None) -> None:
     parser.add_argument("--figures", default=str(REPO_ROOT / "figures"))
     args = parser.parse_args(argv)
     df = load(Path(args.rows))
-    print("## Settings (METHOD.md sec. 5)\n\n" + table(df, SETTINGS_ROWS))
-    print("\n## Realism knobs\n\n" + table(df, KNOB_ROWS))
+    tables = {"settings": table(df, SETTINGS_ROWS), "knobs": table(df, KNOB_ROWS)}
+    doc = REPO_ROOT / "docs" / "results.md"
+    text = doc.read_text()
+    for name, markdown in tables.items():
+        print(f"{name}:\n{markdown}\n")
+        text = re.sub(rf"(<!-- results_report: {name} -->\n).*?(<!-- /results_report -->)",
+                      lambda m: m.group(1) + markdown + "\n" + m.group(2), text, flags=re.S)
+    doc.write_text(text)
     kept = REPO_ROOT / "docs" / "data" / "results_rows.jsonl"
     kept.parent.mkdir(exist_ok=True)
     kept.write_text("".join(json.dumps(r) + "\n" for r in df.drop(columns=["condition", "arm", "maps"])
