@@ -651,6 +651,8 @@ def run_specs(
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from wsss.progress import progress
+
     results: dict[int, dict[str, Any]] = {}
     index = {id(s): i for i, s in enumerate(specs)}
     failed = 0
@@ -666,8 +668,8 @@ def run_specs(
         bar.set_postfix(failed=failed)
         bar.update()
 
-    # log lines go above the progress bar instead of through it
-    with logging_redirect_tqdm(tqdm_class=tqdm), tqdm(total=len(specs), desc="notebooks", unit="run") as bar:
+    # log lines go above the progress bar instead of through it; no bar when stderr is a log (wsss.progress)
+    with logging_redirect_tqdm(tqdm_class=tqdm), progress(total=len(specs), desc="notebooks", unit="run") as bar:
         for stage in sorted({s.stage for s in specs}):
             todo = [s for s in specs if s.stage == stage]
             if failed:  # a sequence stops at the first failing stage
