@@ -12,6 +12,7 @@ from dataclasses import fields, replace
 import numpy as np
 import pytest
 import torch
+from ddp_local import launch_local
 
 from wsss import config as C
 from wsss import engine as E
@@ -207,7 +208,7 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(bench, tmp
     the tiny backbone normalises per sample (GroupNorm) and the warm-up keeps the
     per-nonempty-sample contrastive mean out of the loss, so the runs agree."""
     single = tiny_cfg(bench, tmp_path / "single", epochs=1)
-    E.launch_local(T.run, 2, replace(single, run_dir=str(tmp_path / "ddp"), batch_size=2))
+    launch_local(T.run, 2, replace(single, run_dir=str(tmp_path / "ddp"), batch_size=2))
     T.run(single)
     one, two = E.read_log(tmp_path / "single"), E.read_log(tmp_path / "ddp")
     assert len(one) == len(two) == 1 and one[0]["step"] == two[0]["step"] == 2

@@ -14,6 +14,7 @@ from dataclasses import fields
 import numpy as np
 import pytest
 import torch
+from ddp_local import launch_local
 from torch import nn
 from torchvision import tv_tensors
 
@@ -193,7 +194,7 @@ def test_ddp_evaluation_covers_the_split_once(finished_run, bench, tmp_path):
     from wsss.data.voc import VOCDataset
 
     cfg = tiny_cfg(bench, tmp_path, epochs=1, batch_size=2)
-    E.launch_local(T.run, 2, cfg)
+    launch_local(T.run, 2, cfg)
     log = E.read_log(state_dir(tmp_path))
     assert len(log) == 1 and log[0]["step"] == 2 and np.isfinite(log[0]["loss/total"])
     model = T.load_segmenter(tmp_path, "cpu")

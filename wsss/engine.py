@@ -229,34 +229,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now (for MASTER_PORT)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _local_worker(rank: int, world_size: int, port: int, threads: int, fn, args) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if threads:
-        torch.set_num_threads(threads)
-    fn(*args)
-
-
-def launch_local(fn, world_size: int, *args, threads: int = 1) -> None:
-    """Run ``fn(*args)`` in ``world_size`` spawned processes on this machine, with the
-    environment torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1, a
-    free MASTER_PORT), so that ``init_distributed`` inside ``fn`` joins them (gloo on CPU).
-    For tests and CPU demos; on GPU machines use torchrun. ``fn`` must be importable
-    (a module-level function) and ``args`` picklable."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_local_worker, args=(world_size, free_port(), threads, fn, args), nprocs=world_size, join=True)
-
-
 # =========================================================================== data loading
 
 def steps_per_epoch(num_items: int, batch_size: int, world_size: int = 1) -> int:
