@@ -358,9 +358,10 @@ def test_run_writes_maps_then_skips_them(stage, caplog):
 
 
 def test_command_line_flags():
-    parser = mm.add_arguments(argparse.ArgumentParser())
-    cfg = mm.from_args(parser.parse_args(["--data-root", "D", "--run-dir", "R", "--combine", "cam", "self",
-                                          "--scales", "1.0", "0.5", "--image-size", "none", "--no-amp"]), parser)
+    parser = C.command_line(argparse.ArgumentParser(), mm.MapsConfig, mm.HELP)
+    args = parser.parse_args(["--data-root", "D", "--run-dir", "R", "--combine", "cam", "self",
+                              "--scales", "1.0", "0.5", "--image-size", "none", "--no-amp"])
+    cfg = C.from_args(mm.MapsConfig, args, parser=parser)
     assert (cfg.combine, cfg.scales, cfg.image_size, cfg.amp) == (("cam", "self"), (1.0, 0.5), None, False)
 
 
