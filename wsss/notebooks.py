@@ -96,9 +96,7 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
-import papermill
 import yaml
-from nbstripout import strip_output
 
 from wsss.files import write_text
 
@@ -177,6 +175,8 @@ def notebook_parameters(path: str | Path) -> dict[str, Any]:
             f"notebook {path} has no cell tagged '{PARAMETERS_TAG}'; tag the cell of UPPER_CASE "
             "assignments (JupyterLab: property inspector > Cell tags) so papermill can inject values"
         )
+    import papermill  # ~2 s to import: only where it is used, as in _execute
+
     return {name: _literal(p["default"]) for name, p in papermill.inspect_notebook(str(path)).items()}
 
 
@@ -189,6 +189,8 @@ def _stripped(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """A copy without outputs, execution counts, papermill's cells or run metadata (nbstripout).
     Tagged cells are dropped here: nbstripout 0.9's ``drop_tagged_cells`` binds its tag test
     late and so only honours the last of several tags."""
+    from nbstripout import strip_output  # ~1 s to import
+
     nb = nbformat.from_dict(nb)
     nb.cells = [c for c in nb.cells if not set(RUN_CELL_TAGS) & set(c.get("metadata", {}).get("tags", []))]
     return strip_output(nb, keep_output=False, keep_count=False, keep_id=True, extra_keys=RUN_METADATA)
