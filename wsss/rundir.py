@@ -42,18 +42,18 @@ def folder_config(folder: str | Path) -> str:
     return f"config_{Path(folder).name}.yaml"
 
 
-#: training stage -> (its weights, its resumable checkpoint, the command that makes them)
-_TRAINING = {"classifier": (CLASSIFIER, CHECKPOINT, "train-classifier"),
-             "segmenter": (SEGMENTER, f"{SEGMENTER_STATE}/{CHECKPOINT}", "train-segmenter")}
+#: training stage -> (its resumable checkpoint, the command that trains it); its weights: TRAINED
+_TRAINING = {"classifier": (CHECKPOINT, "train-classifier"),
+             "segmenter": (f"{SEGMENTER_STATE}/{CHECKPOINT}", "train-segmenter")}
 
 
 def trained(run_dir_or_path: str | Path, stage: str) -> Path:
     """RUN/classifier.pt or RUN/segmenter.pt (``stage``) for a run directory, or the file itself;
     FileNotFoundError saying how to make it (resume an unfinished training, or train) when missing."""
-    weights, checkpoint, command = _TRAINING[stage]
+    checkpoint, command = _TRAINING[stage]
     p = Path(run_dir_or_path)
     if p.is_dir():
-        p = p / weights
+        p = p / TRAINED[stage]
     if not p.is_file():
         state = p.parent / checkpoint
         hint = (f"training did not finish: rerun the same {command} command to resume from {state}" if state.is_file()
