@@ -13,6 +13,11 @@ BASIC="loss.coatt=false,loss.contrastive=false"
 OURS_VARIANTS="--variant cam:combine=cam --variant coatt:combine=coatt --variant all:combine=all"
 SECTIONS=${*:-ablation inference segmentation settings knobs figures}
 
+pair() {  # NAME SCENE OVERRIDES: the basic CAM and the full method, trained with OVERRIDES on the SCENE benchmark
+    $GRID --scene "$2" --setting "$1_basic:$BASIC${3:+,$3}" --variant cam:combine=cam
+    $GRID --scene "$2" --setting "$1_ours:$3" $OURS_VARIANTS
+}
+
 for section in $SECTIONS; do
     echo "== $section ($(date -u +%H:%M:%S))"
     case $section in
@@ -26,17 +31,12 @@ for section in $SECTIONS; do
     segmentation)
         $PY benchmarks/segmentation_grid.py --seeds 0 1 2 --run basic/cam:combine=cam --run ours/all:combine=all ;;
     settings)  # METHOD.md sec. 5: 2 = train + single-label images, 3 = train + noisy web images
-        for s in "s2:split=[train,train_single]" "s3:split=[train,train_web]"; do
-            $GRID --setting "${s%%:*}_basic:$BASIC,${s#*:}" --variant cam:combine=cam
-            $GRID --setting "${s%%:*}_ours:${s#*:}" $OURS_VARIANTS
-        done
-        $GRID --scene noise_rate=0.6 --setting "s3n06_basic:$BASIC,split=[train,train_web]" --variant cam:combine=cam
-        $GRID --scene noise_rate=0.6 --setting "s3n06_ours:split=[train,train_web]" $OURS_VARIANTS ;;
+        pair s2 "" "split=[train,train_single]"
+        pair s3 "" "split=[train,train_web]"
+        pair s3n06 noise_rate=0.6 "split=[train,train_web]" ;;
     knobs)  # the benchmark's realism knobs (data/README.md): class-following bodies, no context bands
-        for k in bc1:body_class=1 ctx0:context_p=0; do
-            $GRID --scene "${k#*:}" --setting "${k%%:*}_basic:$BASIC" --variant cam:combine=cam
-            $GRID --scene "${k#*:}" --setting "${k%%:*}_ours:" $OURS_VARIANTS
-        done ;;
+        pair bc1 body_class=1 ""
+        pair ctx0 context_p=0 "" ;;
     figures)
         $PY benchmarks/localisation_grid.py --figure figures/results_settings.png --images 6 \
             --column "CAM, setting 2=s2_basic/cam" --column "ours all, setting 2=s2_ours/all" \
