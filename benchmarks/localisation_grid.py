@@ -5,8 +5,9 @@ and seed, the classifier is trained once (runs/localisation/SETTING_sSEED, an or
 directory: finished work is kept, interrupted work resumes); every inference variant then
 writes its own maps folder (maps_VARIANT, first --limit training images; the demo's maps
 settings plus the variant's own, whatever the classifier's recipe), its pseudo-masks
-(pseudo_VARIANT, the demo's power rule + CRF) and is scored: map mIoU at the best background
-threshold, pseudo-mask mIoU, and the diagnostics of ``wsss.diagnostics`` over --pairs pairs.
+(pseudo_VARIANT, the demo's power rule + CRF; pseudo_VARIANT_nocrf without it) and is scored:
+map mIoU at the best background threshold and over the whole threshold sweep, pseudo-mask mIoU
+with and without the CRF, and the diagnostics of ``wsss.diagnostics`` over --pairs pairs.
 Rows go to runs/localisation/rows.jsonl (a row already there is not recomputed) and the
 mean ± std table over seeds to runs/localisation/table.md.
 
@@ -88,6 +89,9 @@ def main(argv=None) -> None:
                 pseudo_masks.run(pseudo_cfg)
                 pseudo_res = evaluate.evaluate_masks(data_root, "train", run_dir / f"pseudo_{variant}",
                                                      allow_missing=True)
+                pseudo_masks.run({**pseudo_cfg, "out_dir": f"pseudo_{variant}_nocrf", "use_crf": False})
+                nocrf_res = evaluate.evaluate_masks(data_root, "train", run_dir / f"pseudo_{variant}_nocrf",
+                                                    allow_missing=True)
                 names = VOCDataset(data_root, "train", with_mask=False).names[:args.limit]
                 cover = {f"{k}@0.5": v[0] for k, v in D.maps_part_coverage(
                     data_root, run_dir / f"maps_{variant}", names).items() if k != "threshold"}
@@ -98,11 +102,13 @@ def main(argv=None) -> None:
                                      parts=D.part_reader(data_root))
                 row = {"setting": setting, "variant": variant, "seed": seed, "scene": args.scene,
                        "val_map": info["val_map"], "maps_miou": maps_res["miou"], "maps_threshold": maps_res["best_threshold"],
-                       "pseudo_miou": pseudo_res["miou"], **cover, **diag}
+                       "maps_sweep": [p["miou"] for p in maps_res["sweep"]],
+                       "pseudo_miou": pseudo_res["miou"], "pseudo_ignored": pseudo_res["num_ignored_images"],
+                       "pseudo_nocrf_miou": nocrf_res["miou"], **cover, **diag}
                 with rows_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(json.dumps({k: row[k] for k in ("setting", "variant", "seed", "val_map", "maps_miou",
-                                                       "maps_threshold", "pseudo_miou")}), flush=True)
+                                                       "maps_threshold", "pseudo_miou", "pseudo_nocrf_miou")}), flush=True)
     write_table(rows_path, root / "table.md")
 
 
@@ -130,7 +136,7 @@ def draw(root: Path, args) -> None:
                     "benchmarks/localisation_grid.py --figure (from runs/localisation)")
 
 
-COLUMNS = ("val_map", "maps_miou", "pseudo_miou", "part_recall@0.5", "body_recall@0.5", "object_share@0.5", "context_share@0.5", "att/obj->obj", "att/obj_area_n", "att/bg->bg",
+COLUMNS = ("val_map", "maps_miou", "pseudo_miou", "pseudo_nocrf_miou", "part_recall@0.5", "body_recall@0.5", "object_share@0.5", "context_share@0.5", "att/obj->obj", "att/obj_area_n", "att/bg->bg",
            "cam/object", "cam/band", "coatt/object", "coatt/band", "coatt/context")
 
 
