@@ -57,8 +57,9 @@ def main(argv=None) -> None:
             seg = {**C.to_dict(stages["segmenter"]), "run_dir": str(seg_dir), "masks_dir": str(run_dir / pseudo_dir)}
             train_segmenter.run(seg)
             res = evaluate.run({**C.to_dict(stages["evaluate"]), "run_dir": str(seg_dir), "parts": ["segmenter"]})
-            row = {"setting": setting, "variant": variant, "seed": seed,
-                   "pseudo_miou": evaluate.evaluate_masks(data_root, "train", run_dir / pseudo_dir)["miou"],
+            masks = evaluate.evaluate_masks(data_root, "train", run_dir / pseudo_dir)
+            row = {"setting": setting, "variant": variant, "seed": seed, "pseudo_miou": masks["miou"],
+                   "pseudo_ignored": masks["num_ignored_images"],
                    "seg_miou": res["segmenter"]["miou"], "seg_miou_crf": res["segmenter"].get("miou_crf")}
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
