@@ -1,14 +1,15 @@
-"""Tables and figures of docs/results.md sections 5 and 6 from the grid's rows.
+"""Tables and figures of docs/results.md from the grids' rows.
 
-Reads runs/localisation/rows.jsonl (benchmarks/results.sh writes it), writes one markdown
-table per question (mean ± std over seeds, the seed count when it is not 3) into
-docs/results.md between its ``<!-- results_report: NAME -->`` and ``<!-- /results_report -->``
-lines (and prints them), draws
-figures/results_maps_miou.png and figures/results_pseudo_miou.png (bars = mean, error bars
-= std, dots = seeds) and copies the rows it used to docs/data/results_rows.jsonl, so the
-per-seed values behind the tables are kept with them.
+Adds the rows of runs/localisation/rows.jsonl and segmentation.jsonl (benchmarks/results.sh
+writes them) to the per-seed rows kept in the repo, docs/data/results_rows.jsonl and
+results_segmentation.jsonl (a new row replaces a kept one of the same setting, variant, seed
+and scene), writes one markdown table per question (mean ± std over seeds, the seed count
+when it is not 3) into docs/results.md between its ``<!-- results_report: NAME -->`` and
+``<!-- /results_report -->`` lines (and prints them), and draws figures/results_threshold_sweep.png
+(section 1's maps over the background thresholds), figures/results_maps_miou.png and
+figures/results_pseudo_miou.png (bars = mean, error bars = std, dots = seeds).
 
-    python benchmarks/results_report.py [--rows runs/localisation/rows.jsonl]
+    python benchmarks/results_report.py [--root runs/localisation]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pandas as pd
 
 from wsss import viz
 from wsss.paths import REPO_ROOT, runs_dir
+from wsss.stages.evaluate import DEFAULT_THRESHOLDS as THRESHOLDS
 
 # setting name prefix -> the condition it measures (METHOD.md sec. 5; data/README.md's knobs)
 CONDITIONS = {
@@ -35,75 +37,166 @@ CONDITIONS = {
 }
 SETTINGS_ROWS = list(CONDITIONS.values())[:4]
 KNOB_ROWS = [CONDITIONS[""], *list(CONDITIONS.values())[4:]]
-# (arm, variant) -> column
+# (arm, variant) -> column of the settings and knobs tables
 MAPS = {("basic", "cam"): "basic CAM", ("ours", "cam"): "ours: own CAM", ("ours", "coatt"): "ours: co-att (k = 3)",
         ("ours", "all"): "ours: CAM + co-att + self"}
+# the training ablation (section 1): classifier setting of results.sh -> row label
+ABLATION = {"basic": "basic only (plain CAM)", "coatt_nocon": "+ co-attention",
+            "ours": "+ contrastive (`ours`)", "selfpairs": "+ self-pairs (`self_weighting: mean`)"}
+# the inference ablation (section 2): maps variant of the `ours` classifier -> row label
+INFERENCE = {"cam": "single-image CAM", "coatt_k1": "co-attention, k = 1", "coatt": "co-attention, k = 3",
+             "coatt_k5": "co-attention, k = 5", "self": "self-pairs only", "all_k1": "CAM + co-att + self, k = 1",
+             "all": "CAM + co-att + self, k = 3", "all_k5": "CAM + co-att + self, k = 5",
+             "reference": "the reference's five-map aggregate"}
+SEGMENTATION = {("basic", "cam"): "the basic classifier's CAM", ("ours", "all"): "`ours`, CAM + co-att + self"}
 
 
 def load(rows_path: Path) -> pd.DataFrame:
+    """Every row of the grid, with its condition, arm and settings-table column where it has them."""
     rows = []
     for r in map(json.loads, rows_path.open()):
         prefix, _, arm = r["setting"].rpartition("_")
-        condition = CONDITIONS.get(prefix + "_" if prefix else "")
-        if condition and (arm, r["variant"]) in MAPS:
-            rows.append({**r, "condition": condition, "arm": arm, "maps": MAPS[arm, r["variant"]]})
+        rows.append({**r, "condition": CONDITIONS.get(prefix + "_" if prefix else ""), "arm": arm,
+                     "maps": MAPS.get((arm, r["variant"]))})
     return pd.DataFrame(rows)
 
 
 def cell(values: pd.Series, scale: float = 100, digits: int = 1) -> str:
-    v = scale * values.to_numpy(dtype=float)
+    v = scale * values.dropna().to_numpy(dtype=float)
     if not len(v):
         return "-"
     text = f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0:.{digits}f}"
     return text if len(v) == 3 else f"{text} (n = {len(v)})"
 
 
-def table(df: pd.DataFrame, conditions: list[str]) -> str:
-    head = ["condition", "val mAP basic", "val mAP ours", *[f"maps: {m}" for m in MAPS.values()],
-            "pseudo: basic CAM", "pseudo: ours all"]
-    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+def pick(df: pd.DataFrame, setting: str, variant: str, metric: str) -> pd.Series:
+    d = df[(df["setting"] == setting) & (df["variant"] == variant)]
+    return d[metric] if metric in d else pd.Series(dtype=float)
+
+
+def markdown(head: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|---" * len(head) + "|",
+                      *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def settings_table(df: pd.DataFrame, conditions: list[str]) -> str:
+    rows = []
     for c in conditions:
-        d = df[df["condition"] == c]
+        prefix = next(p for p, name in CONDITIONS.items() if name == c)
+        if not (df["condition"] == c).any():
+            continue
+        at = lambda arm, variant, metric, *fmt: cell(pick(df, prefix + arm, variant, metric), *fmt)  # noqa: E731
+        rows.append([c, at("basic", "cam", "val_map", 1, 3), at("ours", "cam", "val_map", 1, 3),
+                     *[at(arm, variant, "maps_miou") for arm, variant in MAPS],
+                     at("basic", "cam", "pseudo_miou"), at("ours", "all", "pseudo_miou")])
+    return markdown(["condition", "val mAP basic", "val mAP ours", *[f"maps: {m}" for m in MAPS.values()],
+                     "pseudo: basic CAM", "pseudo: ours all"], rows)
+
+
+def ablation_table(df: pd.DataFrame) -> str:
+    rows = []
+    for setting, label in ABLATION.items():
+        at = lambda variant, metric, *fmt: cell(pick(df, setting, variant, metric), *fmt)  # noqa: E731
+        coatt = setting != "basic"
+        rows.append([label, at("cam", "val_map", 1, 3), at("cam", "maps_miou"),
+                     at("coatt", "maps_miou") if coatt else "-", at("all", "maps_miou") if coatt else "-",
+                     at("cam", "pseudo_miou"), at("cam", "pseudo_nocrf_miou"),
+                     at("all", "pseudo_miou") if coatt else "-", at("all", "pseudo_nocrf_miou") if coatt else "-"])
+    return markdown(["classifier", "val mAP", "its own CAM", "co-att maps (k = 3)", "CAM + co-att + self",
+                     "pseudo from its CAM", "(no CRF)", "pseudo from all", "(no CRF)"], rows)
+
+
+def inference_table(df: pd.DataFrame) -> str:
+    rows = [[label, cell(pick(df, "ours", v, "maps_miou")), cell(pick(df, "ours", v, "maps_threshold"), 1, 2),
+             cell(pick(df, "ours", v, "pseudo_miou")), cell(pick(df, "ours", v, "pseudo_nocrf_miou"))]
+            for v, label in INFERENCE.items()]
+    return markdown(["maps", "map mIoU", "best threshold", "pseudo-mask mIoU", "(no CRF)"], rows)
+
+
+def pairs_table(df: pd.DataFrame) -> str:
+    rows = [[label, *[cell(pick(df, setting, v, "maps_miou")) for v in ("cam", "coatt", "all")],
+             cell(pick(df, setting, "all", "pseudo_miou"))]
+            for setting, label in (("ours", "always share a class (`p_common: 1.0`, the reference)"),
+                                   ("pcommon05", "half the time (`p_common: 0.5`)"))]
+    return markdown(["partners", "its own CAM", "co-att maps", "all", "pseudo-masks from all"], rows)
+
+
+def segmentation_table(seg: pd.DataFrame) -> str:
+    rows = []
+    for (setting, variant), label in SEGMENTATION.items():
+        d = seg[(seg["setting"] == setting) & (seg["variant"] == variant)] if len(seg) else seg
         if d.empty:
             continue
-        by = lambda m: d[d["maps"] == m]  # noqa: E731
-        cells = [cell(by("basic CAM")["val_map"], 1, 3), cell(by("ours: own CAM")["val_map"], 1, 3),
-                 *[cell(by(m)["maps_miou"]) for m in MAPS.values()],
-                 cell(by("basic CAM")["pseudo_miou"]), cell(by("ours: CAM + co-att + self")["pseudo_miou"])]
-        lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        seeds = ", ".join(f"{100 * v:.1f}" for v in d.sort_values("seed")["seg_miou"])
+        ignored = " / ".join(str(int(v)) for v in d.sort_values("seed").get("pseudo_ignored", pd.Series(dtype=int)))
+        rows.append([label, cell(d["pseudo_miou"]), ignored or "-", f"{cell(d['seg_miou'])} ({seeds})",
+                     cell(d["seg_miou_crf"])])
+    return markdown(["pseudo-masks from", "pseudo-mask mIoU (train)", "images ignored whole (per seed)",
+                     "segmentation val mIoU (per seed)", "+ CRF"], rows)
+
+
+def sweep_curves(df: pd.DataFrame, curves: dict) -> dict:
+    """label -> the mean map mIoU over seeds at each background threshold, for viz.sweep_figure."""
+    out = {}
+    for label, (setting, variant) in curves.items():
+        sweeps = pick(df, setting, variant, "maps_sweep").dropna()
+        if len(sweeps):
+            mean = np.mean(np.stack(sweeps.to_list()), axis=0)
+            out[f"{label} (n = {len(sweeps)})"] = [{"threshold": t, "miou": m} for t, m in zip(THRESHOLDS, mean)]
+    return out
+
+
+def merged(paths: list[Path], out: Path) -> pd.DataFrame:
+    """The rows of every file that exists (a later file's row replaces an earlier one of the same
+    setting, variant, seed and scene), also written to ``out``: the per-seed values kept in the repo."""
+    rows = {}
+    for path in [out, *paths]:
+        for r in map(json.loads, path.open()) if path.is_file() else ():
+            rows[r["setting"], r["variant"], r["seed"], r.get("scene", "")] = r
+    out.parent.mkdir(exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+    return pd.DataFrame(list(rows.values()))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", default=str(runs_dir() / "localisation" / "rows.jsonl"))
+    parser.add_argument("--root", default=str(runs_dir() / "localisation"),
+                        help="the grids' folder (its rows.jsonl and segmentation.jsonl)")
     parser.add_argument("--figures", default=str(REPO_ROOT / "figures"))
     args = parser.parse_args(argv)
-    df = load(Path(args.rows))
-    tables = {"settings": table(df, SETTINGS_ROWS), "knobs": table(df, KNOB_ROWS)}
+    kept = REPO_ROOT / "docs" / "data"
+    merged([Path(args.root) / "rows.jsonl"], kept / "results_rows.jsonl")
+    df = load(kept / "results_rows.jsonl")
+    seg = merged([Path(args.root) / "segmentation.jsonl"], kept / "results_segmentation.jsonl")
+    tables = {"ablation": ablation_table(df), "inference": inference_table(df), "pairs": pairs_table(df),
+              "segmentation": segmentation_table(seg),
+              "settings": settings_table(df, SETTINGS_ROWS), "knobs": settings_table(df, KNOB_ROWS)}
     doc = REPO_ROOT / "docs" / "results.md"
     text = doc.read_text()
-    for name, markdown in tables.items():
-        print(f"{name}:\n{markdown}\n")
+    for name, table in tables.items():
+        print(f"{name}:\n{table}\n")
         text = re.sub(rf"(<!-- results_report: {name} -->\n).*?(<!-- /results_report -->)",
-                      lambda m: m.group(1) + markdown + "\n" + m.group(2), text, flags=re.S)
+                      lambda m: m.group(1) + table + "\n" + m.group(2), text, flags=re.S)
     doc.write_text(text)
-    kept = REPO_ROOT / "docs" / "data" / "results_rows.jsonl"
-    kept.parent.mkdir(exist_ok=True)
-    kept.write_text("".join(json.dumps(r) + "\n" for r in df.drop(columns=["condition", "arm", "maps"])
-                            .replace({np.nan: None}).to_dict("records")))
+    figures = Path(args.figures)
+    source = "benchmarks/results_report.py (from docs/data/results_rows.jsonl)"
+    curves = {"basic CAM": ("basic", "cam"), "ours: own CAM": ("ours", "cam"), "ours: co-att": ("ours", "coatt"),
+              "ours: CAM + co-att + self": ("ours", "all"), "+ co-attention: CAM + co-att + self": ("coatt_nocon", "all")}
+    fig = viz.sweep_figure(sweep_curves(df, curves), "map mIoU vs background threshold, mean over seeds (section 1)")
+    viz.save_figure(fig, figures / "results_threshold_sweep.png", "map mIoU of the first 500 training images at "
+                    "each background threshold, mean over seeds; star = best threshold", source)
+    df = df[df["maps"].notna() & df["condition"].notna()].copy()
     order = [c for c in CONDITIONS.values() if c in set(df["condition"])]
     df["condition"] = pd.Categorical(df["condition"], order)
     df["maps"] = pd.Categorical(df["maps"], list(MAPS.values()))
     for metric in ("maps_miou", "pseudo_miou"):
         fig = viz.ablation_figure(df, metric, x="condition", hue="maps", xlabel="", size=(11, 4.5),
-                                     title=f"{metric.replace('_', ' ')} per condition: basic CAM vs the method, "
-                                           "mean ± std over seeds")
+                                  title=f"{metric.replace('_', ' ')} per condition: basic CAM vs the method, "
+                                        "mean ± std over seeds")
         fig.axes[0].tick_params(axis="x", labelrotation=15)
-        viz.save_figure(fig, Path(args.figures) / f"results_{metric}.png",
-                    f"{metric} of the first 500 training images per supervision setting and benchmark knob; "
-                    "bars = mean, error bars = std over seeds, dots = seeds",
-                    "benchmarks/results_report.py (from runs/localisation/rows.jsonl)")
+        viz.save_figure(fig, figures / f"results_{metric}.png",
+                        f"{metric} of the first 500 training images per supervision setting and benchmark knob; "
+                        "bars = mean, error bars = std over seeds, dots = seeds", source)
 
 
 if __name__ == "__main__":
