@@ -22,7 +22,6 @@ A notebook holds its parameters cell, narrative, short calls into
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -242,34 +241,18 @@ def classifier_key(cfg) -> str:
     return f"classifier-{digest}"
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive lock on ``path`` (POSIX; elsewhere no lock): parallel runs that need one
-    classifier train it once, the others wait and reuse it."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: run the grid with --jobs 1
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def run_ablation(cfg, share_dir: str | Path | None = None) -> dict:
     """Run an ablation pipeline (:func:`ablation_pipeline_config`). With ``share_dir`` the
     classifier is trained once per set of training settings in SHARE_DIR/KEY
     (:func:`classifier_key`) and copied into the run directory, so runs that differ only in
-    inference reuse it (the same weights they would train themselves: training is seeded)."""
+    inference reuse it (the same weights they would train themselves: training is seeded).
+    SHARE_DIR/KEY is an ordinary run directory (finished training is kept, interrupted training
+    resumes); two runs that share one must not run at once: notebooks/experiments/ablation_demo.yaml
+    trains each classifier in its first stage (INFERENCE single) and reuses it in the second."""
     run_dir = Path(cfg.run_dir)
     if share_dir is not None and "classifier" in cfg.stages and not (run_dir / R.TRAINED["classifier"]).is_file():
         shared = Path(share_dir) / classifier_key(cfg)
-        with _locked(shared.with_suffix(".lock")):
-            run_pipeline(dataclasses.replace(cfg, run_dir=str(shared), stages=("classifier",)))
+        run_pipeline(dataclasses.replace(cfg, run_dir=str(shared), stages=("classifier",)))
         run_dir.mkdir(parents=True, exist_ok=True)
         for name in CLASSIFIER_RUN_FILES:
             if (shared / name).is_file():
