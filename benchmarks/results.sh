@@ -26,7 +26,7 @@ for section in $SECTIONS; do
             --setting selfpairs:loss.self_pairs=true --setting pcommon05:p_common=0.5 $OURS_VARIANTS ;;
     inference)
         $GRID --setting ours: --variant self:combine=self --variant coatt_k1:combine=coatt,k=1 \
-            --variant coatt_k5:combine=coatt,k=5 --variant all_k1:combine=all,k=1 --variant all_k5:combine=all,k=5 \
+            --variant coatt_k5:combine=coatt,k=5 --variant all_k1:combine=all,k=1 --variant all_k5:combine=all,k=5 --variant cam_coatt:combine=cam+coatt \
             --variant "reference:aggregate=reference,partners=replace,scales=[1.0]" ;;
     segmentation)
         $PY benchmarks/segmentation_grid.py --seeds 0 1 2 --run basic/cam:combine=cam --run ours/all:combine=all ;;

@@ -47,6 +47,7 @@ ABLATION = {"basic": "basic only (plain CAM)", "coatt_nocon": "+ co-attention",
 INFERENCE = {"cam": "single-image CAM", "coatt_k1": "co-attention, k = 1", "coatt": "co-attention, k = 3",
              "coatt_k5": "co-attention, k = 5", "self": "self-pairs only", "all_k1": "CAM + co-att + self, k = 1",
              "all": "CAM + co-att + self, k = 3", "all_k5": "CAM + co-att + self, k = 5",
+             "cam_coatt": "CAM + co-att, k = 3 (no self-pairs)",
              "reference": "the reference's five-map aggregate"}
 SEGMENTATION = {("basic", "cam"): "the basic classifier's CAM", ("ours", "all"): "`ours`, CAM + co-att + self"}
 
