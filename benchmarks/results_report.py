@@ -5,9 +5,10 @@ writes them) to the per-seed rows kept in the repo, docs/data/results_rows.jsonl
 results_segmentation.jsonl (a new row replaces a kept one of the same setting, variant, seed
 and scene), writes one markdown table per question (mean ± std over seeds, the seed count
 when it is not 3) into docs/results.md between its ``<!-- results_report: NAME -->`` and
-``<!-- /results_report -->`` lines (and prints them), and draws figures/results_threshold_sweep.png
-(section 1's maps over the background thresholds), figures/results_maps_miou.png and
-figures/results_pseudo_miou.png (bars = mean, error bars = std, dots = seeds).
+``<!-- /results_report -->`` lines (and prints them), and draws section 1's figures
+(figures/results_threshold_sweep.png: the maps over the background thresholds;
+figures/results_ablation_{maps,pseudo}_miou.png) and those of sections 5-6
+(figures/results_{maps,pseudo}_miou.png); bars = mean, error bars = std, dots = seeds.
 
     python benchmarks/results_report.py [--root runs/localisation]
 """
@@ -186,6 +187,16 @@ def main(argv=None) -> None:
     fig = viz.sweep_figure(sweep_curves(df, curves), "map mIoU vs background threshold, mean over seeds (section 1)")
     viz.save_figure(fig, figures / "results_threshold_sweep.png", "map mIoU of the first 500 training images at "
                     "each background threshold, mean over seeds; star = best threshold", source)
+    kinds = {"cam": "its own CAM", "coatt": "co-att (k = 3)", "all": "CAM + co-att + self"}
+    abl = df[df["setting"].isin(list(ABLATION)) & df["variant"].isin(list(kinds))].copy()
+    abl["classifier"] = pd.Categorical(abl["setting"].map(ABLATION), list(ABLATION.values()))
+    abl["maps kind"] = pd.Categorical(abl["variant"].map(kinds), list(kinds.values()))
+    for metric in ("maps_miou", "pseudo_miou"):
+        fig = viz.ablation_figure(abl, metric, x="classifier", hue="maps kind", xlabel="", size=(10, 4.5),
+                                  title=f"training ablation (section 1): {metric.replace('_', ' ')}, mean ± std over seeds")
+        viz.save_figure(fig, figures / f"results_ablation_{metric}.png",
+                        f"{metric} of the first 500 training images per classifier and kind of maps; bars = mean, "
+                        "error bars = std over seeds, dots = seeds", source)
     df = df[df["maps"].notna() & df["condition"].notna()].copy()
     order = [c for c in CONDITIONS.values() if c in set(df["condition"])]
     df["condition"] = pd.Categorical(df["condition"], order)
