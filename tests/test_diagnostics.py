@@ -96,7 +96,7 @@ def test_maps_part_coverage_reads_saved_maps(tmp_path):
     from PIL import Image
 
     from wsss.data.synth import PART_DIR
-    from wsss.stages.make_maps import maps_path, save_maps
+    from wsss.maps import maps_path, save_maps
 
     (tmp_path / "SegmentationClass").mkdir()
     (tmp_path / PART_DIR).mkdir()

@@ -18,8 +18,8 @@ from wsss import viz
 from wsss.classes import IGNORE_INDEX, write_class_names
 from wsss.data.transforms import MEAN, STD
 from wsss.data.voc import save_mask
+from wsss.maps import save_maps
 from wsss.stages import evaluate as ev
-from wsss.stages.make_maps import save_maps
 
 NAMES = ["a", "b", "c"]  # foreground classes 1..3
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from wsss import config as C
+from wsss import maps as wm
 from wsss import rundir as R
 from wsss.classes import write_class_names
 from wsss.data.pairs import self_pair_views
@@ -76,7 +77,7 @@ def _up(m, size):
 
 
 @torch.no_grad()
-def reference_maps(model, x, classes, partners, kinds, transforms=mm.SELF_TRANSFORMS):
+def reference_maps(model, x, classes, partners, kinds, transforms=wm.SELF_TRANSFORMS):
     """METHOD.md sec. 2, one map at a time through model.cam / model.coatt_cam (single scale):
     each map ReLU'd and max-normalised, resized, averaged per kind, kinds averaged, renormalised."""
     size = x.shape[-2:]
@@ -107,15 +108,15 @@ def test_shared_backbone_pieces_equal_the_model_api(model):
     x, p = _image(1), _image(2, 32, 32)
     with torch.no_grad():
         f_x, f_p = model.features([x, p])
-        assert torch.allclose(mm.coatt_map(model, f_x, f_p), model.coatt_cam(x, p), atol=1e-6)
+        assert torch.allclose(wm.coatt_map(model, f_x, f_p), model.coatt_cam(x, p), atol=1e-6)
         assert torch.allclose(model.phi0(f_x), model.cam(x), atol=1e-6)
 
 
-@pytest.mark.parametrize("kinds", [("cam",), ("coatt",), ("self",), ("cam", "coatt"), mm.KINDS])
+@pytest.mark.parametrize("kinds", [("cam",), ("coatt",), ("self",), ("cam", "coatt"), wm.KINDS])
 def test_maps_match_the_slow_reference(model, kinds):
     x = _image(3)
     partners = {1: [_image(4)[0], _image(5, 48, 40)[0]], 3: [_image(6)[0]]}
-    got = mm.localization_maps(model, x, [1, 3], partners, kinds)
+    got = wm.localization_maps(model, x, [1, 3], partners, kinds)
     want = reference_maps(model, x, [1, 3], partners, kinds)
     assert got.shape == (2, 40, 36)
     assert torch.allclose(got, want, atol=1e-5)
@@ -123,49 +124,49 @@ def test_maps_match_the_slow_reference(model, kinds):
 
 def test_shapes_and_normalisation(model):
     x = _image(7)
-    maps = mm.localization_maps(model, x, [2, 4, 1], {2: [_image(8)], 4: [_image(9)], 1: [_image(8)]},
+    maps = wm.localization_maps(model, x, [2, 4, 1], {2: [_image(8)], 4: [_image(9)], 1: [_image(8)]},
                                 scales=(1.0, 0.5, 1.5))
     assert maps.shape == (3, 40, 36) and maps.dtype == torch.float32
     assert torch.isfinite(maps).all() and maps.min() >= 0
     assert torch.allclose(maps.amax(dim=(1, 2)), torch.ones(3))
-    assert mm.localization_maps(model, x, [2], {}, "cam", out_size=(50, 60)).shape == (1, 50, 60)
+    assert wm.localization_maps(model, x, [2], {}, "cam", out_size=(50, 60)).shape == (1, 50, 60)
 
 
 def test_all_zero_maps_stay_zero_and_finite():
-    assert torch.equal(mm.normalise_maps(torch.zeros(2, 5, 5)), torch.zeros(2, 5, 5))
+    assert torch.equal(wm.normalise_maps(torch.zeros(2, 5, 5)), torch.zeros(2, 5, 5))
     neg = -torch.rand(1, 4, 4)
-    assert torch.equal(mm.normalise_maps(neg), torch.zeros(1, 4, 4))
+    assert torch.equal(wm.normalise_maps(neg), torch.zeros(1, 4, 4))
     torch.manual_seed(0)
     silent = CoAttentionClassifier(K, backbone="tiny").eval()
     torch.nn.init.zeros_(silent.phi0.weight)
     torch.nn.init.zeros_(silent.phi.weight)
-    maps = mm.localization_maps(silent, _image(1), [1, 2], {1: [_image(2)]})
+    maps = wm.localization_maps(silent, _image(1), [1, 2], {1: [_image(2)]})
     assert torch.isfinite(maps).all() and torch.equal(maps, torch.zeros_like(maps))
 
 
 def test_classes_absent_from_the_label_get_no_map(model):
     x = _image(1)
-    assert mm.localization_maps(model, x, [], {}).shape == (0, 40, 36)
-    one = mm.localization_maps(model, x, [3], {3: [_image(2)]})
-    two = mm.localization_maps(model, x, [1, 3], {1: [_image(5)], 3: [_image(2)]})
+    assert wm.localization_maps(model, x, [], {}).shape == (0, 40, 36)
+    one = wm.localization_maps(model, x, [3], {3: [_image(2)]})
+    two = wm.localization_maps(model, x, [1, 3], {1: [_image(5)], 3: [_image(2)]})
     assert one.shape[0] == 1 and torch.allclose(one[0], two[1], atol=1e-6)  # rows follow `classes`
     with pytest.raises(ValueError, match="outside 1..4"):
-        mm.localization_maps(model, x, [0], {})
+        wm.localization_maps(model, x, [0], {})
     with pytest.raises(ValueError, match="outside 1..4"):
-        mm.localization_maps(model, x, [K + 1], {})
+        wm.localization_maps(model, x, [K + 1], {})
 
 
 def test_k_identical_partners_equal_one_partner(model):
     x, p = _image(1), _image(2)
-    one = mm.localization_maps(model, x, [2], {2: [p]}, "coatt")
-    three = mm.localization_maps(model, x, [2], {2: [p.clone(), p.clone(), p.clone()]}, "coatt")
+    one = wm.localization_maps(model, x, [2], {2: [p]}, "coatt")
+    three = wm.localization_maps(model, x, [2], {2: [p.clone(), p.clone(), p.clone()]}, "coatt")
     assert torch.allclose(one, three, atol=1e-6)
 
 
 def test_image_as_its_own_partner_equals_the_identity_self_pair(symmetric_model):
     model, x = symmetric_model, _image(1)
-    as_partner = mm.localization_maps(model, x, [1, 4], {1: [x.clone()], 4: [x.clone()]}, "coatt")
-    identity = mm.localization_maps(model, x, [1, 4], {}, "self", self_transforms=("identity",))
+    as_partner = wm.localization_maps(model, x, [1, 4], {1: [x.clone()], 4: [x.clone()]}, "coatt")
+    identity = wm.localization_maps(model, x, [1, 4], {}, "self", self_transforms=("identity",))
     assert torch.allclose(as_partner, identity, atol=1e-6)
 
 
@@ -175,7 +176,7 @@ def test_self_pair_maps_are_the_views_map_in_the_training_pair(model):
     n side of that pair. With a non-symmetric W_P the reversed pair (T(I_m), I_m) differs."""
     x = _image(11)
     for t, view in {"identity": x, **self_pair_views(x)}.items():
-        got = mm.localization_maps(model, x, [2], {}, "self", self_transforms=(t,))
+        got = wm.localization_maps(model, x, [2], {}, "self", self_transforms=(t,))
         n_side = model.coatt_cam(x, view, side="n")[0, 1]
         reversed_pair = model.coatt_cam(view, x)[0, 1]
         if t == "flip":
@@ -216,7 +217,7 @@ def _reference_five_maps(model, x, partners, c):
 def test_reference_aggregate_matches_a_transcription_of_the_reference(model):
     x = _image(12, 32, 32)
     partners = {1: [_image(13, 32, 32), _image(14, 32, 32), _image(13, 32, 32)], 3: [_image(15, 32, 32)]}
-    got = mm.localization_maps(model, x, [1, 3], partners, aggregate="reference", out_size=(32, 32))
+    got = wm.localization_maps(model, x, [1, 3], partners, aggregate="reference", out_size=(32, 32))
     for row, c in enumerate([1, 3]):
         att = torch.from_numpy(_reference_five_maps(model, x, partners[c], c - 1)).float()
         want = F.interpolate(att[None, None], size=(32, 32), mode="bicubic", align_corners=False)[0, 0]
@@ -229,59 +230,59 @@ def test_reference_aggregate_gates_maps_by_their_mean():
     first = torch.rand(2, 4, 4)
     weak = torch.full((2, 4, 4), -5.0)          # sigmoid(-5) < 0.1: left out
     weak[1] = torch.rand(4, 4)                  # row 1 passes the gate
-    got = mm.reference_aggregate([first, weak])
-    assert torch.allclose(got[0], mm.normalise_maps(first)[0] / 2)
-    assert torch.allclose(got[1], (mm.normalise_maps(first)[1] + mm.normalise_maps(weak)[1]) / 2)
+    got = wm.reference_aggregate([first, weak])
+    assert torch.allclose(got[0], wm.normalise_maps(first)[0] / 2)
+    assert torch.allclose(got[1], (wm.normalise_maps(first)[1] + wm.normalise_maps(weak)[1]) / 2)
 
 
 def test_combine_selects_the_kinds(positive_model):
     model = positive_model
     x, p = _image(1), {1: [_image(2)]}
-    cam = mm.localization_maps(model, x, [1], p, "cam")
-    coatt = mm.localization_maps(model, x, [1], p, "coatt")
-    both = mm.localization_maps(model, x, [1], p, ("coatt", "cam"))
+    cam = wm.localization_maps(model, x, [1], p, "cam")
+    coatt = wm.localization_maps(model, x, [1], p, "coatt")
+    both = wm.localization_maps(model, x, [1], p, ("coatt", "cam"))
     with torch.no_grad():
         plain = _norm(_up(_norm(model.cam(x)[0, 0]), x.shape[-2:]))
     assert torch.allclose(cam[0], plain, atol=1e-6)   # "cam" is plain single-image CAM
     assert not torch.allclose(cam, coatt, atol=1e-3)
     assert not torch.allclose(both, cam, atol=1e-3) and not torch.allclose(both, coatt, atol=1e-3)
     assert torch.allclose(both, reference_maps(model, x, [1], p, ("cam", "coatt")), atol=1e-5)
-    assert torch.equal(mm.localization_maps(model, x, [1], p, "cam+coatt"), both)
+    assert torch.equal(wm.localization_maps(model, x, [1], p, "cam+coatt"), both)
 
 
 def test_class_without_partner_falls_back(model):
     x = _image(1)
-    no_partner_coatt = mm.localization_maps(model, x, [2], {}, "coatt")
-    assert torch.allclose(no_partner_coatt, mm.localization_maps(model, x, [2], {}, "self"), atol=1e-6)
-    cam_coatt = mm.localization_maps(model, x, [2], {2: []}, ("cam", "coatt"))
-    assert torch.allclose(cam_coatt, mm.localization_maps(model, x, [2], {}, "cam"), atol=1e-6)
+    no_partner_coatt = wm.localization_maps(model, x, [2], {}, "coatt")
+    assert torch.allclose(no_partner_coatt, wm.localization_maps(model, x, [2], {}, "self"), atol=1e-6)
+    cam_coatt = wm.localization_maps(model, x, [2], {2: []}, ("cam", "coatt"))
+    assert torch.allclose(cam_coatt, wm.localization_maps(model, x, [2], {}, "cam"), atol=1e-6)
 
 
 def test_parse_combine():
-    assert mm.parse_combine("all") == mm.KINDS
-    assert mm.parse_combine("self,cam") == ("cam", "self")
-    assert mm.parse_combine(("all",)) == mm.KINDS == mm.parse_combine("all")  # YAML `combine: all` is a 1-tuple
-    assert mm.parse_combine(["coatt"]) == ("coatt",)
+    assert wm.parse_combine("all") == wm.KINDS
+    assert wm.parse_combine("self,cam") == ("cam", "self")
+    assert wm.parse_combine(("all",)) == wm.KINDS == wm.parse_combine("all")  # YAML `combine: all` is a 1-tuple
+    assert wm.parse_combine(["coatt"]) == ("coatt",)
     for bad in ("", "camm", ["cam", "grad"]):
         with pytest.raises(ValueError, match="combine"):
-            mm.parse_combine(bad)
+            wm.parse_combine(bad)
     with pytest.raises(ValueError, match="self_transforms"):
-        mm.localization_maps(None, _image(1), [1], {}, "self", self_transforms=("rotate",))
+        wm.localization_maps(None, _image(1), [1], {}, "self", self_transforms=("rotate",))
 
 
 def test_save_and_load_maps(tmp_path):
     maps = np.random.default_rng(0).random((2, 5, 6)).astype(np.float32)
-    mm.save_maps(tmp_path / "a.npz", maps, [3, 1])
-    got, classes = mm.load_maps(tmp_path / "a.npz")
+    wm.save_maps(tmp_path / "a.npz", maps, [3, 1])
+    got, classes = wm.load_maps(tmp_path / "a.npz")
     assert got.dtype == np.float32 and np.allclose(got, maps, atol=1e-3)
     assert classes.tolist() == [3, 1]
     with np.load(tmp_path / "a.npz") as z:
         assert z["maps"].dtype == np.float16 and z["classes"].dtype == np.int16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz"]  # no temporary file left
     with pytest.raises(FileNotFoundError, match="maps stage"):
-        mm.load_maps(tmp_path / "b.npz")
+        wm.load_maps(tmp_path / "b.npz")
     with pytest.raises(ValueError, match="classes"):
-        mm.save_maps(tmp_path / "c.npz", maps, [1])
+        wm.save_maps(tmp_path / "c.npz", maps, [1])
 
 
 # ----------------------------------------------------------------------- the stage
@@ -337,7 +338,7 @@ def test_run_writes_maps_then_skips_them(stage, caplog):
     assert res["num_no_partner"] == 1  # class 3 of image d
     assert sum("no other train image contains" in r.message for r in caplog.records) == 1
     for name, classes in IMAGES.items():
-        maps, ids = mm.load_maps(run_dir / "maps" / f"{name}.npz")
+        maps, ids = wm.load_maps(run_dir / "maps" / f"{name}.npz")
         assert sorted(ids.tolist()) == sorted(classes) and maps.shape == (len(classes), H, W)
         assert maps.min() >= 0 and np.allclose(maps.max(axis=(1, 2)), 1, atol=1e-3)
     assert json.loads((run_dir / "maps" / R.SETTINGS).read_text())["k"] == 2
@@ -354,7 +355,7 @@ def test_run_writes_maps_then_skips_them(stage, caplog):
     redo = mm.run({"data_root": str(root), "run_dir": str(run_dir), "k": 2, "combine": "cam", "device": "cpu",
                    "overwrite": True, "limit": 2, "image_size": 16})
     assert redo["num_images"] == 2
-    assert mm.load_maps(run_dir / "maps" / "a.npz")[0].shape == (1, H, W)  # native size whatever the input size
+    assert wm.load_maps(run_dir / "maps" / "a.npz")[0].shape == (1, H, W)  # native size whatever the input size
 
 
 def test_command_line_flags():
@@ -375,8 +376,8 @@ def test_run_is_deterministic_and_resumes_a_partial_run(stage, tmp_path):
     rest = mm.run(mm.MapsConfig(run_dir=str(other), workers=1, **kw))
     assert (part["num_images"], rest["num_images"], rest["num_skipped"]) == (2, 3, 2)
     for name in IMAGES:
-        a, _ = mm.load_maps(run_dir / "maps" / f"{name}.npz")
-        b, _ = mm.load_maps(other / "maps" / f"{name}.npz")
+        a, _ = wm.load_maps(run_dir / "maps" / f"{name}.npz")
+        b, _ = wm.load_maps(other / "maps" / f"{name}.npz")
         assert np.array_equal(a, b)
 
 

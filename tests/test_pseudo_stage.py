@@ -18,9 +18,9 @@ from PIL import Image
 from wsss import config as C
 from wsss import rundir as R
 from wsss.crf import CRFParams
+from wsss.maps import save_maps
 from wsss.pseudo import PseudoMaskParams
 from wsss.stages import pseudo_masks as P
-from wsss.stages.make_maps import save_maps
 
 H, W = 12, 16
 NAMES = ["a", "b", "c", "d"]

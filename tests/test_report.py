@@ -21,8 +21,8 @@ from wsss import config as C
 from wsss import report, viz
 from wsss.classes import write_class_names
 from wsss.data.voc import save_mask
+from wsss.maps import save_maps
 from wsss.stages import pipeline
-from wsss.stages.make_maps import save_maps
 
 
 @pytest.fixture(autouse=True)

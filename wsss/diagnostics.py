@@ -181,7 +181,7 @@ def maps_part_coverage(data_root, maps_dir, names, thresholds=(0.5,)) -> dict[st
     from PIL import Image
 
     from wsss.data.synth import part_coverage, part_coverage_counts
-    from wsss.stages.make_maps import load_maps, maps_path
+    from wsss.maps import load_maps, maps_path
 
     parts, root = part_reader(data_root), Path(data_root)
     if parts is None:

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from wsss.data.transforms import denormalize
+from wsss.maps import normalise_maps
 from wsss.models.coattention import co_attention
-from wsss.stages.make_maps import normalise_maps
 
 
 def load_pair(dataset, m: int, n: int, device: str | torch.device = "cpu") -> dict:

@@ -44,10 +44,10 @@ from wsss.crf import CRFParams, crf_labels
 from wsss.data.transforms import eval_transforms
 from wsss.data.voc import class_names, load_image, load_mask, mask_dir, read_split
 from wsss.files import check_current, write_json
+from wsss.maps import load_maps, maps_path
 from wsss.metrics import ConfusionMatrix
 from wsss.progress import progress
 from wsss.stages import train_segmenter
-from wsss.stages.make_maps import load_maps, maps_path
 from wsss.stages.pseudo_masks import CRF_REFERENCE_SIZE
 
 log = logging.getLogger(__name__)

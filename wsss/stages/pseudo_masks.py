@@ -52,9 +52,9 @@ from wsss import rundir as R
 from wsss.classes import IGNORE_INDEX
 from wsss.data.voc import IMAGE_DIR, DatasetError, VOCDataset, load_image, load_mask, save_mask
 from wsss.files import check_current, check_settings, write_json
+from wsss.maps import load_maps
 from wsss.progress import progress
 from wsss.pseudo import BG_MODES, PseudoMaskParams, scores_to_mask
-from wsss.stages.make_maps import load_maps
 
 log = logging.getLogger(__name__)
 
