@@ -22,7 +22,8 @@ for section in $SECTIONS; do
     echo "== $section ($(date -u +%H:%M:%S))"
     case $section in
     ablation)
-        $GRID --setting "basic:$BASIC" --setting coatt_nocon:loss.contrastive=false --setting ours: \
+        $GRID --setting "basic:$BASIC" --variant cam:combine=cam  # its co-attention never trained: no co-att maps
+        $GRID --setting coatt_nocon:loss.contrastive=false --setting ours: \
             --setting selfpairs:loss.self_pairs=true --setting pcommon05:p_common=0.5 $OURS_VARIANTS ;;
     inference)
         $GRID --setting ours: --variant self:combine=self --variant coatt_k1:combine=coatt,k=1 \
