@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import random
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -316,7 +318,8 @@ def test_a_nested_default_is_kept_when_other_nested_keys_are_given():
 
 
 def test_a_checkpoint_write_removes_what_a_killed_earlier_write_left(tmp_path):
-    left = tmp_path / ".checkpoint_last.pt.4242.tmp"  # SIGKILL in the middle of torch.save
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".checkpoint_last.pt.{finished.stdout.strip()}.tmp"  # SIGKILL in the middle of torch.save
     left.write_bytes(b"half a checkpoint")
     E.atomic_torch_save({"step": 3}, tmp_path / "checkpoint_last.pt")
     assert not left.exists() and [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pt"]

@@ -1,6 +1,9 @@
 """wsss.files: the one atomic write and the provenance rule (fingerprints of inputs)."""
 
 import hashlib
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -30,3 +33,15 @@ def test_fingerprints_nested_in_settings_find_a_changed_input(tmp_path):
     # a copy keeps its outputs valid; a file that is not there cannot be checked
     assert files.stale_inputs({"maps": {"classifier": fp}}, tmp_path / "elsewhere") == []
     assert files.stale_inputs(None, tmp_path) == []
+
+
+def test_remove_stale_tmp_keeps_the_files_of_writers_still_running(tmp_path):
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f".a.png.{done.stdout.strip()}.tmp"
+    alive = tmp_path / f".b.png.{os.getppid()}.tmp"  # the process that started this test still runs
+    other = tmp_path / f".c.pt.{done.stdout.strip()}.tmp"
+    for path in (dead, alive, other):
+        path.write_bytes(b"half")
+    assert files.remove_stale_tmp(tmp_path, "*.png") == 1
+    assert not dead.exists() and alive.exists() and other.exists()
+    assert files.remove_stale_tmp(tmp_path / "missing") == 0

@@ -51,7 +51,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from wsss import rundir as R
 from wsss.config import MACHINERY_KEYS, config_differences
-from wsss.files import atomic_path
+from wsss.files import atomic_path, remove_stale_tmp
 from wsss.progress import progress
 
 log = logging.getLogger(__name__)
@@ -438,8 +438,7 @@ def atomic_torch_save(obj, path: str | Path) -> None:
     temporary files that an interrupted earlier write (SIGKILL) left beside ``path`` are
     removed first."""
     path = Path(path)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
+    remove_stale_tmp(path.parent, path.name)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         try:
             torch.save(obj, f)

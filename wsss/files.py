@@ -33,6 +33,31 @@ def atomic_path(path: str | Path):
         tmp.unlink(missing_ok=True)
 
 
+def remove_stale_tmp(folder: str | Path, name: str = "*") -> int:
+    """Delete the temporary files of :func:`atomic_path` (".NAME.PID.tmp", ``name`` a glob)
+    that writers no longer running left in ``folder`` (killed between write and rename);
+    returns how many."""
+    removed = 0
+    for path in Path(folder).glob(f".{name}.*.tmp") if Path(folder).is_dir() else ():
+        pid = path.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # atomic_path removes its file on every error: one of ours is from an earlier run
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, fields, replace
@@ -51,7 +49,7 @@ from wsss import provenance
 from wsss import rundir as R
 from wsss.classes import IGNORE_INDEX
 from wsss.data.voc import IMAGE_DIR, DatasetError, VOCDataset, load_image, load_mask, save_mask
-from wsss.files import check_current, check_settings, write_json
+from wsss.files import check_current, check_settings, remove_stale_tmp, write_json
 from wsss.maps import load_maps
 from wsss.progress import progress
 from wsss.pseudo import BG_MODES, PseudoMaskParams, scores_to_mask
@@ -61,7 +59,6 @@ log = logging.getLogger(__name__)
 #: the long side, in pixels, of the images the CRF defaults were chosen for (PASCAL VOC)
 CRF_REFERENCE_SIZE = 500
 #: save_mask's temporary files: ".NAME.png.PID.tmp"
-_TMP_PATTERN = re.compile(r"^\..+\.png\.(\d+)\.tmp$")
 
 
 # =========================================================================== config
@@ -211,31 +208,6 @@ def make_one(job: _Job, name: str) -> dict:
     return {"name": name, "skipped": skipped, **mask_counts(mask)}
 
 
-def remove_stale_tmp(out_dir: Path) -> int:
-    """Delete temporary files left by ``save_mask`` in processes that no longer run."""
-    removed = 0
-    if not out_dir.is_dir():
-        return 0
-    for path in out_dir.iterdir():
-        match = _TMP_PATTERN.match(path.name)
-        if match and not _pid_alive(int(match.group(1))):
-            path.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # this process writes nothing yet: any file of ours is from an earlier run
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _settings(cfg: PseudoConfig, maps_dir: Path) -> dict:
     """What the masks depend on; the maps folder's own settings stand for the maps."""
     maps_settings = maps_dir / R.SETTINGS
@@ -321,7 +293,7 @@ def run(cfg: PseudoConfig | dict) -> dict:
     write_json(out_dir / R.SETTINGS, settings)
     C.save_yaml(cfg, run_dir / R.folder_config(out_dir))
     provenance.record(run_dir, out_dir.name)
-    stale = remove_stale_tmp(out_dir)
+    stale = remove_stale_tmp(out_dir, "*.png")
     if stale:
         log.info("removed %d temporary file(s) of an interrupted run from %s", stale, out_dir)
 
