@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from _settings import parse_setting
+from _settings import append_row, parse_setting, rows_done
 
 from wsss import config as C
 from wsss import diagnostics as D
@@ -58,8 +58,7 @@ def main(argv=None) -> None:
         return
     root.mkdir(parents=True, exist_ok=True)
     rows_path = root / "rows.jsonl"
-    done = {(r["setting"], r["variant"], r["seed"]) for r in map(json.loads, rows_path.open())} \
-        if rows_path.is_file() else set()
+    done = rows_done(rows_path)
     base = yaml.safe_load(open(args.config))
     data_root = data_of(base, args.scene)
     variants = [parse_setting(v) for v in args.variant]
@@ -105,8 +104,7 @@ def main(argv=None) -> None:
                        "maps_sweep": [p["miou"] for p in maps_res["sweep"]],
                        "pseudo_miou": pseudo_res["miou"], "pseudo_ignored": pseudo_res["num_ignored_images"],
                        "pseudo_nocrf_miou": nocrf_res["miou"], **cover, **diag}
-                with rows_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_row(rows_path, row)
                 print(json.dumps({k: row[k] for k in ("setting", "variant", "seed", "val_map", "maps_miou",
                                                        "maps_threshold", "pseudo_miou", "pseudo_nocrf_miou")}), flush=True)
     write_table(rows_path, root / "table.md")

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 import yaml
-from _settings import parse_setting
+from _settings import append_row, parse_setting, rows_done
 
 from wsss import config as C
 from wsss.paths import REPO_ROOT, runs_dir
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     root = Path(args.root)
     out = root / "segmentation.jsonl"
-    done = {(r["setting"], r["variant"], r["seed"]) for r in map(json.loads, out.open())} if out.is_file() else set()
+    done = rows_done(out)
     base = yaml.safe_load(open(args.config))
     data_root = pipeline.prepare_data(C.from_dict(pipeline.PipelineConfig, {"benchmark": base["benchmark"]}))
     for spec in args.run:
@@ -61,8 +61,7 @@ def main(argv=None) -> None:
             row = {"setting": setting, "variant": variant, "seed": seed, "pseudo_miou": masks["miou"],
                    "pseudo_ignored": masks["num_ignored_images"],
                    "seg_miou": res["segmenter"]["miou"], "seg_miou_crf": res["segmenter"].get("miou_crf")}
-            with out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(out, row)
             print(json.dumps(row), flush=True)
 
 
