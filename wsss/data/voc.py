@@ -242,12 +242,13 @@ def _cache_path(root: Path, split: str) -> Path:
     return root / CACHE_DIR / f"labels_{split}.npz"
 
 
-def _cache_key(split_file: Path, masks: Path, num_classes: int) -> np.ndarray:
-    """What the cached labels depend on: the split file's mtime and size, the mask folder
-    (and its mtime, which changes when masks are added or replaced by save_mask), K."""
+def _cache_key(split_file: Path, folders: Sequence[Path], num_classes: int) -> list[str]:
+    """What a cached result about a split depends on: the split file's mtime and size, each
+    folder that exists (and its mtime, which changes when files are added or replaced, as
+    save_mask does), K."""
     st = split_file.stat()
-    return np.array([str(st.st_mtime_ns), str(st.st_size), str(masks),
-                     str(masks.stat().st_mtime_ns), str(num_classes)])
+    return [str(st.st_mtime_ns), str(st.st_size), *(f"{d}@{d.stat().st_mtime_ns}" for d in folders if d.is_dir()),
+            str(num_classes)]
 
 
 def _read_cache(path: Path, key: np.ndarray, names: list[str]) -> np.ndarray | None:
@@ -278,7 +279,7 @@ def _labels_from_masks(root: Path, split: str, names: list[str], num_classes: in
         raise _error(f"{split_file} carries no labels, so they are derived from the masks in "
                      f"{masks}, which does not exist: add the masks, or write the labels into "
                      f"the split file ('NAME c1 c2 ...')")
-    key = _cache_key(split_file, masks, num_classes)
+    key = np.array(_cache_key(split_file, [masks], num_classes))
     cache = _cache_path(root, split)
     labels = _read_cache(cache, key, names)
     if labels is not None:
@@ -384,8 +385,7 @@ class VOCDataset(Dataset):
         for part in self.splits:
             names = [n for n in self.names if self._split_of[n] == part]
             masks, images, split_file = mask_dir(self.root, part), self.root / IMAGE_DIR, split_path(self.root, part)
-            key = [*_cache_key(split_file, masks if masks.is_dir() else split_file, self.num_classes).tolist(),
-                   str(images.stat().st_mtime_ns), str(len(names))]
+            key = [*_cache_key(split_file, [masks, images], self.num_classes), str(len(names))]
             cache = self.root / CACHE_DIR / f"checked_{part}.json"
             try:
                 if json.loads(cache.read_text()) == key:
