@@ -408,9 +408,9 @@ def example_pairs(labels: np.ndarray, n: int = 4, p_common: float = 1.0, seed: i
     """``n`` pairs drawn as ``PairDataset(p_common, seed)`` draws them in epoch 0, with the
     label sets of METHOD.md sec. 1: ids (1..K) of l_m, l_n, l_m ∩ l_n, l_m \\ l_n, l_n \\ l_m."""
     from wsss.data.pairs import pair_rng, sample_partner
+    from wsss.data.voc import label_ids as ids
 
     labels = np.asarray(labels) > 0
-    ids = lambda row: [int(c) + 1 for c in np.flatnonzero(row)]  # noqa: E731
     out = []
     for m in range(min(n, len(labels))):
         j = sample_partner(labels.astype(np.uint8), m, p_common, pair_rng(seed, 0, m))

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from wsss import rundir as R
 from wsss.classes import voc_palette
 from wsss.data.transforms import denormalize, eval_transforms
-from wsss.data.voc import VOCDataset, load_mask
+from wsss.data.voc import VOCDataset, label_ids, load_mask
 
 
 def colorize(mask: np.ndarray) -> np.ndarray:
@@ -72,7 +72,7 @@ def qualitative_rows(run_dir, data_root, names=None, n: int = 6, split: str = "t
     for name in names:
         source = base.source_image(index[name])
         x = transform(source).as_subclass(torch.Tensor)
-        classes = [int(c) + 1 for c in np.flatnonzero(base.labels[index[name]])]
+        classes = label_ids(base.labels[index[name]])
         row = {"name": name, "classes": classes, "image": denormalize(x), "maps_title": maps_title,
                "gt": load_mask(base.mask_path(name), base.num_classes)}
         if classifier is not None and classes:
@@ -145,7 +145,7 @@ def maps_grid(data_root, columns: dict, names, split: str = "train", class_names
             ax.set_xticks([]), ax.set_yticks([])
             if r == 0:
                 ax.set_title(title, fontsize=8)
-        labels = [int(i) + 1 for i in np.flatnonzero(base.labels[index[name]])]
+        labels = label_ids(base.labels[index[name]])
         axes[r, 0].set_ylabel(", ".join(class_names[i - 1] for i in labels) if class_names else name, fontsize=8)
     return fig
 

@@ -219,6 +219,11 @@ def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
     return (counts[1:num_classes + 1] > 0).astype(np.uint8)
 
 
+def label_ids(label: np.ndarray) -> list[int]:
+    """The class ids (1..K, as masks and maps files number them) of a multi-hot label (K,)."""
+    return [int(c) + 1 for c in np.flatnonzero(label)]
+
+
 def save_mask(path: str | Path, mask: np.ndarray) -> None:
     """Write a (H, W) class-index mask as a VOC palette PNG, atomically (tmp + os.replace)."""
     mask = np.asarray(mask)

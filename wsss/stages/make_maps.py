@@ -25,7 +25,7 @@ from wsss import provenance
 from wsss import rundir as R
 from wsss.data.pairs import partners_for_class
 from wsss.data.transforms import eval_transforms
-from wsss.data.voc import VOCDataset
+from wsss.data.voc import VOCDataset, label_ids
 from wsss.files import check_settings, fingerprint, write_json
 from wsss.maps import (
     KINDS,
@@ -107,7 +107,7 @@ class MapInputs(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         item = self.base[i]
-        classes = [int(c) + 1 for c in np.flatnonzero(self.labels[i])]
+        classes = label_ids(self.labels[i])
         partners: dict[int, list[torch.Tensor]] = {}
         lonely: list[int] = []
         if self.with_partners:
