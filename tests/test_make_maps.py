@@ -263,6 +263,7 @@ def test_parse_combine():
     assert wm.parse_combine("self,cam") == ("cam", "self")
     assert wm.parse_combine(("all",)) == wm.KINDS == wm.parse_combine("all")  # YAML `combine: all` is a 1-tuple
     assert wm.parse_combine(["coatt"]) == ("coatt",)
+    assert wm.parse_combine(("cam+coatt",)) == ("cam", "coatt")  # YAML / a grid's `combine=cam+coatt`
     for bad in ("", "camm", ["cam", "grad"]):
         with pytest.raises(ValueError, match="combine"):
             wm.parse_combine(bad)

@@ -53,13 +53,12 @@ SELF_TRANSFORMS = ("identity", "flip", "down", "up")
 def parse_combine(combine: str | Sequence[str]) -> tuple[str, ...]:
     """Normalise ``combine`` to a tuple of kinds in canonical order.
 
-    Accepts a sequence of kinds, or one string: a kind, "all", or kinds joined by
-    "+" or "," (e.g. "cam+self").
+    Accepts a kind, "all", or kinds joined by "+" or "," (e.g. "cam+self"), or a sequence
+    of those (a config field holds ``combine: cam+coatt`` as the 1-tuple ("cam+coatt",)).
     """
-    if isinstance(combine, str):
-        combine = combine.replace("+", ",").split(",")
-    parts = KINDS if [str(p).strip() for p in combine] == ["all"] else combine
-    chosen = {str(p).strip() for p in parts if str(p).strip()}
+    words = [w.strip() for p in ([combine] if isinstance(combine, str) else combine)
+             for w in str(p).replace("+", ",").split(",")]
+    chosen = set(KINDS) if words == ["all"] else {w for w in words if w}
     unknown = sorted(chosen - set(KINDS))
     if unknown or not chosen:
         raise ValueError(f"combine={combine!r}: choose one or more of {list(KINDS)} (or 'all'); "
