@@ -39,9 +39,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "demo.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--setting", action="append", required=True,
+    parser.add_argument("--setting", action="append", default=[],
                         help="NAME:field=value,... classifier overrides; recipe=official selects a recipe")
-    parser.add_argument("--variant", action="append", required=True, help="NAME:field=value,... maps overrides")
+    parser.add_argument("--variant", action="append", default=[], help="NAME:field=value,... maps overrides")
     parser.add_argument("--scene", default="", help="the benchmark's realism knobs, field=value,... "
                         "(body_class, context_p, context_size, noise_rate; wsss.data.synth)")
     parser.add_argument("--limit", type=int, default=500, help="training images that get maps")
@@ -56,6 +56,8 @@ def main(argv=None) -> None:
     if args.figure:
         draw(root, args)
         return
+    if not args.setting or not args.variant:
+        parser.error("give at least one --setting and one --variant (or --figure with --column)")
     root.mkdir(parents=True, exist_ok=True)
     rows_path = root / "rows.jsonl"
     done = rows_done(rows_path)
