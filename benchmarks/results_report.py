@@ -126,6 +126,8 @@ def pairs_table(df: pd.DataFrame) -> str:
 
 
 def segmentation_table(seg: pd.DataFrame) -> str:
+    if seg.empty:
+        return "(no rows in docs/data/results_segmentation.jsonl yet: `benchmarks/results.sh segmentation figures`)"
     rows = []
     for (setting, variant), label in SEGMENTATION.items():
         d = seg[(seg["setting"] == setting) & (seg["variant"] == variant)] if len(seg) else seg
@@ -157,8 +159,9 @@ def merged(paths: list[Path], out: Path) -> pd.DataFrame:
     for path in [out, *paths]:
         for r in map(json.loads, path.open()) if path.is_file() else ():
             rows[r["setting"], r["variant"], r["seed"], r.get("scene", "")] = r
-    out.parent.mkdir(exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
+    if rows:
+        out.parent.mkdir(exist_ok=True)
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
     return pd.DataFrame(list(rows.values()))
 
 
