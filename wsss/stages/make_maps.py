@@ -6,7 +6,6 @@ from the split (``MapInputs``); finished images are skipped when RUN/maps/settin
 records the same settings (``overwrite=True`` recomputes everything).
 """
 
-
 from __future__ import annotations
 
 import logging
