@@ -20,10 +20,9 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from wsss import viz
+from wsss import report, viz
 from wsss.paths import REPO_ROOT, runs_dir
 from wsss.stages.evaluate import DEFAULT_THRESHOLDS as THRESHOLDS
 
@@ -53,14 +52,14 @@ INFERENCE = {"cam": "single-image CAM", "coatt_k1": "co-attention, k = 1", "coat
 SEGMENTATION = {("basic", "cam"): "the basic classifier's CAM", ("ours", "all"): "`ours`, CAM + co-att + self"}
 
 
-def load(rows_path: Path) -> pd.DataFrame:
+def load(rows: list[dict]) -> pd.DataFrame:
     """Every row of the grid, with its condition, arm and settings-table column where it has them."""
-    rows = []
-    for r in map(json.loads, rows_path.open()):
+    out = []
+    for r in rows:
         prefix, _, arm = r["setting"].rpartition("_")
-        rows.append({**r, "condition": CONDITIONS.get(prefix + "_" if prefix else ""), "arm": arm,
-                     "maps": MAPS.get((arm, r["variant"]))})
-    return pd.DataFrame(rows)
+        out.append({**r, "condition": CONDITIONS.get(prefix + "_" if prefix else ""), "arm": arm,
+                    "maps": MAPS.get((arm, r["variant"]))})
+    return pd.DataFrame(out)
 
 
 def cell(values: pd.Series, scale: float = 100, digits: int = 1) -> str:
@@ -130,7 +129,7 @@ def segmentation_table(seg: pd.DataFrame) -> str:
         return "(no rows in docs/data/results_segmentation.jsonl yet: `benchmarks/results.sh segmentation figures`)"
     rows = []
     for (setting, variant), label in SEGMENTATION.items():
-        d = seg[(seg["setting"] == setting) & (seg["variant"] == variant)] if len(seg) else seg
+        d = seg[(seg["setting"] == setting) & (seg["variant"] == variant)]
         if d.empty:
             continue
         seeds = ", ".join(f"{100 * v:.1f}" for v in d.sort_values("seed")["seg_miou"])
@@ -147,12 +146,12 @@ def sweep_curves(df: pd.DataFrame, curves: dict) -> dict:
     for label, (setting, variant) in curves.items():
         sweeps = pick(df, setting, variant, "maps_sweep").dropna()
         if len(sweeps):
-            mean = np.mean(np.stack(sweeps.to_list()), axis=0)
-            out[f"{label} (n = {len(sweeps)})"] = [{"threshold": t, "miou": m} for t, m in zip(THRESHOLDS, mean)]
+            out[f"{label} (n = {len(sweeps)})"] = report.mean_sweep(
+                [[{"threshold": t, "miou": m} for t, m in zip(THRESHOLDS, s)] for s in sweeps])
     return out
 
 
-def merged(paths: list[Path], out: Path) -> pd.DataFrame:
+def merged(paths: list[Path], out: Path) -> list[dict]:
     """The rows of every file that exists (a later file's row replaces an earlier one of the same
     setting, variant, seed and scene), also written to ``out``: the per-seed values kept in the repo."""
     rows = {}
@@ -162,7 +161,7 @@ def merged(paths: list[Path], out: Path) -> pd.DataFrame:
     if rows:
         out.parent.mkdir(exist_ok=True)
         out.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
-    return pd.DataFrame(list(rows.values()))
+    return list(rows.values())
 
 
 def main(argv=None) -> None:
@@ -172,9 +171,8 @@ def main(argv=None) -> None:
     parser.add_argument("--figures", default=str(REPO_ROOT / "figures"))
     args = parser.parse_args(argv)
     kept = REPO_ROOT / "docs" / "data"
-    merged([Path(args.root) / "rows.jsonl"], kept / "results_rows.jsonl")
-    df = load(kept / "results_rows.jsonl")
-    seg = merged([Path(args.root) / "segmentation.jsonl"], kept / "results_segmentation.jsonl")
+    df = load(merged([Path(args.root) / "rows.jsonl"], kept / "results_rows.jsonl"))
+    seg = pd.DataFrame(merged([Path(args.root) / "segmentation.jsonl"], kept / "results_segmentation.jsonl"))
     tables = {"ablation": ablation_table(df), "inference": inference_table(df), "pairs": pairs_table(df),
               "segmentation": segmentation_table(seg),
               "settings": settings_table(df, SETTINGS_ROWS), "knobs": settings_table(df, KNOB_ROWS)}

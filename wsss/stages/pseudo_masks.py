@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 
 #: the long side, in pixels, of the images the CRF defaults were chosen for (PASCAL VOC)
 CRF_REFERENCE_SIZE = 500
-#: save_mask's temporary files: ".NAME.png.PID.tmp"
 
 
 # =========================================================================== config
