@@ -30,7 +30,8 @@ for section in $SECTIONS; do
             --variant coatt_k5:combine=coatt,k=5 --variant all_k1:combine=all,k=1 --variant all_k5:combine=all,k=5 --variant cam_coatt:combine=cam+coatt \
             --variant "reference:aggregate=reference,partners=replace,scales=[1.0]" ;;
     segmentation)
-        $PY benchmarks/segmentation_grid.py --seeds 0 1 2 --run basic/cam:combine=cam --run ours/all:combine=all ;;
+        $PY benchmarks/segmentation_grid.py --seeds 0 1 2 --run basic/cam:combine=cam --run ours/all:combine=all \
+            --run ours/cam_coatt:combine=cam+coatt ;;
     settings)  # METHOD.md sec. 5: 2 = train + single-label images, 3 = train + noisy web images
         pair s2 "" "split=[train,train_single]"
         pair s3 "" "split=[train,train_web]"

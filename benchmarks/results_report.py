@@ -49,7 +49,8 @@ INFERENCE = {"cam": "single-image CAM", "coatt_k1": "co-attention, k = 1", "coat
              "all": "CAM + co-att + self, k = 3", "all_k5": "CAM + co-att + self, k = 5",
              "cam_coatt": "CAM + co-att, k = 3 (no self-pairs)",
              "reference": "the reference's five-map aggregate"}
-SEGMENTATION = {("basic", "cam"): "the basic classifier's CAM", ("ours", "all"): "`ours`, CAM + co-att + self"}
+SEGMENTATION = {("basic", "cam"): "the basic classifier's CAM", ("ours", "all"): "`ours`, CAM + co-att + self (the demo)",
+                ("ours", "cam_coatt"): "`ours`, CAM + co-att (no self-pair maps)"}
 
 
 def load(rows: list[dict]) -> pd.DataFrame:
