@@ -40,6 +40,17 @@ def test_help_lists_every_subcommand():
         assert "--run-dir" in subparsers[name].format_help(), name
 
 
+def test_every_stage_flag_says_what_it_is():
+    """Each flag's help is more than its default: the stage's HELP, config.SHARED_HELP or a nested
+    config's own (crf.HELP) names it."""
+    subparsers = cli.build_parser()._subparsers._group_actions[0].choices
+    for name in cli.STAGES:
+        for action in subparsers[name]._actions:
+            if action.option_strings and action.dest not in ("help", "config"):
+                text = action.help.replace("(required unless in --config)", "")
+                assert not text.startswith("(default:") and text.strip(), f"{name} {action.option_strings[0]}"
+
+
 def test_demo_cli_runs_the_whole_pipeline_and_prints_the_table(smoke_run):
     tmp, proc = smoke_run
     run_dir = tmp / "runs" / "smoke"

@@ -84,20 +84,14 @@ def _coerce(value, tp, where: str):
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if inner is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if inner in (int, float):
+        what, accepted = ("an integer", (int, str)) if inner is int else ("a number", (int, float, str))
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ConfigError(f"{where}: expected {what}, got {value!r}")
         try:
-            return int(value)
+            return inner(value)
         except ValueError:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-    if inner is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{where}: expected {what}, got {value!r}") from None
     if inner is str:
         if isinstance(value, (str, Path)):
             return str(value)
@@ -300,6 +294,23 @@ def _parse_optional(tp):
     return parse
 
 
+#: flag help of the fields that mean the same in every stage config (a stage's HELP may say more)
+SHARED_HELP = {
+    "data_root": "dataset root in VOC layout",
+    "device": "auto | cpu | cuda[:i]",
+    "amp": "bf16 autocast on CUDA",
+    "channels_last": "channels_last memory format on CUDA",
+    "log_every": "progress-bar loss update every N steps",
+    "ckpt_every": "also checkpoint every N steps (0: once per epoch)",
+    "limit": "only the first N images of the split",
+}
+
+
+def prefixed(prefix: str, help_texts: dict) -> dict:
+    """The help of a nested config's fields under its field name: {"crf.iters": ..., ...}."""
+    return {f"{prefix}.{key}": text for key, text in help_texts.items()}
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "", help_texts: dict | None = None,
                   defaults=None) -> None:
     """Add one typed flag per field of ``cls`` (``--field-name``; nested: ``--loss.field-name``).
@@ -327,7 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "", hel
             add_arguments(parser, tp, prefix=dest + ".", help_texts=help_texts, defaults=default)
             continue
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        text = help_texts.get(dest, "")
+        text = help_texts.get(dest, SHARED_HELP.get(dest, ""))
         text = f"{text} (required unless in --config)" if required else f"{text} (default: {default})"
         kw: dict = dict(dest=dest, default=argparse.SUPPRESS, help=text.strip())
         item = _sequence_item_type(tp)

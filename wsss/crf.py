@@ -26,6 +26,8 @@ import numpy as np
 
 #: probabilities are clipped to at least this before the log of the unary
 PROB_FLOOR = 1e-5
+#: the long side, in pixels, of the images the defaults were chosen for (PASCAL VOC)
+CRF_REFERENCE_SIZE = 500
 
 
 @dataclass
@@ -48,6 +50,15 @@ class CRFParams:
         if factor <= 0:
             raise ValueError(f"CRFParams.scaled: factor must be positive, got {factor}")
         return replace(self, gauss_sxy=self.gauss_sxy * factor, bilateral_sxy=self.bilateral_sxy * factor)
+
+
+#: flag help of the CRFParams fields (a stage's config nests them: ``config.prefixed("crf", HELP)``)
+HELP = {
+    "iters": "CRF mean-field iterations",
+    "gauss_sxy": "CRF Gaussian width (px at VOC size)", "gauss_compat": "CRF Gaussian weight",
+    "bilateral_sxy": "CRF bilateral spatial width (px at VOC size)",
+    "bilateral_srgb": "CRF bilateral colour width", "bilateral_compat": "CRF bilateral weight",
+}
 
 
 def _check_inputs(image: np.ndarray, probs: np.ndarray) -> None:

@@ -373,11 +373,11 @@ def run_data_root(run_dir: str | Path) -> str:
     """The dataset a run was made from (the data_root its stage configs record)."""
     import yaml
 
-    for name in ("config_maps.yaml", "config_classifier.yaml", "config_pseudo.yaml", "config_evaluate.yaml"):
+    for name in (R.folder_config(R.MAPS), R.CLASSIFIER_CONFIG, R.folder_config(R.PSEUDO), R.EVALUATE_CONFIG):
         path = Path(run_dir) / name
         if path.is_file():
             return str((yaml.safe_load(path.read_text()) or {})["data_root"])
-    raise FileNotFoundError(f"{run_dir} holds no stage config (config_maps.yaml, ...): is it a run directory?")
+    raise FileNotFoundError(f"{run_dir} holds no stage config ({R.folder_config(R.MAPS)}, ...): is it a run directory?")
 
 
 def resolve_path(path: str | Path | None, default: str | Path, base: str | Path) -> Path:
@@ -464,7 +464,7 @@ def run_mask_params(run_dir: str | Path, **overrides):
     from wsss.pseudo import PseudoMaskParams
     from wsss.stages.pseudo_masks import PseudoConfig
 
-    path = Path(run_dir) / "config_pseudo.yaml"
+    path = Path(run_dir) / R.folder_config(R.PSEUDO)
     params = C.load_yaml(PseudoConfig, path).mask_params() if path.is_file() else PseudoMaskParams()
     return dataclasses.replace(params, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -5,7 +5,7 @@
       maps/NAME.npz  maps/settings.json       config_maps.yaml        (one folder per maps setting)
       pseudo/NAME.png  pseudo/settings.json   config_pseudo.yaml
       segmenter.pt  metrics_segmenter.json  config_segmenter.yaml  segmenter_train/{log.jsonl,checkpoint_last.pt}
-      metrics.json  config_evaluate.yaml  provenance.json  figures/
+      metrics.json  config_evaluate.yaml  provenance.json  config.yaml (the pipeline's)  figures/
 
 Stages, reports and figures join these names to a run directory; none spells one itself.
 """
@@ -30,6 +30,7 @@ SETTINGS = "settings.json"  # inside a maps / pseudo-mask folder: what made its 
 CHECKPOINT = "checkpoint_last.pt"  # a training stage's resumable state
 LOG = "log.jsonl"  # a training stage's loss log
 PROVENANCE = "provenance.json"
+PIPELINE_CONFIG = "config.yaml"  # the pipeline command's whole config
 ABLATION = "ablation.json"  # an ablation run's parameters (04_ablation)
 #: training stage -> the weights it leaves, its metrics, its config
 TRAINED = {"classifier": CLASSIFIER, "segmenter": SEGMENTER}

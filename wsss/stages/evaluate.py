@@ -40,7 +40,8 @@ from wsss import engine as E
 from wsss import provenance
 from wsss import rundir as R
 from wsss.classes import IGNORE_INDEX
-from wsss.crf import CRFParams, crf_labels
+from wsss.crf import CRF_REFERENCE_SIZE, CRFParams, crf_labels
+from wsss.crf import HELP as CRF_HELP
 from wsss.data.transforms import eval_transforms
 from wsss.data.voc import class_names, load_image, load_mask, mask_dir, read_split
 from wsss.files import check_current, write_json
@@ -48,7 +49,6 @@ from wsss.maps import load_maps, maps_path
 from wsss.metrics import ConfusionMatrix
 from wsss.progress import progress
 from wsss.stages import train_segmenter
-from wsss.stages.pseudo_masks import CRF_REFERENCE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +399,6 @@ def run(cfg: EvalConfig | dict) -> dict:
 # =========================================================================== command line
 
 HELP = {
-    "data_root": "dataset root in VOC layout (ground-truth masks)",
     "run_dir": "run directory (maps/, pseudo/, segmenter.pt; metrics.json is written here)",
     "parts": "what to evaluate: maps pseudo segmenter, or auto (whatever exists)",
     "maps_split": "split of the localization maps",
@@ -409,14 +408,10 @@ HELP = {
     "seg_split": "split the segmenter is tested on",
     "thresholds": "background thresholds swept for the maps",
     "crf": "also report the segmenter's mIoU after a dense CRF",
-    "crf_params.iters": "CRF mean-field iterations",
-    "crf_params.gauss_sxy": "CRF Gaussian width (px)", "crf_params.gauss_compat": "CRF Gaussian weight",
-    "crf_params.bilateral_sxy": "CRF bilateral spatial width (px)",
-    "crf_params.bilateral_srgb": "CRF bilateral colour width", "crf_params.bilateral_compat": "CRF bilateral weight",
-    "crf_scale": "scale the CRF spatial widths by max(H, W) / 500 per image (as the pseudo-mask stage)",
+    **C.prefixed("crf_params", CRF_HELP),
+    "crf_scale": f"scale the CRF spatial widths by max(H, W) / {CRF_REFERENCE_SIZE} per image (as pseudo masks do)",
     "scales": "test scales of the segmenter",
     "flip": "average the segmenter over horizontal flips",
-    "device": "auto | cpu | cuda[:i]",
     "amp": "bf16 autocast on CUDA for the segmenter",
     "allow_missing": "evaluate only the images that have maps / pseudo masks",
     "limit": "only the first N images of the segmenter's split",

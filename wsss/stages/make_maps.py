@@ -191,7 +191,6 @@ def run(cfg: MapsConfig | dict) -> dict:
 # =========================================================================== command line
 
 HELP = {
-    "data_root": "dataset root in VOC layout",
     "run_dir": "run directory holding classifier.pt",
     "split": "split whose images get maps (ImageSets/Segmentation/SPLIT.txt)",
     "k": "partners per class for the cross-image maps",
@@ -202,11 +201,8 @@ HELP = {
     "partners": "distinct: k other images per class; replace: k draws with replacement, the image included (reference)",
     "image_size": "resize images to this square size for the network (none: native); maps keep the native size",
     "seed": "seed of the partner draws (one generator per image)",
-    "device": "auto | cpu | cuda[:i]",
-    "amp": "bf16 autocast on CUDA",
     "batch": "images per backbone call",
     "workers": "DataLoader worker processes (image and partner loading)",
-    "limit": "only the first N images of the split",
     "maps_dir": "output folder inside the run directory (or an absolute path)",
     "overwrite": "recompute maps that already exist",
 }

@@ -138,7 +138,7 @@ def run(cfg: PipelineConfig | dict) -> dict:
     data_root = prepare_data(cfg)
     configs = stage_configs(cfg, data_root, run_dir)  # check every section before spending time
     run_dir.mkdir(parents=True, exist_ok=True)
-    C.save_yaml(cfg, run_dir / "config.yaml")
+    C.save_yaml(cfg, run_dir / R.PIPELINE_CONFIG)
     results, seconds = {}, {}
     for name, stage_cfg in configs.items():
         module, _ = STAGES[name]

@@ -48,6 +48,8 @@ from wsss import config as C
 from wsss import provenance
 from wsss import rundir as R
 from wsss.classes import IGNORE_INDEX
+from wsss.crf import CRF_REFERENCE_SIZE
+from wsss.crf import HELP as CRF_HELP
 from wsss.data.voc import IMAGE_DIR, DatasetError, VOCDataset, load_image, load_mask, save_mask
 from wsss.files import check_current, check_settings, remove_stale_tmp, write_json
 from wsss.maps import load_maps
@@ -56,8 +58,6 @@ from wsss.pseudo import BG_MODES, PseudoMaskParams, scores_to_mask
 
 log = logging.getLogger(__name__)
 
-#: the long side, in pixels, of the images the CRF defaults were chosen for (PASCAL VOC)
-CRF_REFERENCE_SIZE = 500
 
 
 # =========================================================================== config
@@ -93,7 +93,6 @@ class PseudoConfig(PseudoMaskParams):
 
 
 HELP = {
-    "data_root": "dataset root in VOC layout",
     "run_dir": "run directory holding the maps folder",
     "split": "split whose images get pseudo masks (ImageSets/Segmentation/SPLIT.txt)",
     "maps_dir": "localization maps folder inside the run directory (or an absolute path)",
@@ -107,13 +106,9 @@ HELP = {
     "conflict": "pixels with two class scores above this are ignored (255)",
     "min_fg_fraction": "images with less foreground than this fraction are ignored whole",
     "use_crf": "refine the scores with a dense CRF",
-    "crf.iters": "CRF mean-field iterations",
-    "crf.gauss_sxy": "CRF Gaussian width (px at VOC size)", "crf.gauss_compat": "CRF Gaussian weight",
-    "crf.bilateral_sxy": "CRF bilateral spatial width (px at VOC size)",
-    "crf.bilateral_srgb": "CRF bilateral colour width", "crf.bilateral_compat": "CRF bilateral weight",
+    **C.prefixed("crf", CRF_HELP),
     "crf_scale": f"scale the CRF spatial widths by max(H, W) / {CRF_REFERENCE_SIZE} per image",
     "workers": "worker processes (<= 1: in this process)",
-    "limit": "only the first N images of the split",
     "overwrite": "recompute masks that already exist",
 }
 

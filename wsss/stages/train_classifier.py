@@ -97,7 +97,6 @@ REFERENCE_VOC = dict(backbone="vgg16", pretrained="hub", image_size=256, batch_s
                      weight_decay=5e-4, workers=4, loss={"self_pairs": True})
 
 HELP = {
-    "data_root": "dataset root in VOC layout",
     "run_dir": "run directory for checkpoints, logs and classifier.pt",
     "split": "training split(s) (ImageSets/Segmentation/SPLIT.txt); several are concatenated, e.g. train train_single",
     "val_split": "split for the per-epoch mAP ('none' to skip)",
@@ -134,13 +133,12 @@ HELP = {
     "loss.w_basic": "weight of the basic loss", "loss.w_coatt": "weight of the co-attention loss",
     "loss.w_con": "weight of the contrastive loss", "loss.w_self": "weight of the self-pair losses",
     "loss.con_warmup_epochs": "epochs before the contrastive loss is switched on",
+    "loss.empty_contrastive": "an empty contrastive target: skip (left out of the mean) or negative (all-negative "
+                              "target, the reference)",
+    "loss.self_weighting": "mean: the pair and the mean self-pair weigh half each (ours); sum: self-pair terms "
+                           "added (the reference)",
     "workers": "DataLoader worker processes",
     "seed": "seed of model init, pairs, order and augmentation",
-    "device": "auto | cpu | cuda[:i]",
-    "amp": "bf16 autocast on CUDA",
-    "channels_last": "channels_last memory format on CUDA",
-    "log_every": "progress-bar loss update every N steps",
-    "ckpt_every": "also checkpoint every N steps (0: once per epoch)",
     "max_steps": "stop after this many optimizer steps in all (the lr schedule ends there)",
     "resume": "continue from RUN/checkpoint_last.pt when present; keep a finished classifier.pt trained with the same settings",
 }

@@ -108,7 +108,6 @@ REFERENCE_VOC = dict(split="train_aug", model="deeplabv3_resnet101", crop=321, s
                      weight_decay=5e-4, schedule="poly", workers=4)
 
 HELP = {
-    "data_root": "dataset root in VOC layout",
     "run_dir": "run directory (pseudo masks in, segmenter.pt out)",
     "split": "training split (ImageSets/Segmentation/SPLIT.txt)",
     "masks_dir": "training masks: a folder inside the run directory (pseudo) or an absolute path",
@@ -132,12 +131,7 @@ HELP = {
     "step_epochs": "epochs at which the step schedule divides the lr by 10",
     "workers": "DataLoader worker processes",
     "seed": "seed of model init, order and augmentation",
-    "device": "auto | cpu | cuda[:i]",
-    "amp": "bf16 autocast on CUDA",
-    "channels_last": "channels_last memory format on CUDA",
     "sync_bn": "synchronise BatchNorm across GPUs under DDP",
-    "log_every": "progress-bar loss update every N steps",
-    "ckpt_every": "also checkpoint every N steps (0: once per epoch)",
     "resume": "continue from RUN/segmenter_train/checkpoint_last.pt when present",
 }
 
