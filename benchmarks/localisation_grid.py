@@ -30,8 +30,9 @@ from wsss import config as C
 from wsss import diagnostics as D
 from wsss.data.transforms import eval_transforms
 from wsss.data.voc import VOCDataset
+from wsss.evaluation import evaluate_maps, evaluate_masks
 from wsss.paths import REPO_ROOT, runs_dir
-from wsss.stages import evaluate, make_maps, pipeline, pseudo_masks, train_classifier
+from wsss.stages import make_maps, pipeline, pseudo_masks, train_classifier
 from wsss.stages.train_classifier import load_classifier
 
 
@@ -83,15 +84,15 @@ def main(argv=None) -> None:
                 maps_cfg = C.merge(C.to_dict(stages["maps"]),
                                            {**maps_over, "maps_dir": f"maps_{variant}", "limit": args.limit})
                 make_maps.run(maps_cfg)
-                maps_res = evaluate.evaluate_maps(data_root, "train", run_dir / f"maps_{variant}",
+                maps_res = evaluate_maps(data_root, "train", run_dir / f"maps_{variant}",
                                                   allow_missing=True)
                 pseudo_cfg = {**C.to_dict(stages["pseudo"]), "maps_dir": f"maps_{variant}",
                               "out_dir": f"pseudo_{variant}", "limit": args.limit}
                 pseudo_masks.run(pseudo_cfg)
-                pseudo_res = evaluate.evaluate_masks(data_root, "train", run_dir / f"pseudo_{variant}",
+                pseudo_res = evaluate_masks(data_root, "train", run_dir / f"pseudo_{variant}",
                                                      allow_missing=True)
                 pseudo_masks.run({**pseudo_cfg, "out_dir": f"pseudo_{variant}_nocrf", "use_crf": False})
-                nocrf_res = evaluate.evaluate_masks(data_root, "train", run_dir / f"pseudo_{variant}_nocrf",
+                nocrf_res = evaluate_masks(data_root, "train", run_dir / f"pseudo_{variant}_nocrf",
                                                     allow_missing=True)
                 names = VOCDataset(data_root, "train", with_mask=False).names[:args.limit]
                 cover = {f"{k}@0.5": v[0] for k, v in D.maps_part_coverage(

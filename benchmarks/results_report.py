@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 
 from wsss import report, viz
+from wsss.evaluation import DEFAULT_THRESHOLDS as THRESHOLDS
 from wsss.paths import REPO_ROOT, runs_dir
-from wsss.stages.evaluate import DEFAULT_THRESHOLDS as THRESHOLDS
 
 # setting name prefix -> the condition it measures (METHOD.md sec. 5; data/README.md's knobs)
 CONDITIONS = {

@@ -21,6 +21,7 @@ import yaml
 from _settings import append_row, parse_setting, rows_done
 
 from wsss import config as C
+from wsss.evaluation import evaluate_masks
 from wsss.paths import REPO_ROOT, runs_dir
 from wsss.stages import evaluate, make_maps, pipeline, pseudo_masks, train_segmenter
 
@@ -57,7 +58,7 @@ def main(argv=None) -> None:
             seg = {**C.to_dict(stages["segmenter"]), "run_dir": str(seg_dir), "masks_dir": str(run_dir / pseudo_dir)}
             train_segmenter.run(seg)
             res = evaluate.run({**C.to_dict(stages["evaluate"]), "run_dir": str(seg_dir), "parts": ["segmenter"]})
-            masks = evaluate.evaluate_masks(data_root, "train", run_dir / pseudo_dir)
+            masks = evaluate_masks(data_root, "train", run_dir / pseudo_dir)
             row = {"setting": setting, "variant": variant, "seed": seed, "pseudo_miou": masks["miou"],
                    "pseudo_ignored": masks["num_ignored_images"],
                    "seg_miou": res["segmenter"]["miou"], "seg_miou_crf": res["segmenter"].get("miou_crf")}

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch import nn
 
+from wsss import evaluation as evl
 from wsss import viz
 from wsss.classes import IGNORE_INDEX, write_class_names
 from wsss.data.transforms import MEAN, STD
@@ -62,12 +63,12 @@ def write_maps(maps_dir: Path, entries: dict[str, tuple[list[np.ndarray], list[i
 
 def test_maps_to_labels():
     maps = np.array([[[0.9, 0.2, 0.6]], [[0.3, 0.2, 0.6]]], np.float32)  # (2, 1, 3)
-    assert ev.maps_to_labels(maps, [5, 7], 0.25).tolist() == [[5, 0, 5]]  # tie -> first map
-    assert ev.maps_to_labels(maps, [5, 7], 0.2).tolist() == [[5, 5, 5]]   # below means strictly below
-    assert ev.maps_to_labels(maps[::-1], [7, 5], 0.95).tolist() == [[0, 0, 0]]
-    assert ev.maps_to_labels(np.zeros((0, 2, 2)), [], 0.5).tolist() == [[0, 0], [0, 0]]
+    assert evl.maps_to_labels(maps, [5, 7], 0.25).tolist() == [[5, 0, 5]]  # tie -> first map
+    assert evl.maps_to_labels(maps, [5, 7], 0.2).tolist() == [[5, 5, 5]]   # below means strictly below
+    assert evl.maps_to_labels(maps[::-1], [7, 5], 0.95).tolist() == [[0, 0, 0]]
+    assert evl.maps_to_labels(np.zeros((0, 2, 2)), [], 0.5).tolist() == [[0, 0], [0, 0]]
     with pytest.raises(ValueError, match="classes"):
-        ev.maps_to_labels(maps, [1], 0.5)
+        evl.maps_to_labels(maps, [1], 0.5)
 
 
 # ----------------------------------------------------------------------- maps
@@ -75,8 +76,8 @@ def test_maps_to_labels():
 def test_perfect_maps_score_one(tree, tmp_path):
     maps_dir = write_maps(tmp_path / "maps", {"p": ([GT_P.astype(np.float32)], [1]),
                                               "q": ([np.ones((2, 4), np.float32)], [2])})
-    res = ev.evaluate_maps(tree, "train", maps_dir)
-    assert [p["miou"] for p in res["sweep"]] == [1.0] * len(ev.DEFAULT_THRESHOLDS)
+    res = evl.evaluate_maps(tree, "train", maps_dir)
+    assert [p["miou"] for p in res["sweep"]] == [1.0] * len(evl.DEFAULT_THRESHOLDS)
     assert res["miou"] == 1.0 and res["pixel_acc"] == 1.0 and res["num_images"] == 2
     assert res["best_threshold"] == 0.05  # the first of equals
     assert res["iou"] == {"background": 1.0, "a": 1.0, "b": 1.0, "c": None}  # c never occurs
@@ -84,7 +85,7 @@ def test_perfect_maps_score_one(tree, tmp_path):
 
 def test_hand_made_maps_have_their_known_miou(tree, tmp_path):
     maps_dir = write_maps(tmp_path / "maps", {"p": ([MAP_P], [1]), "q": ([np.ones((2, 4), np.float32)], [2])})
-    res = ev.evaluate_maps(tree, "train", maps_dir, thresholds=[0.3, 0.6, 0.95])
+    res = evl.evaluate_maps(tree, "train", maps_dir, thresholds=[0.3, 0.6, 0.95])
     # t=0.3: p -> [[0,1,1,1],[0,1,1,0]]: bg 2/(4+3-2)=0.4, a 3/(4+5-3)=0.5, b 1 -> 1.9/3
     # t=0.6: p -> [[0,0,1,1],[0,0,1,0]]: bg 4/5=0.8, a 3/4=0.75, b 1 -> 2.55/3
     # t=0.95: p all background: bg 4/8=0.5, a 0; q's maps are 1 everywhere: b 1 -> 1.5/3
@@ -101,7 +102,7 @@ def test_sweep_picks_the_separating_threshold(tmp_path):
     root = make_tree(tmp_path / "voc", {"x": gt}, split="val")
     m = np.where(gt == 3, 0.68, 0.42).astype(np.float32)  # object 0.68, background 0.42
     m[0, 0] = 1.0  # one background pixel of the map's own peak: wrong at every threshold
-    res = ev.evaluate_maps(root, "val", write_maps(tmp_path / "maps", {"x": ([m], [3])}))
+    res = evl.evaluate_maps(root, "val", write_maps(tmp_path / "maps", {"x": ([m], [3])}))
     best = [p["threshold"] for p in res["sweep"] if p["miou"] == res["miou"]]
     assert best == [0.45, 0.5, 0.55, 0.6, 0.65] and res["best_threshold"] == 0.45
     assert res["miou"] == pytest.approx((23 / 24 + 12 / 13) / 2)
@@ -110,15 +111,15 @@ def test_sweep_picks_the_separating_threshold(tmp_path):
 def test_missing_or_mismatched_maps(tree, tmp_path):
     maps_dir = write_maps(tmp_path / "maps", {"p": ([MAP_P], [1])})
     with pytest.raises(FileNotFoundError, match="1 of 2 train images.*allow_missing"):
-        ev.evaluate_maps(tree, "train", maps_dir)
-    res = ev.evaluate_maps(tree, "train", maps_dir, thresholds=[0.6], allow_missing=True)
+        evl.evaluate_maps(tree, "train", maps_dir)
+    res = evl.evaluate_maps(tree, "train", maps_dir, thresholds=[0.6], allow_missing=True)
     assert res["num_images"] == 1 and res["num_missing"] == 1
     assert res["miou"] == pytest.approx((0.8 + 0.75) / 2)
     with pytest.raises(FileNotFoundError, match="no localization maps in .* found for any train image"):
-        ev.evaluate_maps(tree, "train", tmp_path / "nothing", allow_missing=True)
+        evl.evaluate_maps(tree, "train", tmp_path / "nothing", allow_missing=True)
     write_maps(maps_dir, {"q": ([np.ones((3, 4), np.float32)], [2])})
     with pytest.raises(ValueError, match="q.npz is 4x3 but the ground truth .*q.png is 4x2"):
-        ev.evaluate_maps(tree, "train", maps_dir)
+        evl.evaluate_maps(tree, "train", maps_dir)
 
 
 # ----------------------------------------------------------------------- pseudo masks
@@ -127,7 +128,7 @@ def test_pseudo_masks(tree, tmp_path):
     masks = tmp_path / "pseudo"
     save_mask(masks / "p.png", GT_P)
     save_mask(masks / "q.png", GT_Q)
-    perfect = ev.evaluate_masks(tree, "train", masks)
+    perfect = evl.evaluate_masks(tree, "train", masks)
     assert perfect["miou"] == 1.0 and perfect["miou_confident"] == 1.0
     assert perfect["coverage"] == pytest.approx(15 / 16)  # q's ignored pixel is 255 in the pseudo mask too
 
@@ -135,7 +136,7 @@ def test_pseudo_masks(tree, tmp_path):
                          [255, 0, 1, 2]], np.uint8)
     save_mask(masks / "p.png", pseudo_p)
     save_mask(masks / "q.png", np.full((2, 4), 255, np.uint8))
-    res = ev.evaluate_masks(tree, "train", masks)
+    res = evl.evaluate_masks(tree, "train", masks)
     # 255 counted as background: p -> [[0,0,1,1],[0,0,1,2]], q -> all 0 (7 counted pixels)
     # bg: tp 4, gt 4, pred 4 + 7 -> 4/11; a: 3/4; b: tp 0, gt 7, pred 1 -> 0
     assert res["miou"] == pytest.approx((4 / 11 + 3 / 4 + 0) / 3)
@@ -174,10 +175,10 @@ def seg_tree(tmp_path):
 
 def test_perfect_segmenter_scores_one_with_and_without_crf(tmp_path):
     root = seg_tree(tmp_path)
-    res = ev.evaluate_segmenter(ColourModel(), root, "val", crf=True, scales=(1.0, 0.75), flip=True)
+    res = evl.evaluate_segmenter(ColourModel(), root, "val", crf=True, scales=(1.0, 0.75), flip=True)
     assert res["miou"] == 1.0 and res["num_images"] == 2
     assert res["miou_crf"] > 0.97 and set(res["iou_crf"]) == {"background", *NAMES}
-    assert "miou_crf" not in ev.evaluate_segmenter(ColourModel(), root, "val", limit=1)
+    assert "miou_crf" not in evl.evaluate_segmenter(ColourModel(), root, "val", limit=1)
 
 
 def test_wrong_segmenter_has_its_known_miou(tmp_path):
@@ -193,7 +194,7 @@ def test_wrong_segmenter_has_its_known_miou(tmp_path):
             logits[:, 0] = 1
             return logits + self.w
 
-    res = ev.evaluate_segmenter(Background(), root, "val")
+    res = evl.evaluate_segmenter(Background(), root, "val")
     gt_bg = 2 * 16 * 20 - (8 * 9 + 5 * 7 + 8 * 12)
     assert res["miou"] == pytest.approx(gt_bg / (2 * 16 * 20) / 4)
 
@@ -240,7 +241,7 @@ def test_a_read_only_run_directory_is_evaluated_without_writing(tree, tmp_path, 
 
 
 def test_sweep_figure(tree, tmp_path):
-    res = ev.evaluate_maps(tree, "train", write_maps(tmp_path / "maps", {
+    res = evl.evaluate_maps(tree, "train", write_maps(tmp_path / "maps", {
         "p": ([MAP_P], [1]), "q": ([np.ones((2, 4), np.float32)], [2])}))
     fig = viz.sweep_figure(res)
     assert isinstance(fig, Figure) and len(fig.axes[0].lines) == 2  # curve + best point

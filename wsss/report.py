@@ -424,7 +424,7 @@ def example_pairs(labels: np.ndarray, n: int = 4, p_common: float = 1.0, seed: i
 
 def image_miou(pred: np.ndarray, gt: np.ndarray, num_classes: int) -> float:
     """mIoU of one image over the K + 1 classes present in its truth or prediction; a
-    prediction's 255 ("not sure") counts as background, as in wsss.stages.evaluate."""
+    prediction's 255 ("not sure") counts as background, as in wsss.evaluation."""
     import torch
 
     from wsss.classes import IGNORE_INDEX

@@ -231,7 +231,7 @@ def _results(job: _Job, names: list[str], workers: int):
 
 class MaskTally:
     """Sums of :func:`make_one`'s results over the split (quality against ground truth is
-    the evaluation stage's job: ``wsss.stages.evaluate.evaluate_masks``)."""
+    the evaluation stage's job: ``wsss.evaluation.evaluate_masks``)."""
 
     def __init__(self):
         self.computed = self.skipped = self.pixels = self.ignored = self.foreground = self.all_ignored = 0
@@ -259,7 +259,7 @@ def run(cfg: PseudoConfig | dict) -> dict:
     Returns {"num_images" (computed now), "num_skipped", "seconds", "images_per_s",
     "ignored_fraction", "fg_fraction" (over all pixels of all the split's masks, new and
     skipped), "num_all_ignored" (images ignored whole), "out_dir"}. Their quality against
-    ground truth: ``wsss.stages.evaluate.evaluate_masks``.
+    ground truth: ``wsss.evaluation.evaluate_masks``.
     """
     if isinstance(cfg, dict):
         cfg = C.from_dict(PseudoConfig, cfg)
