@@ -16,6 +16,7 @@ from ddp_local import launch_local
 
 from wsss import config as C
 from wsss import engine as E
+from wsss import evaluation as evl
 from wsss import metrics as M
 from wsss import rundir as R
 from wsss.stages import train_classifier as T
@@ -127,7 +128,7 @@ def test_load_classifier_reproduces_the_recorded_map(finished_run, bench):
     assert not model.training and len(model.class_names) == 4 and model.train_config.image_size == 32
     val = VOCDataset(bench, "val", transforms=eval_transforms(32), with_mask=False)
     loader = E.make_eval_loader(val, 8)
-    assert T.evaluate_map(model, loader, torch.device("cpu"))["val/map"] == pytest.approx(metrics["val_map"])
+    assert evl.evaluate_map(model, loader, torch.device("cpu"))["val/map"] == pytest.approx(metrics["val_map"])
     with pytest.raises(FileNotFoundError, match="train the classifier first"):
         T.load_classifier(run_dir.parent / "nothing-here")
 

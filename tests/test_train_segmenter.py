@@ -20,6 +20,7 @@ from torchvision import tv_tensors
 
 from wsss import config as C
 from wsss import engine as E
+from wsss import evaluation as evl
 from wsss import rundir as R
 from wsss.stages import train_segmenter as T
 from wsss.stages import training
@@ -108,8 +109,8 @@ def test_load_segmenter_reproduces_the_recorded_miou(finished_run, bench):
     model = T.load_segmenter(run_dir, "cpu")
     assert not model.training and len(model.class_names) == 4 and model.train_config.crop == 32
     val = VOCDataset(bench, "val", transforms=eval_transforms(None))
-    loader = E.make_eval_loader(val, 5, collate_fn=T.collate_list)
-    got = T.evaluate_miou(model, loader, torch.device("cpu"), 4)
+    loader = E.make_eval_loader(val, 5, collate_fn=evl.collate_list)
+    got = evl.evaluate_miou(model, loader, torch.device("cpu"), 4)
     assert got["val/miou"] == pytest.approx(metrics["val_miou"])
     with pytest.raises(FileNotFoundError, match="train the segmenter first"):
         T.load_segmenter(run_dir.parent / "nothing-here")
@@ -199,8 +200,8 @@ def test_ddp_evaluation_covers_the_split_once(finished_run, bench, tmp_path):
     assert len(log) == 1 and log[0]["step"] == 2 and np.isfinite(log[0]["loss/total"])
     model = T.load_segmenter(tmp_path, "cpu")
     loader = E.make_eval_loader(VOCDataset(bench, "val", transforms=eval_transforms(None)), 8,
-                                collate_fn=T.collate_list)
-    assert T.evaluate_miou(model, loader, torch.device("cpu"), 4)["val/miou"] == pytest.approx(log[0]["val/miou"])
+                                collate_fn=evl.collate_list)
+    assert evl.evaluate_miou(model, loader, torch.device("cpu"), 4)["val/miou"] == pytest.approx(log[0]["val/miou"])
 
 
 # --------------------------------------------------------------------------- evaluation by hand
@@ -228,9 +229,9 @@ def test_evaluate_miou_by_hand_on_images_of_different_sizes():
     a = item([[0, 1], [1, 255]])               # 2 x 2
     b = item([[0, 0, 2], [0, 2, 2], [0, 0, 0]])  # 3 x 3
     c = item([[1, 0, 0]])                       # 1 x 3
-    groups = T.same_size_groups([a, b, item([[0, 0, 0], [0, 0, 0], [0, 0, 0]]), c])
+    groups = evl.same_size_groups([a, b, item([[0, 0, 0], [0, 0, 0], [0, 0, 0]]), c])
     assert [len(g) for g in groups] == [1, 2, 1]
-    result = T.evaluate_miou(Background(3), [[a, b], [c]], torch.device("cpu"), 2)
+    result = evl.evaluate_miou(Background(3), [[a, b], [c]], torch.device("cpu"), 2)
     # background: 1 + 6 + 2 = 9 true pixels, predicted on all 3 + 9 + 3 = 15 valid pixels
     assert result["val/iou"] == pytest.approx([9 / 15, 0.0, 0.0])
     assert result["val/miou"] == pytest.approx(9 / 15 / 3)

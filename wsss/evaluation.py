@@ -16,7 +16,10 @@ ground-truth pixels labelled 255 are left out.
 - Segmenter (sec. 4): predictions of ``wsss.models.segmenter.predict`` (multi-scale,
   optional flips), with and without a dense CRF (``wsss.crf``).
 
-The evaluation stage (``wsss.stages.evaluate``) runs these on a run directory's files.
+The evaluation stage (``wsss.stages.evaluate``) runs these on a run directory's files. The
+training stages' per-epoch numbers on a (possibly sharded) val loader are here too: the
+classifier's image-level mAP (``evaluate_map``) and the segmenter's single-scale mIoU
+(``evaluate_miou``).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torchvision import tv_tensors
 
 from wsss import engine as E
@@ -36,7 +40,8 @@ from wsss.crf import CRF_REFERENCE_SIZE, CRFParams, crf_labels
 from wsss.data.transforms import eval_transforms
 from wsss.data.voc import class_names, load_image, load_mask, mask_dir, read_split
 from wsss.maps import load_maps, maps_path
-from wsss.metrics import ConfusionMatrix
+from wsss.metrics import ConfusionMatrix, average_precision, mean_average_precision
+from wsss.models.segmenter import predict
 from wsss.progress import progress
 
 log = logging.getLogger(__name__)
@@ -199,8 +204,6 @@ def evaluate_segmenter(model, data_root, split: str = "val", crf: bool = False, 
     ``model`` maps (B, 3, H, W) to logits (B, K+1, H, W) and stays on its device; it is
     put in eval mode. ``limit``: only the first N images of the split.
     """
-    from wsss.models.segmenter import predict
-
     root = Path(data_root)
     names_fg = class_names(root)
     names, _ = read_split(root, split, len(names_fg))
@@ -232,3 +235,76 @@ def evaluate_segmenter(model, data_root, split: str = "val", crf: bool = False, 
     if crf:
         out.update({f"{key}_crf": value for key, value in _summary(cm_crf, names_fg).items()})
     return out
+
+
+# =========================================================================== per-epoch val scores of the training stages
+
+@torch.no_grad()
+def predict_scores(model, loader, device: torch.device, *, amp: bool = True, channels_last: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indices, sigmoid(s) (N, K), labels (N, K)) over ``loader``, s = GAP of the basic map S."""
+    model.eval()
+    idx, probs, labels = [], [], []
+    for batch in loader:
+        x = E.to_device(batch["image"], device, channels_last)
+        with E.autocast(device, amp):
+            s = model.cam(x).float().mean(dim=(2, 3))
+        idx.append(torch.as_tensor(batch["index"]).cpu())
+        probs.append(torch.sigmoid(s).cpu())
+        labels.append(batch["label"].cpu())
+    if not idx:
+        k = getattr(model, "num_classes", 0)
+        return np.zeros(0, int), np.zeros((0, k)), np.zeros((0, k))
+    return torch.cat(idx).numpy(), torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+def evaluate_map(model, loader, device: torch.device, *, amp: bool = True, channels_last: bool = False) -> dict:
+    """Image-level classification mAP on a (possibly sharded) val loader: every rank scores
+    its shard, the shards are gathered and de-duplicated by index."""
+    parts = E.all_gather_objects(predict_scores(model, loader, device, amp=amp, channels_last=channels_last))
+    idx = np.concatenate([p[0] for p in parts])
+    _, first = np.unique(idx, return_index=True)
+    probs = np.concatenate([p[1] for p in parts])[first]
+    labels = np.concatenate([p[2] for p in parts])[first]
+    ap = average_precision(probs, labels)
+    return {"val/map": mean_average_precision(probs, labels),
+            "val/ap": [None if np.isnan(a) else float(a) for a in ap]}
+
+
+def collate_list(items: list[dict]) -> list[dict]:
+    """Keep a val batch as a list: VOC images differ in size (see ``same_size_groups``)."""
+    return items
+
+
+def same_size_groups(items: list[dict]) -> list[list[dict]]:
+    """Runs of consecutive items whose images have one size (each becomes one forward pass)."""
+    groups: list[list[dict]] = []
+    for item in items:
+        if groups and groups[-1][0]["image"].shape == item["image"].shape:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
+
+
+@torch.no_grad()
+def evaluate_miou(model: nn.Module, loader, device: torch.device, num_classes: int, *, amp: bool = True,
+                  channels_last: bool = False) -> dict:
+    """mIoU over K + 1 classes of single-scale predictions on a (possibly sharded) val
+    loader of ``collate_list`` batches: one confusion matrix per rank, summed over ranks."""
+    model.eval()
+    cm = ConfusionMatrix(num_classes + 1, device)
+    for items in loader:
+        for group in same_size_groups(items):
+            x = E.to_device(torch.stack([it["image"].as_subclass(torch.Tensor) for it in group]), device,
+                            channels_last)
+            target = torch.stack([it["mask"].as_subclass(torch.Tensor) for it in group]).to(device)
+            with E.autocast(device, amp):
+                probs = predict(model, x)
+            cm.update(probs.argmax(1), target)
+    total = ConfusionMatrix(num_classes + 1)
+    for mat in E.all_gather_objects(cm.mat.cpu()):
+        total.mat += mat
+    result = total.compute()
+    return {"val/miou": result["miou"], "val/pixel_acc": result["pixel_acc"],
+            "val/iou": [None if np.isnan(v) else float(v) for v in result["iou"]]}

@@ -36,6 +36,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from wsss import rundir as R
 from wsss.classes import IGNORE_INDEX, load_class_names, voc_palette
 from wsss.files import atomic_path, write_text
 from wsss.progress import progress
@@ -452,3 +453,19 @@ class VOCDataset(Dataset):
             image = self.transforms(image)
         item["image"] = image
         return item
+
+
+class PseudoMaskDataset(VOCDataset):
+    """The images of a VOC split with their masks taken from ``masks_dir/NAME.png``
+    (e.g. RUN/pseudo) instead of the dataset's ground truth. Items as VOCDataset's."""
+
+    def __init__(self, root: str | Path, split: str, masks_dir: str | Path, transforms=None):
+        super().__init__(root, split, transforms=transforms, with_mask=False)
+        self.masks_dir = Path(masks_dir)
+        self.with_mask = True  # VOCDataset.__getitem__ then reads self.mask_path(name)
+        R.require_files(self.masks_dir, self.names, ".png", "training mask",
+                        f"run the pseudo-mask stage for split {split} first (python -m wsss pseudo-masks ..., "
+                        "or wsss.stages.pseudo_masks.run), or point masks_dir at a folder of NAME.png masks")
+
+    def mask_path(self, name: str) -> Path:
+        return self.masks_dir / f"{name}.png"

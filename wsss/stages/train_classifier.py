@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 
 from wsss import config as C
 from wsss import engine as E
 from wsss import rundir as R
+from wsss.evaluation import evaluate_map
 from wsss.losses import LossConfig, loss_terms
-from wsss.metrics import average_precision, mean_average_precision
 from wsss.stages import training
 
 log = logging.getLogger(__name__)
@@ -142,40 +141,6 @@ HELP = {
     "max_steps": "stop after this many optimizer steps in all (the lr schedule ends there)",
     "resume": "continue from RUN/checkpoint_last.pt when present; keep a finished classifier.pt trained with the same settings",
 }
-
-
-# =========================================================================== evaluation
-
-@torch.no_grad()
-def predict_scores(model, loader, device: torch.device, *, amp: bool = True, channels_last: bool = False
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(indices, sigmoid(s) (N, K), labels (N, K)) over ``loader``, s = GAP of the basic map S."""
-    model.eval()
-    idx, probs, labels = [], [], []
-    for batch in loader:
-        x = E.to_device(batch["image"], device, channels_last)
-        with E.autocast(device, amp):
-            s = model.cam(x).float().mean(dim=(2, 3))
-        idx.append(torch.as_tensor(batch["index"]).cpu())
-        probs.append(torch.sigmoid(s).cpu())
-        labels.append(batch["label"].cpu())
-    if not idx:
-        k = getattr(model, "num_classes", 0)
-        return np.zeros(0, int), np.zeros((0, k)), np.zeros((0, k))
-    return torch.cat(idx).numpy(), torch.cat(probs).numpy(), torch.cat(labels).numpy()
-
-
-def evaluate_map(model, loader, device: torch.device, *, amp: bool = True, channels_last: bool = False) -> dict:
-    """Image-level classification mAP on a (possibly sharded) val loader: every rank scores
-    its shard, the shards are gathered and de-duplicated by index."""
-    parts = E.all_gather_objects(predict_scores(model, loader, device, amp=amp, channels_last=channels_last))
-    idx = np.concatenate([p[0] for p in parts])
-    _, first = np.unique(idx, return_index=True)
-    probs = np.concatenate([p[1] for p in parts])[first]
-    labels = np.concatenate([p[2] for p in parts])[first]
-    ap = average_precision(probs, labels)
-    return {"val/map": mean_average_precision(probs, labels),
-            "val/ap": [None if np.isnan(a) else float(a) for a in ap]}
 
 
 # =========================================================================== the stage

@@ -31,22 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 
 from wsss import config as C
 from wsss import engine as E
 from wsss import rundir as R
-from wsss.data.voc import VOCDataset
+from wsss.data.voc import PseudoMaskDataset, VOCDataset
+from wsss.evaluation import collate_list, evaluate_miou
 from wsss.files import check_current
-from wsss.metrics import ConfusionMatrix
-from wsss.models.segmenter import build_segmenter, predict, segmentation_loss
+from wsss.models.segmenter import build_segmenter, segmentation_loss
 from wsss.stages import training
 
 log = logging.getLogger(__name__)
-
-#: the engine's checkpoint_last.pt and log.jsonl of this stage live here, apart from the classifier's
 
 
 @dataclass
@@ -138,22 +135,6 @@ HELP = {
 
 # =========================================================================== data
 
-class PseudoMaskDataset(VOCDataset):
-    """The images of a VOC split with their masks taken from ``masks_dir/NAME.png``
-    (e.g. RUN/pseudo) instead of the dataset's ground truth. Items as VOCDataset's."""
-
-    def __init__(self, root: str | Path, split: str, masks_dir: str | Path, transforms=None):
-        super().__init__(root, split, transforms=transforms, with_mask=False)
-        self.masks_dir = Path(masks_dir)
-        self.with_mask = True  # VOCDataset.__getitem__ then reads self.mask_path(name)
-        R.require_files(self.masks_dir, self.names, ".png", "training mask",
-                        f"run the pseudo-mask stage for split {split} first (python -m wsss pseudo-masks ..., "
-                        "or wsss.stages.pseudo_masks.run), or point masks_dir at a folder of NAME.png masks")
-
-    def mask_path(self, name: str) -> Path:
-        return self.masks_dir / f"{name}.png"
-
-
 def _scale(cfg: SegmenterConfig) -> tuple[float, float] | None:
     scale = tuple(cfg.scale) if cfg.scale else None
     if scale is not None and len(scale) != 2:
@@ -194,23 +175,7 @@ def _state_inputs(run_dir: Path):
     return (torch.load(path, map_location="cpu", weights_only=False).get("extra") or {}).get("inputs")
 
 
-def collate_list(items: list[dict]) -> list[dict]:
-    """Keep a val batch as a list: VOC images differ in size (see ``same_size_groups``)."""
-    return items
-
-
-def same_size_groups(items: list[dict]) -> list[list[dict]]:
-    """Runs of consecutive items whose images have one size (each becomes one forward pass)."""
-    groups: list[list[dict]] = []
-    for item in items:
-        if groups and groups[-1][0]["image"].shape == item["image"].shape:
-            groups[-1].append(item)
-        else:
-            groups.append([item])
-    return groups
-
-
-# =========================================================================== model, loss, metric
+# =========================================================================== model and loss
 
 def build_model(cfg: SegmenterConfig, num_classes: int) -> nn.Module:
     """The segmenter with K + 1 outputs (background + ``num_classes``)."""
@@ -235,29 +200,6 @@ def build_optimizer(cfg: SegmenterConfig, model: nn.Module) -> torch.optim.Optim
 def step_fn(model: nn.Module, batch: dict, epoch: int) -> dict:
     """Loss terms of one batch: cross-entropy over the pixels whose mask is not 255."""
     return {"total": segmentation_loss(model(batch["image"]), batch["mask"])}
-
-
-@torch.no_grad()
-def evaluate_miou(model: nn.Module, loader, device: torch.device, num_classes: int, *, amp: bool = True,
-                  channels_last: bool = False) -> dict:
-    """mIoU over K + 1 classes of single-scale predictions on a (possibly sharded) val
-    loader of ``collate_list`` batches: one confusion matrix per rank, summed over ranks."""
-    model.eval()
-    cm = ConfusionMatrix(num_classes + 1, device)
-    for items in loader:
-        for group in same_size_groups(items):
-            x = E.to_device(torch.stack([it["image"].as_subclass(torch.Tensor) for it in group]), device,
-                            channels_last)
-            target = torch.stack([it["mask"].as_subclass(torch.Tensor) for it in group]).to(device)
-            with E.autocast(device, amp):
-                probs = predict(model, x)
-            cm.update(probs.argmax(1), target)
-    total = ConfusionMatrix(num_classes + 1)
-    for mat in E.all_gather_objects(cm.mat.cpu()):
-        total.mat += mat
-    result = total.compute()
-    return {"val/miou": result["miou"], "val/pixel_acc": result["pixel_acc"],
-            "val/iou": [None if np.isnan(v) else float(v) for v in result["iou"]]}
 
 
 # =========================================================================== the stage
