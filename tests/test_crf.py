@@ -99,3 +99,5 @@ def test_scaled_shrinks_the_spatial_widths_only():
     small = CRFParams().scaled(0.5)
     assert small.gauss_sxy == 1.5 and small.bilateral_sxy == 25.0
     assert small.bilateral_srgb == CRFParams().bilateral_srgb and small.iters == CRFParams().iters
+    # for_size: by the long side against the VOC-size reference (500 px); an (H, W, 3) shape works too
+    assert CRFParams().for_size((250, 100)) == small == CRFParams().for_size((100, 250, 3))

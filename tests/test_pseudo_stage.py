@@ -19,7 +19,7 @@ from wsss import config as C
 from wsss import rundir as R
 from wsss.crf import CRF_REFERENCE_SIZE, CRFParams
 from wsss.maps import save_maps
-from wsss.pseudo import PseudoMaskParams
+from wsss.pseudo import PseudoMaskParams, crf_params_for
 from wsss.stages import pseudo_masks as P
 
 H, W = 12, 16
@@ -186,11 +186,11 @@ def test_an_error_in_a_worker_process_names_the_file_and_leaves_no_temporary_fil
 
 def test_crf_widths_scale_with_the_image():
     params = P.PseudoConfig(data_root="d", run_dir="r").mask_params()
-    scaled = P.crf_params_for(params, (250, 100), scale=True)
+    scaled = crf_params_for(params, (250, 100), scale=True)
     assert scaled.crf.bilateral_sxy == pytest.approx(params.crf.bilateral_sxy * 250 / CRF_REFERENCE_SIZE)
     assert scaled.crf.gauss_sxy == pytest.approx(params.crf.gauss_sxy * 0.5)
     assert scaled.crf.bilateral_srgb == params.crf.bilateral_srgb
-    assert P.crf_params_for(params, (250, 100), scale=False) is params
+    assert crf_params_for(params, (250, 100), scale=False) is params
 
 
 # --------------------------------------------------------------------------- saliency

@@ -51,6 +51,11 @@ class CRFParams:
             raise ValueError(f"CRFParams.scaled: factor must be positive, got {factor}")
         return replace(self, gauss_sxy=self.gauss_sxy * factor, bilateral_sxy=self.bilateral_sxy * factor)
 
+    def for_size(self, size: tuple[int, ...]) -> "CRFParams":
+        """A copy scaled by max(H, W) / CRF_REFERENCE_SIZE: these settings, meant for a VOC
+        image, made proportionally the same on an image of ``size`` (H, W)."""
+        return self.scaled(max(size[:2]) / CRF_REFERENCE_SIZE)
+
 
 #: flag help of the CRFParams fields (a stage's config nests them: ``config.prefixed("crf", HELP)``)
 HELP = {

@@ -36,7 +36,7 @@ from torchvision import tv_tensors
 
 from wsss import engine as E
 from wsss.classes import IGNORE_INDEX
-from wsss.crf import CRF_REFERENCE_SIZE, CRFParams, crf_labels
+from wsss.crf import CRFParams, crf_labels
 from wsss.data.transforms import eval_transforms
 from wsss.data.voc import class_names, load_image, load_mask, mask_dir, read_split
 from wsss.maps import load_maps, maps_path
@@ -199,7 +199,7 @@ def evaluate_segmenter(model, data_root, split: str = "val", crf: bool = False, 
 
     ``crf_params`` default to :class:`wsss.crf.CRFParams` (PASCAL VOC settings); with
     ``crf_scale`` their spatial widths are scaled per image by max(H, W) / 500, as the
-    pseudo-mask stage does (``wsss.stages.pseudo_masks.crf_params_for``).
+    pseudo-mask stage does (``wsss.pseudo.crf_params_for``).
 
     ``model`` maps (B, 3, H, W) to logits (B, K+1, H, W) and stays on its device; it is
     put in eval mode. ``limit``: only the first N images of the split.
@@ -228,7 +228,7 @@ def evaluate_segmenter(model, data_root, split: str = "val", crf: bool = False, 
         cm.update(probs.argmax(0).cpu(), gt)
         if crf:
             params = crf_params or CRFParams()
-            params = params.scaled(max(image.shape[:2]) / CRF_REFERENCE_SIZE) if crf_scale else params
+            params = params.for_size(image.shape) if crf_scale else params
             cm_crf.update(torch.from_numpy(crf_labels(image, probs.cpu().numpy(), params)), gt)
     out = {"split": split, "num_images": len(names), "scales": [float(s) for s in scales], "flip": bool(flip),
            **_summary(cm, names_fg)}

@@ -37,7 +37,7 @@ The exact rules of :func:`scores_to_mask`, in order (``p`` = :class:`PseudoMaskP
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import numpy as np
@@ -177,3 +177,16 @@ def scores_to_mask(image: np.ndarray | None, maps: np.ndarray, class_ids: Sequen
     if foreground < params.min_fg_fraction * mask.size:
         mask[:] = IGNORE_INDEX
     return mask
+
+
+def crf_params_for(params: PseudoMaskParams, size: tuple[int, int], scale: bool) -> PseudoMaskParams:
+    """``params`` with the CRF spatial widths scaled to an image of ``size`` (H, W) when ``scale``
+    (:meth:`wsss.crf.CRFParams.for_size`)."""
+    return replace(params, crf=params.crf.for_size(size)) if scale else params
+
+
+def mask_counts(mask: np.ndarray) -> dict:
+    """Pixel counts of a pseudo mask: all, ignored (255) and foreground (1..K)."""
+    ignored = int(np.count_nonzero(mask == IGNORE_INDEX))
+    return {"pixels": int(mask.size), "ignored": ignored,
+            "foreground": int(mask.size) - ignored - int(np.count_nonzero(mask == 0))}

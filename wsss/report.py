@@ -476,8 +476,7 @@ def pseudo_mask_steps(run_dir: str | Path, data_root: str | Path, name: str, par
     (``wsss.pseudo.scores_to_mask``), and the per-image mIoU of both against the truth."""
     from wsss.data.voc import VOCDataset, load_image, load_mask
     from wsss.maps import load_maps, maps_path
-    from wsss.pseudo import background_score, scores_to_mask
-    from wsss.stages.pseudo_masks import crf_params_for
+    from wsss.pseudo import background_score, crf_params_for, scores_to_mask
 
     params = params if params is not None else run_mask_params(run_dir)
     base = VOCDataset(data_root, split, with_mask=False)

@@ -185,6 +185,23 @@ def load_image(path: str | Path) -> np.ndarray:
                      f"image; replace it, or remove its name from the split file") from None
 
 
+def load_saliency(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A saliency map NAME.png (greyscale or colour, 0-255) as (H, W) float32 in [0, 1]."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"saliency map {path} does not exist: put one 0-255 PNG per image there "
+                           f"(named like the image), or use bg_mode='power' (no saliency needed)")
+    try:
+        with Image.open(path) as im:
+            saliency = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DatasetError(f"saliency map {path} cannot be read ({err}): replace the file") from None
+    if size is not None and saliency.shape != tuple(size):
+        raise DatasetError(f"saliency map {path} is {saliency.shape[1]}x{saliency.shape[0]} but its image is "
+                           f"{size[1]}x{size[0]}: saliency maps must have the image's size")
+    return saliency
+
+
 def load_mask(path: str | Path, num_classes: int) -> np.ndarray:
     """A class-index mask as (H, W) uint8 with values in 0..K and 255 (checked)."""
     path = Path(path)

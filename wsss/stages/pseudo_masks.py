@@ -36,25 +36,23 @@ import json
 import logging
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
 
 from wsss import config as C
 from wsss import provenance
 from wsss import rundir as R
-from wsss.classes import IGNORE_INDEX
 from wsss.crf import CRF_REFERENCE_SIZE
 from wsss.crf import HELP as CRF_HELP
-from wsss.data.voc import IMAGE_DIR, DatasetError, VOCDataset, load_image, load_mask, save_mask
+from wsss.data.voc import IMAGE_DIR, VOCDataset, load_image, load_mask, load_saliency, save_mask
 from wsss.files import check_current, check_settings, remove_stale_tmp, write_json
-from wsss.maps import load_maps
+from wsss.maps import load_maps, maps_path
 from wsss.progress import progress
-from wsss.pseudo import BG_MODES, PseudoMaskParams, scores_to_mask
+from wsss.pseudo import BG_MODES, PseudoMaskParams, crf_params_for, mask_counts, scores_to_mask
 
 log = logging.getLogger(__name__)
 
@@ -113,48 +111,7 @@ HELP = {
 }
 
 
-# =========================================================================== pure core
-
-def crf_params_for(params: PseudoMaskParams, size: tuple[int, int], scale: bool) -> PseudoMaskParams:
-    """``params`` with the CRF spatial widths scaled by max(H, W) / 500 when ``scale``."""
-    if not scale:
-        return params
-    return replace(params, crf=params.crf.scaled(max(size) / CRF_REFERENCE_SIZE))
-
-
-def mask_counts(mask: np.ndarray) -> dict:
-    """Pixel counts of a pseudo mask: all, ignored (255) and foreground (1..K)."""
-    ignored = int(np.count_nonzero(mask == IGNORE_INDEX))
-    return {"pixels": int(mask.size), "ignored": ignored,
-            "foreground": int(mask.size) - ignored - int(np.count_nonzero(mask == 0))}
-
-
 # =========================================================================== files
-
-def maps_file(maps_dir: Path, name: str) -> Path:
-    return maps_dir / f"{name}.npz"
-
-
-def saliency_file(saliency_dir: Path, name: str) -> Path:
-    return saliency_dir / f"{name}.png"
-
-
-def load_saliency(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
-    """A saliency map NAME.png (greyscale or colour, 0-255) as (H, W) float32 in [0, 1]."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"saliency map {path} does not exist: put one 0-255 PNG per image there "
-                           f"(named like the image), or use bg_mode='power' (no saliency needed)")
-    try:
-        with Image.open(path) as im:
-            saliency = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DatasetError(f"saliency map {path} cannot be read ({err}): replace the file") from None
-    if size is not None and saliency.shape != tuple(size):
-        raise DatasetError(f"saliency map {path} is {saliency.shape[1]}x{saliency.shape[0]} but its image is "
-                           f"{size[1]}x{size[0]}: saliency maps must have the image's size")
-    return saliency
-
 
 def _read_maps(path: Path, image_path: Path, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     maps, classes = load_maps(path)
@@ -194,8 +151,8 @@ def make_one(job: _Job, name: str) -> dict:
         image_path = job.image_dir / f"{name}.jpg"
         image = load_image(image_path)
         size = image.shape[:2]
-        maps, classes = _read_maps(maps_file(job.maps_dir, name), image_path, size)
-        saliency = load_saliency(saliency_file(job.saliency_dir, name), size) if job.saliency_dir else None
+        maps, classes = _read_maps(maps_path(job.maps_dir, name), image_path, size)
+        saliency = load_saliency(job.saliency_dir / f"{name}.png", size) if job.saliency_dir else None
         params = crf_params_for(job.params, size, job.crf_scale)
         mask = scores_to_mask(image, maps, classes, params, saliency)
         save_mask(out, mask)
