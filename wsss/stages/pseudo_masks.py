@@ -186,27 +186,16 @@ def _results(job: _Job, names: list[str], workers: int):
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-class MaskTally:
+def summary(results: list[dict], seconds: float) -> dict:
     """Sums of :func:`make_one`'s results over the split (quality against ground truth is
     the evaluation stage's job: ``wsss.evaluation.evaluate_masks``)."""
-
-    def __init__(self):
-        self.computed = self.skipped = self.pixels = self.ignored = self.foreground = self.all_ignored = 0
-
-    def add(self, result: dict) -> None:
-        self.skipped += result["skipped"]
-        self.computed += not result["skipped"]
-        self.pixels += result["pixels"]
-        self.ignored += result["ignored"]
-        self.foreground += result["foreground"]
-        self.all_ignored += result["ignored"] == result["pixels"]
-
-    def summary(self, seconds: float) -> dict:
-        return {"num_images": self.computed, "num_skipped": self.skipped, "seconds": round(seconds, 3),
-                "images_per_s": round(self.computed / seconds, 3) if self.computed and seconds > 0 else 0.0,
-                "ignored_fraction": self.ignored / self.pixels if self.pixels else None,
-                "fg_fraction": self.foreground / self.pixels if self.pixels else None,
-                "num_all_ignored": self.all_ignored}
+    computed = sum(not r["skipped"] for r in results)
+    pixels = sum(r["pixels"] for r in results)
+    return {"num_images": computed, "num_skipped": len(results) - computed, "seconds": round(seconds, 3),
+            "images_per_s": round(computed / seconds, 3) if computed and seconds > 0 else 0.0,
+            "ignored_fraction": sum(r["ignored"] for r in results) / pixels if pixels else None,
+            "fg_fraction": sum(r["foreground"] for r in results) / pixels if pixels else None,
+            "num_all_ignored": sum(r["ignored"] == r["pixels"] for r in results)}
 
 
 def run(cfg: PseudoConfig | dict) -> dict:
@@ -256,11 +245,9 @@ def run(cfg: PseudoConfig | dict) -> dict:
              len(names), cfg.split, out_dir, todo, len(names) - todo, params.bg_mode,
              "on" if params.use_crf else "off", workers)
 
-    tally = MaskTally()
     t0 = time.perf_counter()
-    for result in progress(_results(job, names, workers), total=len(names), desc=f"pseudo masks {cfg.split}"):
-        tally.add(result)
-    metrics = {**tally.summary(time.perf_counter() - t0), "out_dir": str(out_dir)}
+    results = list(progress(_results(job, names, workers), total=len(names), desc=f"pseudo masks {cfg.split}"))
+    metrics = {**summary(results, time.perf_counter() - t0), "out_dir": str(out_dir)}
     log.info("pseudo masks done: %s", metrics)
     _warn_if_mostly_ignored(metrics, len(names), maps_dir)
     return metrics
