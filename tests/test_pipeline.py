@@ -8,10 +8,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from wsss import cli
+from wsss import config as C
 from wsss.paths import REPO_ROOT
 from wsss.stages import pipeline
 
@@ -196,3 +198,19 @@ def test_a_voc_layout_dataset_runs_through_the_whole_pipeline(tmp_path, monkeypa
     for name in ["2007_000000", "2007_000001"]:
         w, h = Image.open(root / "JPEGImages" / f"{name}.jpg").size
         assert Image.open(run_dir / "pseudo" / f"{name}.png").size == (w, h)
+
+
+@pytest.mark.parametrize("name", ["voc_vgg16.yaml", "voc_resnet101.yaml"])
+def test_the_voc_configs_hold_the_reference_settings(name):
+    """configs/voc_*.yaml are the one statement of the reference's VOC settings (METHOD.md secs. 1
+    and 4): every section builds its stage config (fields and ranges checked), with these values."""
+    cfg = C.load_yaml(pipeline.PipelineConfig, REPO_ROOT / "configs" / name)
+    stages = pipeline.stage_configs(cfg, Path(cfg.data_root), Path("runs") / cfg.run_dir)
+    clf, seg = stages["classifier"], stages["segmenter"]
+    assert (clf.split, clf.image_size, clf.batch_size, clf.epochs, clf.lr, clf.schedule, clf.step_epochs) == \
+        (("train_aug",), 256, 5, 15, 1e-3, "step", (5, 10))
+    assert clf.loss.self_pairs and clf.optimizer == "sgd" and clf.nesterov and clf.weight_decay == 5e-4
+    assert (seg.model, seg.crop, seg.scale, seg.max_steps, seg.schedule, seg.lr) == \
+        ("deeplabv3_resnet101", 321, (0.5, 1.5), 16000, "poly", 1e-3)
+    assert stages["evaluate"].flip and stages["evaluate"].crf and len(stages["evaluate"].scales) == 5
+

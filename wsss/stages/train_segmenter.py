@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SegmenterConfig:
-    """Settings of stage 4. Defaults suit the embedded demo benchmark on a CPU; see
-    ``REFERENCE_VOC`` for the reference settings on PASCAL VOC.
+    """Settings of stage 4. Defaults suit the embedded demo benchmark on a CPU; the
+    reference settings on PASCAL VOC are the segmenter section of configs/voc_vgg16.yaml.
 
     Calibration on the demo benchmark (1000 train images of 96 px, ground-truth masks as
     the training masks, i.e. the fully supervised upper bound): with these settings and
@@ -94,15 +94,6 @@ class SegmenterConfig:
     ckpt_every: int = 0
     resume: bool = True
 
-
-#: The reference setting (METHOD.md section 4: crop 321, poly decay, 16k iterations), as
-#: overrides: ``C.from_dict(SegmenterConfig, {**REFERENCE_VOC, "data_root": ..., "run_dir": ...,
-#: "pretrained_backbone": "~/.cache/torch/hub/checkpoints/resnet101-63fe2227.pth"})``.
-#: DeepLab-LargeFOV's lr (1e-3, 10x for the head), momentum and weight decay; DeepLabV3 on
-#: ResNet-101 stands in for DeepLab-LargeFOV (the closest model torchvision ships).
-REFERENCE_VOC = dict(split="train_aug", model="deeplabv3_resnet101", crop=321, scale=(0.5, 1.5), batch_size=10,
-                     eval_batch_size=1, epochs=16, max_steps=16000, lr=1e-3, new_lr_mult=10.0, momentum=0.9,
-                     weight_decay=5e-4, schedule="poly", workers=4)
 
 HELP = {
     "run_dir": "run directory (pseudo masks in, segmenter.pt out)",
