@@ -135,10 +135,11 @@ def segmentation_table(seg: pd.DataFrame) -> str:
             continue
         seeds = ", ".join(f"{100 * v:.1f}" for v in d.sort_values("seed")["seg_miou"])
         ignored = " / ".join(str(int(v)) for v in d.sort_values("seed").get("pseudo_ignored", pd.Series(dtype=int)))
-        rows.append([label, cell(d["pseudo_miou"]), ignored or "-", f"{cell(d['seg_miou'])} ({seeds})",
+        fg = " / ".join(cell(d[key]) if key in d else "-" for key in ("pseudo_fg_precision", "pseudo_fg_recall"))
+        rows.append([label, cell(d["pseudo_miou"]), ignored or "-", fg, f"{cell(d['seg_miou'])} ({seeds})",
                      cell(d["seg_miou_crf"])])
     return markdown(["pseudo-masks from", "pseudo-mask mIoU (train)", "images ignored whole (per seed)",
-                     "segmentation val mIoU (per seed)", "+ CRF"], rows)
+                     "foreground precision / recall", "segmentation val mIoU (per seed)", "+ CRF"], rows)
 
 
 def sweep_curves(df: pd.DataFrame, curves: dict) -> dict:

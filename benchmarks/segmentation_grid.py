@@ -5,8 +5,9 @@ runs/localisation, trained there first) and seed, the chosen maps variant is mad
 *whole* training split (maps_seg_VARIANT, the demo's maps settings plus the variant's own),
 turned into pseudo-masks (pseudo_seg_VARIANT, the demo's rule + CRF), and the demo's
 segmenter is trained on them in RUN/seg_VARIANT/ (an ordinary run directory: its segmenter.pt,
-metrics.json). Val mIoU without and with CRF go to runs/localisation/segmentation.jsonl (a
-row already there is not recomputed).
+metrics.json). Val mIoU without and with CRF go to runs/localisation/segmentation.jsonl, with
+the pseudo-masks' mIoU, coverage and foreground precision / recall (a row already there is
+not recomputed; a finished stage's files are reused, so a removed row is rescored in minutes).
 
     python benchmarks/segmentation_grid.py --seeds 0 1 2 --run basic/cam:combine=cam --run ours/all:combine=all
 """
@@ -60,7 +61,8 @@ def main(argv=None) -> None:
             res = evaluate.run({**C.to_dict(stages["evaluate"]), "run_dir": str(seg_dir), "parts": ["segmenter"]})
             masks = evaluate_masks(data_root, "train", run_dir / pseudo_dir)
             row = {"setting": setting, "variant": variant, "seed": seed, "pseudo_miou": masks["miou"],
-                   "pseudo_ignored": masks["num_ignored_images"],
+                   "pseudo_ignored": masks["num_ignored_images"], "pseudo_coverage": masks["coverage"],
+                   **{f"pseudo_{key}": masks[key] for key in ("fg_precision", "fg_recall", "fg_share")},
                    "seg_miou": res["segmenter"]["miou"], "seg_miou_crf": res["segmenter"].get("miou_crf")}
             append_row(out, row)
             print(json.dumps(row), flush=True)

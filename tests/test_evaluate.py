@@ -144,6 +144,11 @@ def test_pseudo_masks(tree, tmp_path):
     # confident pixels only: p's 6 non-255 pixels: bg 2/2, a 3/4, b 0/1 (predicted, never true)
     assert res["miou_confident"] == pytest.approx((1 + 3 / 4 + 0) / 3)
     assert res["coverage"] == pytest.approx(6 / 16) and res["num_ignored_images"] == 1
+    # foreground over the 15 pixels with ground truth: p labels 4 pixels a class, 3 rightly
+    # (its 2 is on a 1); of the 11 object pixels (p's 4, q's 7) 3 get their class
+    assert (res["fg_precision"], res["fg_recall"]) == (pytest.approx(3 / 4), pytest.approx(3 / 11))
+    assert (res["fg_share"], res["gt_fg_share"]) == (pytest.approx(4 / 15), pytest.approx(11 / 15))
+    assert perfect["fg_precision"] == perfect["fg_recall"] == 1.0
 
 
 # ----------------------------------------------------------------------- segmenter

@@ -163,7 +163,10 @@ def evaluate_masks(data_root, split: str, masks_dir, *, allow_missing: bool = Fa
 
     ``miou`` counts a pseudo mask's 255 pixels as background (IRN's convention);
     ``miou_confident`` leaves them out; ``coverage`` is the fraction of non-255 pixels;
-    ``num_ignored_images`` counts masks that are 255 everywhere.
+    ``num_ignored_images`` counts masks that are 255 everywhere. Over the pixels with ground
+    truth: ``fg_precision`` is the share of pixels a mask gives a class (1..K) that have that
+    class, ``fg_recall`` the share of object pixels given their class, ``fg_share`` and
+    ``gt_fg_share`` the shares of pixels the mask and the ground truth call foreground.
     """
     root, masks_dir = Path(data_root), Path(masks_dir)
     path_of = lambda n: masks_dir / f"{n}.png"  # noqa: E731
@@ -172,12 +175,17 @@ def evaluate_masks(data_root, split: str, masks_dir, *, allow_missing: bool = Fa
     k = len(names_fg)
     cm_all, cm_confident = ConfusionMatrix(k + 1), ConfusionMatrix(k + 1)
     covered = total = ignored_images = 0
+    fg = dict.fromkeys(("hit", "pred", "true", "valid"), 0)  # pixel counts with ground truth
     for name in progress(names, desc=f"eval pseudo {split}", leave=False):
         pred = load_mask(path_of(name), k)
         gt = _gt_mask(root, split, name, k, pred.shape, path_of(name))
         sure = pred != IGNORE_INDEX
         covered, total = covered + int(sure.sum()), total + sure.size
         ignored_images += int(not sure.any())
+        valid, pred_fg = gt != IGNORE_INDEX, sure & (pred > 0)
+        for key, pixels in (("hit", pred_fg & (pred == gt)), ("pred", pred_fg & valid),
+                            ("true", valid & (gt > 0)), ("valid", valid)):
+            fg[key] += int(pixels.sum())
         cm_all.update(torch.from_numpy(np.where(sure, pred, 0)), torch.from_numpy(gt))
         cm_confident.update(torch.from_numpy(np.where(sure, pred, 0)),
                             torch.from_numpy(np.where(sure, gt, IGNORE_INDEX)))
@@ -185,7 +193,13 @@ def evaluate_masks(data_root, split: str, masks_dir, *, allow_missing: bool = Fa
     return {"split": split, "num_images": len(names), "num_missing": missing, **_summary(cm_all, names_fg),
             "coverage": covered / total if total else None, "num_ignored_images": ignored_images,
             "miou_confident": confident["miou"], "pixel_acc_confident": confident["pixel_acc"],
-            "iou_confident": confident["iou"]}
+            "iou_confident": confident["iou"], "fg_precision": _ratio(fg["hit"], fg["pred"]),
+            "fg_recall": _ratio(fg["hit"], fg["true"]), "fg_share": _ratio(fg["pred"], fg["valid"]),
+            "gt_fg_share": _ratio(fg["true"], fg["valid"])}
+
+
+def _ratio(a: int, b: int) -> float | None:
+    return a / b if b else None
 
 
 # =========================================================================== segmenter
