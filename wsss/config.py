@@ -303,6 +303,14 @@ SHARED_HELP = {
     "log_every": "progress-bar loss update every N steps",
     "ckpt_every": "also checkpoint every N steps (0: once per epoch)",
     "limit": "only the first N images of the split",
+    "flip": "random horizontal flips",
+    "jitter": "colour jitter strength (0 = off)",
+    "epochs": "training epochs",
+    "max_steps": "stop after this many optimizer steps in all (the lr schedule ends there)",
+    "momentum": "SGD momentum",
+    "weight_decay": "SGD weight decay",
+    "step_epochs": "epochs at which the step schedule divides the lr by 10",
+    "workers": "DataLoader worker processes",
 }
 
 
