@@ -251,7 +251,7 @@ def evaluate_segmenter(model, data_root, split: str = "val", crf: bool = False, 
     return out
 
 
-# =========================================================================== per-epoch val scores of the training stages
+# =========================================================================== training-stage val scores
 
 @torch.no_grad()
 def predict_scores(model, loader, device: torch.device, *, amp: bool = True, channels_last: bool = False
