@@ -67,7 +67,9 @@ def cell(values: pd.Series, scale: float = 100, digits: int = 1) -> str:
     v = scale * values.dropna().to_numpy(dtype=float)
     if not len(v):
         return "-"
-    text = f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0:.{digits}f}"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f} (n = 1)"
+    text = f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
     return text if len(v) == 3 else f"{text} (n = {len(v)})"
 
 
