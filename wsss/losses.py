@@ -91,6 +91,20 @@ class LossConfig:
             raise ValueError(f"LossConfig.con_warmup_epochs must be >= 0, got {self.con_warmup_epochs}")
 
 
+#: flag help of the LossConfig fields (the classifier's config nests them: ``config.prefixed("loss", HELP)``)
+HELP = {
+    "basic": "basic (plain CAM) loss", "coatt": "co-attention loss",
+    "contrastive": "contrastive co-attention loss", "self_pairs": "self-pairs (flip, 0.75x, 2x)",
+    "w_basic": "weight of the basic loss", "w_coatt": "weight of the co-attention loss",
+    "w_con": "weight of the contrastive loss", "w_self": "weight of the self-pair losses",
+    "con_warmup_epochs": "epochs before the contrastive loss is switched on",
+    "empty_contrastive": "an empty contrastive target: skip (left out of the mean) or negative (all-negative "
+                         "target, the reference)",
+    "self_weighting": "mean: the pair and the mean self-pair weigh half each (ours); sum: self-pair terms "
+                      "added (the reference)",
+}
+
+
 def multilabel_soft_margin(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-sample multi-label soft-margin loss (B,): mean over classes of BCE with logits.
     Computed in float32 at least (scores from a bf16 autocast region are upcast)."""
@@ -142,13 +156,23 @@ def self_pair_terms(out: dict, l_m: torch.Tensor) -> dict[str, torch.Tensor]:
             "self_coatt": sum(t["coatt"] for t in per_view)}
 
 
+def _at_least_float32(out):
+    if isinstance(out, dict):
+        return {k: _at_least_float32(v) for k, v in out.items()}
+    if torch.is_tensor(out) and out.is_floating_point():
+        return out.to(torch.promote_types(out.dtype, torch.float32))
+    return out
+
+
 def loss_terms(out: dict, l_m: torch.Tensor, l_n: torch.Tensor, cfg: LossConfig,
                epoch: int) -> dict[str, torch.Tensor]:
     """Every term in TERMS (unweighted; 0 when off) and the weighted ``total``.
 
     ``out`` is CoAttentionClassifier.forward's dict; l_m, l_n (B, K) multi-hot labels.
-    Raises if cfg.self_pairs is on but ``out`` has no "self" entry.
+    Raises if cfg.self_pairs is on but ``out`` has no "self" entry. Tensors below float32
+    (from a bf16 autocast forward pass) are upcast: the losses are computed in float32 at least.
     """
+    out = _at_least_float32(out)
     terms = pair_terms(out, l_m, l_n, cfg.empty_contrastive)
     con_on = cfg.contrastive and epoch >= cfg.con_warmup_epochs
     if cfg.self_pairs:

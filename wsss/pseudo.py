@@ -43,6 +43,8 @@ from typing import Sequence
 import numpy as np
 
 from wsss.classes import IGNORE_INDEX
+from wsss.config import prefixed
+from wsss.crf import HELP as CRF_HELP
 from wsss.crf import CRFParams, dense_crf
 
 BG_MODES = ("power", "threshold", "saliency")
@@ -76,6 +78,20 @@ class PseudoMaskParams:
     def __post_init__(self) -> None:
         if self.bg_mode not in BG_MODES:
             raise ValueError(f"PseudoMaskParams.bg_mode must be one of {BG_MODES}, got {self.bg_mode!r}")
+
+
+#: flag help of the PseudoMaskParams fields (the pseudo-mask stage's config inherits them)
+HELP = {
+    "bg_mode": f"background score: {' | '.join(BG_MODES)}",
+    "alpha": "power of the background score (1 - max_c M_c)^alpha",
+    "bg_threshold": "constant background score (bg_mode=threshold)",
+    "saliency_threshold": "saliency above which a pixel may not be background (bg_mode=saliency)",
+    "score_floor": "class scores below this are dropped",
+    "conflict": "pixels with two class scores above this are ignored (255)",
+    "min_fg_fraction": "images with less foreground than this fraction are ignored whole",
+    "use_crf": "refine the scores with a dense CRF",
+    **prefixed("crf", CRF_HELP),
+}
 
 
 def _check_unit_range(name: str, array: np.ndarray) -> np.ndarray:

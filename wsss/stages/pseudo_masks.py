@@ -15,11 +15,6 @@ Files and re-runs:
   is refused instead of silently mixing masks made two ways; ``overwrite=True``
   recomputes everything.
 
-The CRF's spatial widths are in pixels and its defaults suit PASCAL VOC images (about
-500 px on the long side); with ``crf_scale`` they are multiplied per image by
-``max(H, W) / 500`` (:meth:`wsss.crf.CRFParams.scaled`), so the smoothing reaches the
-same fraction of a small benchmark image as of a VOC image.
-
 Background cue: ``bg_mode="power"`` (default, no extra input: B = (1 - max_c M_c)^alpha,
 as PSA and IRN), ``"threshold"`` (a constant), or ``"saliency"`` (the reference
 pipeline: B = 1 - saliency, read from ``saliency_dir/NAME.png``, 0-255 greyscale).
@@ -47,12 +42,12 @@ from wsss import config as C
 from wsss import provenance
 from wsss import rundir as R
 from wsss.crf import CRF_REFERENCE_SIZE
-from wsss.crf import HELP as CRF_HELP
 from wsss.data.voc import IMAGE_DIR, VOCDataset, load_image, load_mask, load_saliency, save_mask
 from wsss.files import check_current, check_settings, remove_stale_tmp, write_json
 from wsss.maps import load_maps, maps_path
 from wsss.progress import progress
-from wsss.pseudo import BG_MODES, PseudoMaskParams, crf_params_for, mask_counts, scores_to_mask
+from wsss.pseudo import HELP as RULES_HELP
+from wsss.pseudo import PseudoMaskParams, crf_params_for, mask_counts, scores_to_mask
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +91,7 @@ HELP = {
     "maps_dir": "localization maps folder inside the run directory (or an absolute path)",
     "out_dir": "output folder inside the run directory (or an absolute path)",
     "saliency_dir": "folder of saliency maps NAME.png (0-255), for bg_mode=saliency",
-    "bg_mode": f"background score: {' | '.join(BG_MODES)}",
-    "alpha": "power of the background score (1 - max_c M_c)^alpha",
-    "bg_threshold": "constant background score (bg_mode=threshold)",
-    "saliency_threshold": "saliency above which a pixel may not be background (bg_mode=saliency)",
-    "score_floor": "class scores below this are dropped",
-    "conflict": "pixels with two class scores above this are ignored (255)",
-    "min_fg_fraction": "images with less foreground than this fraction are ignored whole",
-    "use_crf": "refine the scores with a dense CRF",
-    **C.prefixed("crf", CRF_HELP),
+    **RULES_HELP,
     "crf_scale": f"scale the CRF spatial widths by max(H, W) / {CRF_REFERENCE_SIZE} per image",
     "workers": "worker processes (<= 1: in this process)",
     "overwrite": "recompute masks that already exist",
@@ -218,12 +205,12 @@ def run(cfg: PseudoConfig | dict) -> dict:
     dataset = VOCDataset(cfg.data_root, cfg.split, transforms=None, with_mask=False)
     names = dataset.names if cfg.limit is None else dataset.names[:max(0, cfg.limit)]
     R.require_files(maps_dir, names, ".npz", "localization maps",
-                        f"run the maps stage first (python -m wsss make-maps --data-root {cfg.data_root} "
-                        f"--run-dir {run_dir} --split {cfg.split}, or wsss.stages.make_maps.run)")
+                   f"run the maps stage first (python -m wsss make-maps --data-root {cfg.data_root} "
+                   f"--run-dir {run_dir} --split {cfg.split}, or wsss.stages.make_maps.run)")
     saliency_dir = Path(cfg.saliency_dir) if cfg.saliency_dir and params.bg_mode == "saliency" else None
     if saliency_dir is not None:
         R.require_files(saliency_dir, names, ".png", "saliency map",
-                            "put one 0-255 PNG per image there (named like the image), or use bg_mode='power'")
+                       "put one 0-255 PNG per image there (named like the image), or use bg_mode='power'")
     settings = _settings(cfg, maps_dir)
     check_current(settings["maps"], run_dir, f"the maps in {maps_dir}",
                   f"make them again (python -m wsss make-maps --data-root {cfg.data_root} --run-dir {run_dir} --maps-dir {cfg.maps_dir} "

@@ -3,13 +3,9 @@
 ``run(cfg)`` trains ``CoAttentionClassifier`` on ``PairDataset(VOCDataset(split))``
 with the loss terms of ``wsss.losses`` (each logged on its own), evaluates image-level
 classification mAP on the val split after every epoch (sigmoid of the basic scores s_m),
-and writes into the run directory:
-
-    RUN/config_classifier.yaml   every setting of this stage
-    RUN/checkpoint_last.pt       resumable state (rerunning the same RUN continues from it)
-    RUN/log.jsonl                one JSON line per epoch: loss/TERM, lr/GROUP, val/map, seconds
-    RUN/classifier.pt            final weights + config + class names (``load_classifier``)
-    RUN/metrics_classifier.json  final val mAP, per-class AP, per-epoch history
+and writes (wsss.rundir) RUN/config_classifier.yaml, the resumable checkpoint_last.pt
+(rerunning the same RUN continues from it), log.jsonl (a JSON line per epoch: loss/TERM,
+lr/GROUP, val/map, seconds), classifier.pt (``load_classifier``) and metrics_classifier.json.
 
 Single process or DDP: under ``torchrun --nproc_per_node=N -m wsss train-classifier ...``
 each process takes ``batch_size`` pairs per step (global batch N x batch_size).
@@ -28,6 +24,7 @@ from wsss import config as C
 from wsss import engine as E
 from wsss import rundir as R
 from wsss.evaluation import evaluate_map
+from wsss.losses import HELP as LOSS_HELP
 from wsss.losses import LossConfig, loss_terms
 from wsss.stages import training
 
@@ -38,8 +35,8 @@ log = logging.getLogger(__name__)
 class ClassifierConfig:
     """Settings of stage 1. Defaults suit the embedded demo benchmark (1000 images of 96 px)
     on a 2-core CPU in about 4 minutes; the paper's settings on PASCAL VOC are the
-    classifier section of configs/voc_vgg16.yaml (with the ``official`` recipe). Self-pairs are off by default: their 2x-upscaled view makes a step ~4x
-    dearer on CPU (turn them on with ``loss.self_pairs=True`` / ``--loss.self-pairs``).
+    classifier section of configs/voc_vgg16.yaml (with the ``official`` recipe). Self-pairs
+    are off by default: their 2x-upscaled view makes a step ~4x dearer on CPU (turn them on with ``loss.self_pairs=True`` / ``--loss.self-pairs``).
     The tiny backbone trains from scratch, hence a higher lr than the reference 1e-3."""
 
     data_root: str
@@ -115,15 +112,7 @@ HELP = {
     "bias_lr_mult": "extra learning-rate multiplier of biases (reference: 2)",
     "nesterov": "Nesterov momentum",
     "schedule": "learning-rate decay per step: poly (power 0.9), step (x0.1 at step_epochs) or constant",
-    "loss.basic": "basic (plain CAM) loss", "loss.coatt": "co-attention loss",
-    "loss.contrastive": "contrastive co-attention loss", "loss.self_pairs": "self-pairs (flip, 0.75x, 2x)",
-    "loss.w_basic": "weight of the basic loss", "loss.w_coatt": "weight of the co-attention loss",
-    "loss.w_con": "weight of the contrastive loss", "loss.w_self": "weight of the self-pair losses",
-    "loss.con_warmup_epochs": "epochs before the contrastive loss is switched on",
-    "loss.empty_contrastive": "an empty contrastive target: skip (left out of the mean) or negative (all-negative "
-                              "target, the reference)",
-    "loss.self_weighting": "mean: the pair and the mean self-pair weigh half each (ours); sum: self-pair terms "
-                           "added (the reference)",
+    **C.prefixed("loss", LOSS_HELP),
     "seed": "seed of model init, pairs, order and augmentation",
     "resume": "continue from RUN/checkpoint_last.pt when present; keep a finished classifier.pt trained with the same settings",
 }
@@ -136,9 +125,7 @@ def _datasets(cfg: ClassifierConfig):
     from wsss.data.transforms import eval_transforms, source_view_transforms, train_transforms
     from wsss.data.voc import VOCDataset
 
-    scale = tuple(cfg.scale) if cfg.scale and tuple(cfg.scale) != (1.0, 1.0) else None
-    if scale is not None and len(scale) != 2:
-        raise ValueError(f"scale must be two numbers (low high), got {cfg.scale}")
+    scale = training.scale_range(cfg)
     if cfg.augment == "squash":
         train_tf = train_transforms(crop=None, scale=None, flip=cfg.flip, jitter=cfg.jitter, hue=cfg.hue,
                                     squash=cfg.image_size)
@@ -150,12 +137,7 @@ def _datasets(cfg: ClassifierConfig):
              else None)
     pairs = PairDataset(base, p_common=cfg.p_common, seed=cfg.seed, include_self=cfg.partner_self,
                         view_transforms=views)
-    val = None
-    if cfg.val_split:
-        val = VOCDataset(cfg.data_root, cfg.val_split, transforms=eval_transforms(cfg.image_size), with_mask=False)
-        val.check_files()
-        if val.num_classes != base.num_classes:
-            raise ValueError(f"{cfg.val_split} has {val.num_classes} classes but {base.split} has {base.num_classes}")
+    val = training.val_dataset(cfg, eval_transforms(cfg.image_size), base, with_mask=False)
     return base, pairs, val
 
 
@@ -181,22 +163,15 @@ def build_optimizer(cfg: ClassifierConfig, model) -> torch.optim.Optimizer:
                            weight_decay=cfg.weight_decay)
 
 
-def _float32(out):
-    """The model outputs in float32 (under bf16 autocast the losses are computed in full precision)."""
-    if isinstance(out, dict):
-        return {k: _float32(v) for k, v in out.items()}
-    return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
-
-
 def make_step_fn(loss_cfg: LossConfig):
     """step_fn(model, batch, epoch) -> loss terms of one batch of pairs (wsss.losses.loss_terms):
-    the forward pass runs under the caller's autocast, the losses in float32."""
+    the forward pass runs under the caller's autocast, the losses without it, in float32."""
 
     def step(model, batch, epoch):
         m, n = batch["m"], batch["n"]
         out = model(m["image"], n["image"], self_pairs=loss_cfg.self_pairs, views=m.get("views"))
         with torch.autocast(device_type=m["image"].device.type, enabled=False):
-            return loss_terms(_float32(out), m["label"], n["label"], loss_cfg, epoch)
+            return loss_terms(out, m["label"], n["label"], loss_cfg, epoch)
 
     return step
 
@@ -238,13 +213,7 @@ def _run(cfg: ClassifierConfig, dist: E.DistInfo, t_start: float) -> dict:
                  len(pairs), base.split, len(val) if val is not None else 0, base.num_classes, spe, cfg.epochs,
                  device, f" x {dist.world_size} processes" if dist.enabled else "")
 
-    evaluate = None
-    if val is not None:
-        val_loader = E.make_eval_loader(val, cfg.eval_batch_size, dist=dist, workers=cfg.workers)
-
-        def evaluate(plain_model, epoch):
-            return evaluate_map(plain_model, val_loader, device, amp=cfg.amp, channels_last=channels_last)
-
+    evaluate = training.evaluator(evaluate_map, cfg, val, device, channels_last, dist)
     history = E.fit(ddp_model, optimizer, scheduler, pairs, make_step_fn(cfg.loss), run_dir=Path(cfg.run_dir),
                     cfg=C.to_dict(cfg), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
                     dist=dist, max_steps=cfg.max_steps, amp=cfg.amp, channels_last=channels_last,
@@ -274,11 +243,8 @@ def load_classifier(run_dir_or_path: str | Path, device: str | torch.device = "c
     ``.class_names`` and ``.train_config`` (ClassifierConfig) attached. ``coatt_impl``
     overrides the co-attention implementation (e.g. "explicit" to look at attention)."""
 
-    path = R.trained(run_dir_or_path, "classifier")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = C.from_dict(ClassifierConfig, ckpt["cfg"])
-    cfg.pretrained = None  # the weights below replace whatever the backbone was initialised from
+    changes = {"pretrained": None}  # the stored weights replace whatever the backbone was initialised from
     if coatt_impl is not None:
-        cfg.coatt_impl = coatt_impl
-    model = build_model(cfg, int(ckpt["num_classes"]))
-    return training.load_trained(model, ckpt, path, f"classifier its config describes ({cfg.backbone})", cfg, device)
+        changes["coatt_impl"] = coatt_impl
+    return training.load_trained(run_dir_or_path, "classifier", ClassifierConfig, build_model, device, "backbone",
+                                 **changes)

@@ -118,26 +118,14 @@ HELP = {
 
 # =========================================================================== data
 
-def _scale(cfg: SegmenterConfig) -> tuple[float, float] | None:
-    scale = tuple(cfg.scale) if cfg.scale else None
-    if scale is not None and len(scale) != 2:
-        raise ValueError(f"scale must be two numbers (low high), got {cfg.scale}")
-    return None if scale == (1.0, 1.0) else scale
-
-
 def _datasets(cfg: SegmenterConfig) -> tuple[PseudoMaskDataset, VOCDataset | None]:
     from wsss.data.transforms import eval_transforms, train_transforms
 
     masks_dir = Path(cfg.run_dir) / cfg.masks_dir  # an absolute masks_dir stays as it is
-    train_tf = train_transforms(crop=cfg.crop, scale=_scale(cfg), flip=cfg.flip, jitter=cfg.jitter)
+    train_tf = train_transforms(crop=cfg.crop, scale=training.scale_range(cfg), flip=cfg.flip, jitter=cfg.jitter)
     train = PseudoMaskDataset(cfg.data_root, cfg.split, masks_dir, transforms=train_tf)
     train.check_files()  # the images and their ground-truth masks; the pseudo-masks are the run's own
-    val = None
-    if cfg.val_split:
-        val = VOCDataset(cfg.data_root, cfg.val_split, transforms=eval_transforms(None), with_mask=True)
-        val.check_files()
-        if val.num_classes != train.num_classes:
-            raise ValueError(f"{cfg.val_split} has {val.num_classes} classes but {cfg.split} has {train.num_classes}")
+    val = training.val_dataset(cfg, eval_transforms(None), train, with_mask=True)
     return train, val
 
 
@@ -228,15 +216,8 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
                  len(val) if val is not None else 0, train.num_classes, spe, cfg.epochs, total, device,
                  f" x {dist.world_size} processes" if dist.enabled else "")
 
-    evaluate = None
-    if val is not None:
-        val_loader = E.make_eval_loader(val, cfg.eval_batch_size, dist=dist, workers=cfg.workers,
-                                        collate_fn=collate_list)
-
-        def evaluate(plain_model, epoch):
-            return evaluate_miou(plain_model, val_loader, device, train.num_classes, amp=cfg.amp,
-                                 channels_last=channels_last)
-
+    evaluate = training.evaluator(evaluate_miou, cfg, val, device, channels_last, dist, collate_fn=collate_list,
+                                  num_classes=train.num_classes)
     history = E.fit(ddp_model, optimizer, scheduler, train, step_fn, run_dir=run_dir / R.SEGMENTER_STATE,
                     cfg=C.to_dict(cfg), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=device, dist=dist,
                     max_steps=cfg.max_steps, amp=cfg.amp, channels_last=channels_last, workers=cfg.workers,
@@ -262,9 +243,6 @@ def load_segmenter(run_dir_or_path: str | Path, device: str | torch.device = "cp
     """The trained segmenter of a run (eval mode, on ``device``): maps normalised images
     (B, 3, H, W) to logits (B, K + 1, H, W); ``.class_names`` (K foreground names) and
     ``.train_config`` (SegmenterConfig) are attached."""
-    path = R.trained(run_dir_or_path, "segmenter")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = C.from_dict(SegmenterConfig, ckpt["cfg"])
-    cfg.pretrained_backbone = None  # the weights below replace the backbone's initialisation
-    model = build_model(cfg, int(ckpt["num_classes"]))
-    return training.load_trained(model, ckpt, path, f"segmenter its config describes ({cfg.model})", cfg, device)
+    # the stored weights replace the backbone's initialisation
+    return training.load_trained(run_dir_or_path, "segmenter", SegmenterConfig, build_model, device, "model",
+                                 pretrained_backbone=None)

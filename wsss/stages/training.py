@@ -17,16 +17,19 @@ The loop itself (resume, checkpoints, DDP) is ``wsss.engine.fit``; where the fil
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from wsss import config as C
 from wsss import engine as E
 from wsss import provenance
 from wsss import rundir as R
+from wsss.data.voc import VOCDataset
 from wsss.files import write_json
 from wsss.models.backbones import load_weights
 
@@ -74,6 +77,15 @@ def schedule(cfg, optimizer, num_items: int, dist: E.DistInfo, **kwargs):
     return scheduler, spe, total
 
 
+def evaluator(score, cfg, val, device, channels_last: bool, dist: E.DistInfo, collate_fn=None, **kwargs):
+    """E.fit's ``evaluate(model, epoch)``: ``score(model, loader, device, **kwargs)`` (a
+    wsss.evaluation function) over the val set ``val``; None when there is none."""
+    if val is None:
+        return None
+    loader = E.make_eval_loader(val, cfg.eval_batch_size, dist=dist, workers=cfg.workers, collate_fn=collate_fn)
+    return lambda model, epoch: score(model, loader, device, amp=cfg.amp, channels_last=channels_last, **kwargs)
+
+
 def summary(history: list[dict], t_start: float, per_class: str) -> dict:
     """What every training stage reports: epochs, steps, the last losses, time, and the
     history without its per-class list ``per_class`` (kept in the stage's own keys)."""
@@ -101,11 +113,35 @@ def save(cfg, stage: str, dist: E.DistInfo, model, record: dict, metrics: dict, 
     E.barrier()
 
 
-def load_trained(model, ckpt: dict, path, what: str, cfg, device):
-    """``model`` with the weights of ``ckpt`` (read from ``path``; ``what`` names the
+def scale_range(cfg) -> tuple[float, float] | None:
+    """``cfg.scale`` as the (low, high) random rescale range; None when off (empty or 1.0 1.0)."""
+    scale = tuple(cfg.scale) if cfg.scale else None
+    if scale is not None and len(scale) != 2:
+        raise ValueError(f"scale must be two numbers (low high), got {cfg.scale}")
+    return None if scale == (1.0, 1.0) else scale
+
+
+def val_dataset(cfg, transforms, train, with_mask: bool):
+    """The checked ``cfg.val_split`` (None when it is off), with the classes of ``train``."""
+    if not cfg.val_split:
+        return None
+    val = VOCDataset(cfg.data_root, cfg.val_split, transforms=transforms, with_mask=with_mask)
+    val.check_files()
+    if val.num_classes != train.num_classes:
+        raise ValueError(f"{cfg.val_split} has {val.num_classes} classes but {train.split} has {train.num_classes}")
+    return val
+
+
+def load_trained(run_dir_or_path, stage: str, cls, build_model, device, arch: str, **changes):
+    """The model of RUN's trained ``stage`` (``build_model(cfg, num_classes)`` with its weights;
+    ``cfg`` is the stored ``cls`` config with ``changes``; its field ``arch`` names the
     architecture in a mismatch message), in eval mode on ``device``, with ``.class_names``
     and ``.train_config`` attached."""
-    load_weights(model, ckpt["model"], path, what)
+    path = R.trained(run_dir_or_path, stage)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = dataclasses.replace(C.from_dict(cls, ckpt["cfg"]), **changes)
+    model = build_model(cfg, int(ckpt["num_classes"]))
+    load_weights(model, ckpt["model"], path, f"{stage} its config describes ({getattr(cfg, arch)})")
     device = E.resolve_device(device) if isinstance(device, str) else device
     model.to(device).eval()
     model.class_names = list(ckpt["class_names"])
