@@ -172,51 +172,47 @@ def read_split(root: str | Path, split: str, num_classes: int | None = None
 # Images and masks
 # ---------------------------------------------------------------------------------------
 
-def load_image(path: str | Path) -> np.ndarray:
-    """An RGB image as (H, W, 3) uint8."""
-    path = Path(path)
-    if not path.is_file():
-        raise _error(f"image {path} does not exist: add it, or remove its name from the split file")
+def _read(path: str | Path, what: str, missing: str, unreadable: str, read, error=_error):
+    """``read(PIL image)`` of the file ``path``; ``error(message)`` when it is missing
+    (``missing`` says the fix) or cannot be read (``unreadable`` says the fix)."""
+    if not Path(path).is_file():
+        raise error(f"{what} {path} does not exist: {missing}")
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+            return read(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        raise _error(f"image {path} cannot be read ({err}): the file is corrupt or not an "
-                     f"image; replace it, or remove its name from the split file") from None
+        raise error(f"{what} {path} cannot be read ({err}): {unreadable}") from None
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """An RGB image as (H, W, 3) uint8."""
+    return _read(path, "image", "add it, or remove its name from the split file",
+                 "the file is corrupt or not an image; replace it, or remove its name from the split file",
+                 lambda im: np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
 
 
 def load_saliency(path: str | Path, size: tuple[int, int] | None = None) -> np.ndarray:
     """A saliency map NAME.png (greyscale or colour, 0-255) as (H, W) float32 in [0, 1]."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"saliency map {path} does not exist: put one 0-255 PNG per image there "
-                           f"(named like the image), or use bg_mode='power' (no saliency needed)")
-    try:
-        with Image.open(path) as im:
-            saliency = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-    except (OSError, SyntaxError, ValueError) as err:
-        raise DatasetError(f"saliency map {path} cannot be read ({err}): replace the file") from None
+    saliency = _read(path, "saliency map", "put one 0-255 PNG per image there (named like the image), or use "
+                     "bg_mode='power' (no saliency needed)", "replace the file",
+                     lambda im: np.asarray(im.convert("L"), dtype=np.float32) / 255.0, error=DatasetError)
     if size is not None and saliency.shape != tuple(size):
         raise DatasetError(f"saliency map {path} is {saliency.shape[1]}x{saliency.shape[0]} but its image is "
                            f"{size[1]}x{size[0]}: saliency maps must have the image's size")
     return saliency
 
 
+def _mask_indices(im: Image.Image, path) -> np.ndarray:
+    if im.mode not in ("P", "L"):
+        raise _error(f"mask {path} is a {im.mode!r} image; masks must be palette ('P') or greyscale ('L') PNGs "
+                     f"holding class indices, not colours: convert it (e.g. with wsss.data.voc.save_mask)")
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
 def load_mask(path: str | Path, num_classes: int) -> np.ndarray:
     """A class-index mask as (H, W) uint8 with values in 0..K and 255 (checked)."""
-    path = Path(path)
-    if not path.is_file():
-        raise _error(f"mask {path} does not exist: add it, or give the split file's lines "
-                     f"image-level labels ('NAME c1 c2 ...') if masks are not available")
-    try:
-        with Image.open(path) as im:
-            if im.mode not in ("P", "L"):
-                raise _error(f"mask {path} is a {im.mode!r} image; masks must be palette ('P') "
-                             f"or greyscale ('L') PNGs holding class indices, not colours: "
-                             f"convert it (e.g. with wsss.data.voc.save_mask)")
-            mask = np.asarray(im, dtype=np.uint8).copy()
-    except (OSError, SyntaxError, ValueError) as err:
-        raise _error(f"mask {path} cannot be read ({err}): replace the file") from None
+    mask = _read(path, "mask", "add it, or give the split file's lines image-level labels ('NAME c1 c2 ...') "
+                 "if masks are not available", "replace the file", lambda im: _mask_indices(im, path))
     check_mask_values(mask, num_classes, path)
     return mask
 
