@@ -26,8 +26,6 @@ from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 
-SHARED_BINS = ("0", "1", "2", "3+")  # keys of pair_statistics()["shared_hist"]
-
 
 def _check_labels(labels) -> np.ndarray:
     """Validate an (N, K) 0/1 label matrix and return it as a bool array."""

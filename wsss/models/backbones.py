@@ -9,7 +9,7 @@ s in {8, 16}. Every backbone here is an ``nn.Module`` with
   (base learning rate; for ``tiny``, which is always trained from scratch, this is the
   whole network so that the learning-rate recipe means the same thing for every
   backbone),
-- ``new_parameters()``: layers added on top of the body (10x learning rate),
+- ``extra``: layers added on top of the body (new layers: 10x learning rate),
 - ``load_pretrained(path)``: strict loading of a torchvision state dict.
 
 They are chosen by name from the plain dict ``BACKBONES`` (no registry). Nothing ever
@@ -160,9 +160,6 @@ class Backbone(nn.Module):
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.body_modules().parameters() if p.requires_grad)
-
-    def new_parameters(self) -> Iterator[nn.Parameter]:
-        return (p for p in self.extra.parameters() if p.requires_grad)
 
     def load_pretrained(self, path: str | Path) -> None:
         load_body_state(self.body_modules(), Path(path), what=type(self).__name__)

@@ -22,7 +22,6 @@ import torch
 
 from wsss import config as C
 from wsss import engine as E
-from wsss import rundir as R
 from wsss.evaluation import evaluate_map
 from wsss.losses import HELP as LOSS_HELP
 from wsss.losses import LossConfig, loss_terms
@@ -231,18 +230,11 @@ def _run(cfg: ClassifierConfig, dist: E.DistInfo, t_start: float) -> dict:
 
 # =========================================================================== loading
 
-def classifier_info(run_dir_or_path: str | Path) -> dict:
-    """What classifier.pt records besides the weights: cfg (dict), class_names, num_classes, metrics."""
-    ckpt = torch.load(R.trained(run_dir_or_path, "classifier"), map_location="cpu", weights_only=True)
-    return {k: v for k, v in ckpt.items() if k != "model"}
-
-
 def load_classifier(run_dir_or_path: str | Path, device: str | torch.device = "cpu", *,
                     coatt_impl: str | None = None):
     """The trained CoAttentionClassifier of a run (eval mode, on ``device``), with
     ``.class_names`` and ``.train_config`` (ClassifierConfig) attached. ``coatt_impl``
     overrides the co-attention implementation (e.g. "explicit" to look at attention)."""
-
     changes = {"pretrained": None}  # the stored weights replace whatever the backbone was initialised from
     if coatt_impl is not None:
         changes["coatt_impl"] = coatt_impl
