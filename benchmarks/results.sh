@@ -24,7 +24,9 @@ for section in $SECTIONS; do
     ablation)
         $GRID --setting "basic:$BASIC" --variant cam:combine=cam  # its co-attention never trained: no co-att maps
         $GRID --setting coatt_nocon:loss.contrastive=false --setting ours: \
-            --setting selfpairs:loss.self_pairs=true --setting pcommon05:p_common=0.5 $OURS_VARIANTS ;;
+            --setting selfpairs:loss.self_pairs=true --setting pcommon05:p_common=0.5 $OURS_VARIANTS
+        $GRID --setting official:recipe=official $OURS_VARIANTS \
+            --variant "reference:aggregate=reference,partners=replace,scales=[1.0]" ;;  # the reference's inference too
     inference)
         $GRID --setting ours: --variant self:combine=self --variant coatt_k1:combine=coatt,k=1 \
             --variant coatt_k5:combine=coatt,k=5 --variant all_k1:combine=all,k=1 --variant all_k5:combine=all,k=5 --variant cam_coatt:combine=cam+coatt \
