@@ -5,14 +5,15 @@
         if (done := training.finished(cfg, "classifier", dist)) is not None:
             return done
         device, channels_last = training.start(cfg, "classifier", dist)
-        ...data, model, optimizer (the stage's own)...
+        ...data (its train set; training.scale_range, training.val_dataset), model, optimizer...
         scheduler, spe, total = training.schedule(cfg, optimizer, len(train), dist)
-        history = E.fit(...)
+        evaluate = training.evaluator(evaluate_map, cfg, val, device, channels_last, dist)
+        history = E.fit(..., evaluate=evaluate, ...)
         metrics = {...its own numbers..., **training.summary(history, t_start, "val/ap")}
         training.save(cfg, "classifier", dist, model, {...}, metrics, "val mAP ...")
 
-The loop itself (resume, checkpoints, DDP) is ``wsss.engine.fit``; where the files go is
-``wsss.rundir``.
+and ``training.load_trained`` reads the weights back. The loop itself (resume, checkpoints,
+DDP) is ``wsss.engine.fit``; where the files go is ``wsss.rundir``.
 """
 
 from __future__ import annotations
