@@ -35,7 +35,8 @@ class ClassifierConfig:
     """Settings of stage 1. Defaults suit the embedded demo benchmark (1000 images of 96 px)
     on a 2-core CPU in about 4 minutes; the paper's settings on PASCAL VOC are the
     classifier section of configs/voc_vgg16.yaml (with the ``official`` recipe). Self-pairs
-    are off by default: their 2x-upscaled view makes a step ~4x dearer on CPU (turn them on with ``loss.self_pairs=True`` / ``--loss.self-pairs``).
+    are off by default: their 2x-upscaled view makes a step ~4x dearer on CPU (turn them on
+    with ``loss.self_pairs=True`` / ``--loss.self-pairs``).
     The tiny backbone trains from scratch, hence a higher lr than the reference 1e-3."""
 
     data_root: str
