@@ -43,7 +43,8 @@ MAPS = {("basic", "cam"): "basic CAM", ("ours", "cam"): "ours: own CAM", ("ours"
 # the training ablation (section 1): classifier setting of results.sh -> row label
 ABLATION = {"basic": "basic only (plain CAM)", "coatt_nocon": "+ co-attention",
             "ours": "+ contrastive (`ours`)", "selfpairs": "+ self-pairs (`self_weighting: mean`)",
-            "official": "the `official` recipe (configs/recipes/official.yaml)"}
+            "official": "the `official` recipe (configs/recipes/official.yaml)",
+            "official_heads": "`official` with our head initialisation (`heads: ours`)"}
 # the inference ablation (section 2): maps variant of the `ours` classifier -> row label
 INFERENCE = {"cam": "single-image CAM", "coatt_k1": "co-attention, k = 1", "coatt": "co-attention, k = 3",
              "coatt_k5": "co-attention, k = 5", "self": "self-pairs only", "all_k1": "CAM + co-att + self, k = 1",

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate the demo benchmark if missing, run classifier -> maps -> pseudo-masks -> "
                                    "segmenter -> evaluation, print the mIoU table and draw figures.")
     p.add_argument("--config", default=str(REPO_ROOT / "configs" / "demo.yaml"), help="pipeline YAML (default: configs/demo.yaml)")
-    p.add_argument("--run-dir", default=None, help="override the config's run directory")
+    p.add_argument("--run-dir", default=None,
+                   help="override the config's run directory (relative paths go under runs/)")
     p.add_argument("--figures", default=None, help="folder for the figures (default: figures/)")
     _add_benchmark_parser(sub)
     _add_stats_parser(sub)

@@ -6,7 +6,7 @@ pipeline picks up where it stopped (every stage skips or resumes finished work).
 
 YAML layout (every section optional; keys are the fields of that stage's config)::
 
-    run_dir: runs/demo              # absolute, or relative to the runs folder (wsss.paths.runs_dir)
+    run_dir: demo                   # absolute, or relative to the runs folder: runs/demo (wsss.paths.runs_dir)
     recipe: null                    # a recipe under configs/recipes/ (official) or a YAML path
     data_root: null                 # a VOC-layout dataset; null = the embedded benchmark below
     benchmark: demo                 # smoke | demo | full: generated on first use
