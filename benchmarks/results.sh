@@ -25,7 +25,7 @@ for section in $SECTIONS; do
         $GRID --setting "basic:$BASIC" --variant cam:combine=cam  # its co-attention never trained: no co-att maps
         $GRID --setting coatt_nocon:loss.contrastive=false --setting ours: \
             --setting selfpairs:loss.self_pairs=true --setting pcommon05:p_common=0.5 $OURS_VARIANTS
-        $GRID --setting official:recipe=official $OURS_VARIANTS \
+        $GRID --setting official:recipe=official --setting official_heads:recipe=official,heads=ours $OURS_VARIANTS \
             --variant "reference:aggregate=reference,partners=replace,scales=[1.0]" ;;  # the reference's inference too
     inference)
         $GRID --setting ours: --variant self:combine=self --variant coatt_k1:combine=coatt,k=1 \

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -205,6 +206,8 @@ def main(argv=None) -> None:
     for metric in ("maps_miou", "pseudo_miou"):
         fig = viz.ablation_figure(abl, metric, x="classifier", hue="maps kind", xlabel="", size=(10, 4.5),
                                   title=f"training ablation (section 1): {metric.replace('_', ' ')}, mean ± std over seeds")
+        ax = fig.axes[0]
+        ax.set_xticks(ax.get_xticks(), [textwrap.fill(t.get_text(), 22) for t in ax.get_xticklabels()])
         viz.save_figure(fig, figures / f"results_ablation_{metric}.png",
                         f"{metric} of the first 500 training images per classifier and kind of maps; bars = mean, "
                         "error bars = std over seeds, dots = seeds", source)
