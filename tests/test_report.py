@@ -122,6 +122,21 @@ def test_ablation_figure_draws_one_bar_per_setting(tmp_path):
     assert heights == [32.0, 42.0, 60.0]
 
 
+def test_ablation_figure_dots_are_the_same_for_the_same_rows(tmp_path):
+    write_ablation_runs(tmp_path)
+    df = report.collect_ablation(tmp_path)
+
+    def dots():
+        fig = viz.ablation_figure(df, "maps_miou")
+        return np.concatenate([c.get_offsets() for c in fig.axes[0].collections if len(c.get_offsets())])
+
+    np.random.seed(1)
+    before = np.random.get_state()[1].copy()
+    first = dots()
+    assert (np.random.get_state()[1] == before).all()  # the caller's RNG stream is untouched
+    np.testing.assert_array_equal(first, dots())  # seaborn's jitter is seeded: a redraw is the same figure
+
+
 # ----------------------------------------------------------------------- ablation configs
 
 @pytest.mark.parametrize("losses", list(report.LOSSES))

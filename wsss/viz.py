@@ -224,8 +224,13 @@ def ablation_figure(df, metric: str = "pseudo_miou", title: str | None = None, x
     fig = Figure(figsize=size, layout="constrained")
     ax = fig.subplots()
     sns.barplot(data=data, x=x, y="value", hue=hue, errorbar="sd", ax=ax, alpha=0.8, capsize=0.1)
-    sns.stripplot(data=data, x=x, y="value", hue=hue, dodge=True, ax=ax, size=3, legend=False,
-                  palette=dict.fromkeys(data[hue].unique(), "k"))
+    state = np.random.get_state()  # seaborn jitters the dots with numpy's global RNG: the same
+    np.random.seed(0)  # figure from the same rows, without touching the caller's stream
+    try:
+        sns.stripplot(data=data, x=x, y="value", hue=hue, dodge=True, ax=ax, size=3, legend=False,
+                      palette=dict.fromkeys(data[hue].unique(), "k"))
+    finally:
+        np.random.set_state(state)
     ax.set(xlabel=xlabel, ylabel=f"{metric.replace('_', ' ')} (%)",
            title=title or f"{metric.replace('_', ' ')}: mean ± std over seeds")
     return fig
