@@ -134,7 +134,7 @@ def draw(root: Path, args) -> None:
     fig = viz.maps_grid(data_root, columns, ds.names[:args.images], class_names=ds.class_names)
     viz.save_figure(fig, args.figure, "image, ground truth and the localization maps (maximum over the image's "
                     "classes) of each setting, seed 0: " + ", ".join(args.column),
-                    "benchmarks/localisation_grid.py --figure (from runs/localisation)")
+                    "benchmarks/localisation_grid.py --figure (maps of the grid's seed-0 run directories, --root)")
 
 
 COLUMNS = ("val_map", "maps_miou", "pseudo_miou", "pseudo_nocrf_miou", "part_recall@0.5", "body_recall@0.5", "object_share@0.5", "context_share@0.5", "att/obj->obj", "att/obj_area_n", "att/bg->bg",

@@ -45,7 +45,8 @@ for section in $SECTIONS; do
         $PY benchmarks/localisation_grid.py --figure figures/results_ablation_maps.png --images 6 \
             --column "basic CAM=basic/cam" --column "+ co-att: all=coatt_nocon/all" --column "ours: own CAM=ours/cam" \
             --column "ours: co-att=ours/coatt" --column "ours: CAM + co-att + self=ours/all" \
-            --column "ours: CAM + co-att=ours/cam_coatt" --column "+ self-pairs: all=selfpairs/all"
+            --column "ours: CAM + co-att=ours/cam_coatt" --column "+ self-pairs: all=selfpairs/all" \
+            --column "official, our heads: CAM=official_heads/cam" --column "official, our heads: all=official_heads/all"
         $PY benchmarks/localisation_grid.py --figure figures/results_settings.png --images 6 \
             --column "CAM, setting 2=s2_basic/cam" --column "ours all, setting 2=s2_ours/all" \
             --column "CAM, setting 3=s3_basic/cam" --column "ours all, setting 3=s3_ours/all" \
