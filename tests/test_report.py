@@ -393,3 +393,25 @@ def test_pseudo_mask_steps_and_per_image_iou(tmp_path):
     with pytest.raises(FileNotFoundError, match="pseudo-mask stage"):
         report.per_image_iou(data, "train", run / "nothing")
     assert names == ["img0", "img1"]
+
+
+def test_pseudo_mask_steps_follows_the_runs_crf_scale(tmp_path):
+    """With no ``crf_scale`` given, the steps use the run's own (RUN/config_pseudo.yaml), as the
+    pseudo-mask stage did: here ``crf_scale: false``, so the CRF widths stay unscaled."""
+    from wsss.pseudo import crf_params_for, scores_to_mask
+    from wsss.stages.pseudo_masks import PseudoConfig
+
+    data, run = tmp_path / "voc", tmp_path / "run"
+    make_dataset(data)
+    half = np.zeros((2, 32, 32), np.float32)
+    half[0, 4:10, 4:16] = 1.0
+    half[1, 20:26, 18:30] = 0.6
+    save_maps(run / "maps" / "img1.npz", half, [1, 2])
+    C.save_yaml(PseudoConfig(data_root=str(data), run_dir=str(run), crf_scale=False), run / "config_pseudo.yaml")
+    steps = report.pseudo_mask_steps(run, data, "img1")
+    params = report.run_mask_params(run)
+    unscaled = scores_to_mask(steps["image"], half, [1, 2], params)
+    scaled = scores_to_mask(steps["image"], half, [1, 2], crf_params_for(params, (32, 32), True))
+    assert not np.array_equal(unscaled, scaled)  # the setting matters for this image
+    assert np.array_equal(steps["mask_crf"], unscaled)
+    assert np.array_equal(report.pseudo_mask_steps(run, data, "img1", crf_scale=True)["mask_crf"], scaled)

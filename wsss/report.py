@@ -458,27 +458,38 @@ def per_image_iou(data_root: str | Path, split: str, masks_dir: str | Path, name
     return pd.DataFrame(rows).sort_values("miou", kind="stable").reset_index(drop=True)
 
 
+def _run_pseudo_config(run_dir: str | Path):
+    """The run's pseudo-mask stage settings (RUN/config_pseudo.yaml), None without one."""
+    from wsss.stages.pseudo_masks import PseudoConfig
+
+    path = Path(run_dir) / R.folder_config(R.PSEUDO)
+    return C.load_yaml(PseudoConfig, path) if path.is_file() else None
+
+
 def run_mask_params(run_dir: str | Path, **overrides):
     """The pseudo-mask rules a run used (RUN/config_pseudo.yaml; defaults without one), with
     ``overrides`` (e.g. alpha=8) applied: a wsss.pseudo.PseudoMaskParams."""
     from wsss.pseudo import PseudoMaskParams
-    from wsss.stages.pseudo_masks import PseudoConfig
 
-    path = Path(run_dir) / R.folder_config(R.PSEUDO)
-    params = C.load_yaml(PseudoConfig, path).mask_params() if path.is_file() else PseudoMaskParams()
+    cfg = _run_pseudo_config(run_dir)
+    params = cfg.mask_params() if cfg is not None else PseudoMaskParams()
     return dataclasses.replace(params, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def pseudo_mask_steps(run_dir: str | Path, data_root: str | Path, name: str, params=None, split: str = "train",
-                      crf_scale: bool = True) -> dict:
+                      crf_scale: bool | None = None) -> dict:
     """METHOD.md sec. 3 one step at a time for image ``name``: its localization maps
     (RUN/maps), the background score, the mask without and with the dense CRF
-    (``wsss.pseudo.scores_to_mask``), and the per-image mIoU of both against the truth."""
+    (``wsss.pseudo.scores_to_mask``), and the per-image mIoU of both against the truth.
+    ``params`` and ``crf_scale`` default to the run's own (:func:`run_mask_params`)."""
     from wsss.data.voc import VOCDataset, load_image, load_mask
     from wsss.maps import load_maps, maps_path
     from wsss.pseudo import background_score, crf_params_for, scores_to_mask
 
     params = params if params is not None else run_mask_params(run_dir)
+    if crf_scale is None:
+        cfg = _run_pseudo_config(run_dir)
+        crf_scale = cfg.crf_scale if cfg is not None else True
     base = VOCDataset(data_root, split, with_mask=False)
     image = load_image(base.image_path(name))
     gt = load_mask(base.mask_path(name), base.num_classes)
