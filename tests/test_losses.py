@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from wsss.losses import TERMS, LossConfig, log_values, loss_terms
+from wsss.losses import TERMS, LossConfig, loss_terms
 
 K = 4
 PAIR_KEYS = ("s_m", "s_n", "s_co_m", "s_co_n", "s_con_m", "s_con_n")
@@ -153,8 +153,6 @@ def test_config_validation_and_missing_self():
     del out["self"]
     with pytest.raises(ValueError, match="self_pairs"):
         loss_terms(out, l_m, l_n, LossConfig(), epoch=0)
-    vals = log_values(loss_terms(out, l_m, l_n, LossConfig(self_pairs=False), epoch=0))
-    assert all(isinstance(v, float) for v in vals.values())
 
 
 # ----------------------------------------------------------------------- the reference's loss

@@ -156,14 +156,6 @@ def self_pair_terms(out: dict, l_m: torch.Tensor) -> dict[str, torch.Tensor]:
             "self_coatt": sum(t["coatt"] for t in per_view)}
 
 
-def _at_least_float32(out):
-    if isinstance(out, dict):
-        return {k: _at_least_float32(v) for k, v in out.items()}
-    if torch.is_tensor(out) and out.is_floating_point():
-        return out.to(torch.promote_types(out.dtype, torch.float32))
-    return out
-
-
 def loss_terms(out: dict, l_m: torch.Tensor, l_n: torch.Tensor, cfg: LossConfig,
                epoch: int) -> dict[str, torch.Tensor]:
     """Every term in TERMS (unweighted; 0 when off) and the weighted ``total``.
@@ -172,7 +164,6 @@ def loss_terms(out: dict, l_m: torch.Tensor, l_n: torch.Tensor, cfg: LossConfig,
     Raises if cfg.self_pairs is on but ``out`` has no "self" entry. Tensors below float32
     (from a bf16 autocast forward pass) are upcast: the losses are computed in float32 at least.
     """
-    out = _at_least_float32(out)
     terms = pair_terms(out, l_m, l_n, cfg.empty_contrastive)
     con_on = cfg.contrastive and epoch >= cfg.con_warmup_epochs
     if cfg.self_pairs:
@@ -184,31 +175,17 @@ def loss_terms(out: dict, l_m: torch.Tensor, l_n: torch.Tensor, cfg: LossConfig,
     # self_weighting "mean": the pair's and the mean self-pair's basic / co-att terms average
     # (1/2 each), so turning self-pairs on keeps the loss scale the lr was chosen for
     pair_w, self_w = (0.5, 0.5 / len(out["self"])) if cfg.self_pairs and cfg.self_weighting == "mean" else (1.0, 1.0)
-    total = zero
-    if cfg.basic:
-        total = total + pair_w * cfg.w_basic * terms["basic"]
-    if cfg.coatt:
-        total = total + pair_w * cfg.w_coatt * terms["coatt"]
-    if con_on:
-        total = total + cfg.w_con * terms["contrastive"]
-    if cfg.self_pairs:
-        if cfg.basic:
-            total = total + self_w * cfg.w_self * cfg.w_basic * terms["self_basic"]
-        if cfg.coatt:
-            total = total + self_w * cfg.w_self * cfg.w_coatt * terms["self_coatt"]
     switches = {"basic": cfg.basic, "coatt": cfg.coatt, "contrastive": con_on,
                 "self_basic": cfg.self_pairs and cfg.basic,
                 "self_coatt": cfg.self_pairs and cfg.coatt}
+    weights = {"basic": pair_w * cfg.w_basic, "coatt": pair_w * cfg.w_coatt, "contrastive": cfg.w_con,
+               "self_basic": self_w * cfg.w_self * cfg.w_basic, "self_coatt": self_w * cfg.w_self * cfg.w_coatt}
     # Terms computed but switched off enter as 0 * term: same value, and every parameter of
     # the forward pass still gets a (zero) gradient, so DDP needs no find_unused_parameters.
+    total = zero
     for name, term in terms.items():
-        if not switches[name]:
-            total = total + 0.0 * term
+        total = total + (weights[name] if switches[name] else 0.0) * term
     result = {name: (terms[name] if switches[name] else zero) for name in TERMS}
     result["total"] = total
     return result
 
-
-def log_values(terms: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Detached Python floats of ``loss_terms``' output, for logging."""
-    return {k: float(v.detach()) for k, v in terms.items()}

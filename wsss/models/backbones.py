@@ -21,6 +21,8 @@ how to get it.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -44,11 +46,6 @@ _HEAD_PREFIXES = ("fc.", "classifier.")
 
 
 # --------------------------------------------------------------------------- helpers
-def _check_stride(output_stride: int) -> None:
-    if output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
-
-
 def _weights_url(enum_path: str) -> str:
     """URL of a torchvision weights enum member given as 'ClassName.MEMBER'."""
     cls_name, member = enum_path.split(".")
@@ -92,7 +89,7 @@ def resolve_pretrained(name: str, pretrained: str | Path) -> Path:
     return path
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Load a state dict, unwrapping {'state_dict': ...}/{'model': ...} and 'module.' prefixes."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -114,7 +111,7 @@ def load_body_state(body: nn.Module, path: Path, what: str = "backbone",
     Every parameter and buffer of ``body`` must be in the file and the file may hold
     nothing else except keys under ``ignore_prefixes``.
     """
-    state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith(ignore_prefixes)}
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(ignore_prefixes)}
     load_weights(body, state, path, what)
     log.info("loaded pretrained backbone weights from %s", path)
 
@@ -149,8 +146,8 @@ class Backbone(nn.Module):
         super().__init__()
         self.extra: nn.Module = nn.Identity()
 
-    def body_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def body_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.extra(self.body_forward(x))
@@ -187,7 +184,6 @@ class TinyBackbone(Backbone):
 
     def __init__(self, output_stride: int = 8, width: int = 32) -> None:
         super().__init__()
-        _check_stride(output_stride)
         c1, c2, c3 = width, 2 * width, 4 * width
         last_stride, dil = (1, 2) if output_stride == 8 else (2, 1)
         self.body = nn.Sequential(
@@ -199,28 +195,21 @@ class TinyBackbone(Backbone):
         )
         self.out_channels = c3
         self.output_stride = output_stride
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _he_init(self)
 
     def body_modules(self) -> nn.Module:
         # keys 'body.*': a saved TinyBackbone state dict is a valid pretrained file
-        return _Prefixed(body=self.body)
-
-    def body_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return nn.ModuleDict({"body": self.body})
 
 
 # --------------------------------------------------------------------------- VGG16
-def _vgg16_features() -> nn.Sequential:
-    """torchvision's vgg16().features with its initialisation, without building the
-    120M-parameter ImageNet classifier (seconds of CPU time) only to throw it away."""
-    features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
-    for m in features.modules():
+def _he_init(module: nn.Module) -> None:
+    """torchvision's VGG init of every conv: He normal (fan_out, ReLU), zero bias."""
+    for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(m.bias)
-    return features
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 class VGG16Backbone(Backbone):
@@ -238,8 +227,10 @@ class VGG16Backbone(Backbone):
 
     def __init__(self, output_stride: int = 8) -> None:
         super().__init__()
-        _check_stride(output_stride)
-        features = _vgg16_features()
+        # torchvision's vgg16().features, without building the 120M-parameter ImageNet
+        # classifier (seconds of CPU time) only to throw it away
+        features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+        _he_init(features)
         if output_stride == 8:
             features[self.POOL4] = nn.MaxPool2d(3, stride=1, padding=1)
             for i in self.CONV5:
@@ -250,28 +241,15 @@ class VGG16Backbone(Backbone):
         for _ in range(3):
             layers += [nn.Conv2d(512, 512, 3, padding=1), nn.ReLU(inplace=True)]
         self.extra = nn.Sequential(*layers)
-        for m in self.extra.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+        _he_init(self.extra)
         self.out_channels = 512
         self.output_stride = output_stride
 
     def body_modules(self) -> nn.Module:
-        return _Prefixed(features=self.features)
+        return nn.ModuleDict({"features": self.features})
 
     def body_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
-
-
-class _Prefixed(nn.Module):
-    """A view holding submodules under given names, so their state-dict keys carry the
-    prefixes of the torchvision model ('features.0.weight', ...)."""
-
-    def __init__(self, **modules: nn.Module) -> None:
-        super().__init__()
-        for name, module in modules.items():
-            self.add_module(name, module)
 
 
 # --------------------------------------------------------------------------- ResNet
@@ -284,66 +262,39 @@ class ResNetBackbone(Backbone):
     pretrained weights are loaded, trained otherwise.
     """
 
-    def __init__(self, depth: int = 50, output_stride: int = 8, frozen_bn: bool = False) -> None:
+    def __init__(self, depth: int = 50, output_stride: int = 8) -> None:
         super().__init__()
-        _check_stride(output_stride)
         dilate = [False, output_stride == 8, True]
         net = getattr(torchvision.models, f"resnet{depth}")(weights=None,
                                                               replace_stride_with_dilation=dilate)
-        self.body = _Prefixed(conv1=net.conv1, bn1=net.bn1, relu=net.relu, maxpool=net.maxpool,
-                              layer1=net.layer1, layer2=net.layer2, layer3=net.layer3,
-                              layer4=net.layer4)
+        self.body = nn.Sequential(OrderedDict(list(net.named_children())[:-2]))  # conv1 ... layer4
         self.out_channels = 2048
         self.output_stride = output_stride
         self.frozen_bn = False
-        if frozen_bn:
-            self.freeze_bn()
 
-    def freeze_bn(self) -> None:
+    def load_pretrained(self, path: str | Path) -> None:
+        super().load_pretrained(path)
         self.frozen_bn = True
-        for m in self.body.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.eval()
-                for p in m.parameters():
-                    p.requires_grad_(False)
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> "ResNetBackbone":
         super().train(mode)
-        if self.frozen_bn:
-            for m in self.body.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eval()
+        for m in self.body.modules():
+            if self.frozen_bn and isinstance(m, nn.BatchNorm2d):
+                m.eval()
+                m.requires_grad_(False)
         return self
 
     def body_modules(self) -> nn.Module:
         return self.body
 
-    def body_forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.body
-        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
-        return b.layer4(b.layer3(b.layer2(b.layer1(x))))
-
 
 # --------------------------------------------------------------------------- builders
-def _build_tiny(pretrained, output_stride):
-    return TinyBackbone(output_stride=output_stride)
-
-
-def _build_vgg16(pretrained, output_stride):
-    return VGG16Backbone(output_stride=output_stride)
-
-
-def _build_resnet(depth):
-    def build(pretrained, output_stride):
-        return ResNetBackbone(depth, output_stride=output_stride, frozen_bn=pretrained is not None)
-    return build
-
-
 BACKBONES: dict[str, Callable[..., Backbone]] = {
-    "tiny": _build_tiny,
-    "vgg16": _build_vgg16,
-    "resnet50": _build_resnet(50),
-    "resnet101": _build_resnet(101),
+    "tiny": TinyBackbone,
+    "vgg16": VGG16Backbone,
+    "resnet50": partial(ResNetBackbone, 50),
+    "resnet101": partial(ResNetBackbone, 101),
 }
 
 
@@ -357,8 +308,10 @@ def build_backbone(name: str, pretrained: str | Path | None = None,
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
     path = resolve_pretrained(name, pretrained) if pretrained is not None else None
-    backbone = BACKBONES[name](pretrained, output_stride)
+    backbone = BACKBONES[name](output_stride=output_stride)
     if path is not None:
         backbone.load_pretrained(path)
     return backbone

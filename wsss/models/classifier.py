@@ -35,7 +35,6 @@ from wsss.data.pairs import self_pair_views
 from wsss.models.backbones import build_backbone
 from wsss.models.coattention import LearnableCoAttention
 
-SELF_PAIRS = ("flip", "down", "up")
 HEADS = ("ours", "reference")
 
 

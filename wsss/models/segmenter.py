@@ -16,14 +16,17 @@ softmax over scales and horizontal flips (the reference tests at 0.5-1.5 with fl
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import segmentation
 
 from wsss.classes import IGNORE_INDEX
+from wsss.models.backbones import read_state_dict
 
 
 class TinySegmenter(nn.Module):
@@ -73,9 +76,9 @@ class TorchvisionSegmenter(nn.Module):
     batches of two or more images.
     """
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, factory: Callable[..., nn.Module], num_classes: int):
         super().__init__()
-        self.net = net
+        self.net = factory(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)["out"]
@@ -85,22 +88,11 @@ class TorchvisionSegmenter(nn.Module):
         return list(self.net.backbone.parameters()), list(self.net.classifier.parameters())
 
 
-def _deeplabv3(name: str) -> Callable[[int], nn.Module]:
-    """Constructor for torchvision's ``segmentation.<name>``, random weights, no aux head."""
-    def build(num_classes: int) -> nn.Module:
-        from torchvision.models import segmentation
-
-        factory = getattr(segmentation, name)
-        return TorchvisionSegmenter(factory(weights=None, weights_backbone=None,
-                                            num_classes=num_classes, aux_loss=False))
-    return build
-
-
 #: name -> constructor(num_classes_incl_bg)
 SEGMENTERS: dict[str, Callable[[int], nn.Module]] = {
     "tiny": TinySegmenter,
-    "deeplabv3_resnet50": _deeplabv3("deeplabv3_resnet50"),
-    "deeplabv3_resnet101": _deeplabv3("deeplabv3_resnet101"),
+    "deeplabv3_resnet50": partial(TorchvisionSegmenter, segmentation.deeplabv3_resnet50),
+    "deeplabv3_resnet101": partial(TorchvisionSegmenter, segmentation.deeplabv3_resnet101),
 }
 
 
@@ -134,11 +126,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         raise FileNotFoundError(
             f"backbone weights not found: {path}. Nothing is downloaded: put a torchvision ResNet "
             "state dict there (e.g. from ~/.cache/torch/hub/checkpoints/) or pass pretrained_backbone=None")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("fc.")}
     result = backbone.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
