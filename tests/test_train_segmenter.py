@@ -109,7 +109,7 @@ def test_load_segmenter_reproduces_the_recorded_miou(finished_run, bench):
     model = T.load_segmenter(run_dir, "cpu")
     assert not model.training and len(model.class_names) == 4 and model.train_config.crop == 32
     val = VOCDataset(bench, "val", transforms=eval_transforms(None))
-    loader = E.make_eval_loader(val, 5, collate_fn=evl.collate_list)
+    loader = E.make_eval_loader(val, 5, collate_fn=list)
     got = evl.evaluate_miou(model, loader, torch.device("cpu"), 4)
     assert got["val/miou"] == pytest.approx(metrics["val_miou"])
     with pytest.raises(FileNotFoundError, match="train the segmenter first"):
@@ -200,7 +200,7 @@ def test_ddp_evaluation_covers_the_split_once(finished_run, bench, tmp_path):
     assert len(log) == 1 and log[0]["step"] == 2 and np.isfinite(log[0]["loss/total"])
     model = T.load_segmenter(tmp_path, "cpu")
     loader = E.make_eval_loader(VOCDataset(bench, "val", transforms=eval_transforms(None)), 8,
-                                collate_fn=evl.collate_list)
+                                collate_fn=list)
     assert evl.evaluate_miou(model, loader, torch.device("cpu"), 4)["val/miou"] == pytest.approx(log[0]["val/miou"])
 
 

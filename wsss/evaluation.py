@@ -24,6 +24,7 @@ classifier's image-level mAP (``evaluate_map``) and the segmenter's single-scale
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Sequence
@@ -74,10 +75,7 @@ def maps_to_labels(maps, classes, bg_threshold: float) -> np.ndarray:
 
 def iou_by_name(iou: Sequence[float], names: Sequence[str]) -> dict[str, float | None]:
     """{"background": IoU, class name: IoU, ...}; None where a class never occurred (NaN)."""
-    labels = ["background", *names]
-    if len(iou) != len(labels):
-        raise ValueError(f"{len(iou)} IoUs for {len(labels)} classes (background + {len(names)})")
-    return {n: _finite(v) for n, v in zip(labels, iou)}
+    return {n: _finite(v) for n, v in zip(["background", *names], iou, strict=True)}
 
 
 def _finite(v) -> float | None:
@@ -285,27 +283,16 @@ def evaluate_map(model, loader, device: torch.device, *, amp: bool = True, chann
             "val/ap": [None if np.isnan(a) else float(a) for a in ap]}
 
 
-def collate_list(items: list[dict]) -> list[dict]:
-    """Keep a val batch as a list: VOC images differ in size (see ``same_size_groups``)."""
-    return items
-
-
 def same_size_groups(items: list[dict]) -> list[list[dict]]:
     """Runs of consecutive items whose images have one size (each becomes one forward pass)."""
-    groups: list[list[dict]] = []
-    for item in items:
-        if groups and groups[-1][0]["image"].shape == item["image"].shape:
-            groups[-1].append(item)
-        else:
-            groups.append([item])
-    return groups
+    return [list(run) for _, run in itertools.groupby(items, key=lambda it: it["image"].shape)]
 
 
 @torch.no_grad()
 def evaluate_miou(model: nn.Module, loader, device: torch.device, num_classes: int, *, amp: bool = True,
                   channels_last: bool = False) -> dict:
     """mIoU over K + 1 classes of single-scale predictions on a (possibly sharded) val
-    loader of ``collate_list`` batches: one confusion matrix per rank, summed over ranks."""
+    loader of list batches (``collate_fn=list``: VOC images differ in size): one confusion matrix per rank, summed over ranks."""
     model.eval()
     cm = ConfusionMatrix(num_classes + 1, device)
     for items in loader:
@@ -316,9 +303,7 @@ def evaluate_miou(model: nn.Module, loader, device: torch.device, num_classes: i
             with E.autocast(device, amp):
                 probs = predict(model, x)
             cm.update(probs.argmax(1), target)
-    total = ConfusionMatrix(num_classes + 1)
-    for mat in E.all_gather_objects(cm.mat.cpu()):
-        total.mat += mat
-    result = total.compute()
+    cm.mat = sum(E.all_gather_objects(cm.mat.cpu()))
+    result = cm.compute()
     return {"val/miou": result["miou"], "val/pixel_acc": result["pixel_acc"],
             "val/iou": [None if np.isnan(v) else float(v) for v in result["iou"]]}

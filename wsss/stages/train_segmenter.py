@@ -38,7 +38,7 @@ from wsss import config as C
 from wsss import engine as E
 from wsss import rundir as R
 from wsss.data.voc import PseudoMaskDataset, VOCDataset
-from wsss.evaluation import collate_list, evaluate_miou
+from wsss.evaluation import evaluate_miou
 from wsss.files import check_current
 from wsss.models.segmenter import build_segmenter, segmentation_loss
 from wsss.stages import training
@@ -216,7 +216,7 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
                  len(val) if val is not None else 0, train.num_classes, spe, cfg.epochs, total, device,
                  f" x {dist.world_size} processes" if dist.enabled else "")
 
-    evaluate = training.evaluator(evaluate_miou, cfg, val, device, channels_last, dist, collate_fn=collate_list,
+    evaluate = training.evaluator(evaluate_miou, cfg, val, device, channels_last, dist, collate_fn=list,
                                   num_classes=train.num_classes)
     history = E.fit(ddp_model, optimizer, scheduler, train, step_fn, run_dir=run_dir / R.SEGMENTER_STATE,
                     cfg=C.to_dict(cfg), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=device, dist=dist,
