@@ -155,7 +155,6 @@ def maps_grid(data_root, columns: dict, names, split: str = "train", class_names
 def plot_statistics(stats: dict, class_names=None):
     """A matplotlib Figure: co-occurrence heat map, shared-label histogram, label frequency."""
     import seaborn as sns
-    from matplotlib.figure import Figure
 
     names = list(class_names if class_names is not None else stats["class_names"])
     k = len(names)
@@ -192,8 +191,6 @@ def sweep_figure(sweep, title: str = "localization maps: mIoU vs background thre
     ``sweep``: a result of :func:`evaluate_maps` (or its "sweep" list), or a mapping
     label -> such results to compare several curves (e.g. single-image vs cross-image).
     """
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
     for label, (ts, mious) in _curves(sweep).items():
@@ -218,7 +215,6 @@ def ablation_figure(df, metric: str = "pseudo_miou", title: str | None = None, x
     """Bars of a metric (percent) per ``x`` (default: loss setting), one colour per ``hue``
     (default: inference mode), error bars = standard deviation over seeds, dots = the single runs."""
     import seaborn as sns
-    from matplotlib.figure import Figure
 
     data = df.assign(value=100 * df[metric])
     fig = Figure(figsize=size, layout="constrained")
@@ -239,8 +235,6 @@ def ablation_figure(df, metric: str = "pseudo_miou", title: str | None = None, x
 def loss_curves_figure(df, title: str = "training"):
     """Loss terms against epochs (terms that stay 0, i.e. switched off, are left out) and,
     when logged, the validation metrics (val/*) on a second panel."""
-    from matplotlib.figure import Figure
-
     losses = [c for c in df.columns if c.startswith("loss/") and df[c].abs().sum() > 0]
     vals = [c for c in df.columns if c.startswith("val/")]
     fig = Figure(figsize=(10 if vals else 6, 3.8), layout="constrained")
@@ -260,10 +254,6 @@ def loss_curves_figure(df, title: str = "training"):
 def pairs_figure(dataset, pairs: Sequence[Mapping], class_names: Sequence[str]):
     """One row per pair: I_m and I_n with their labels, l_m ∩ l_n (the co-attention target)
     and l_m \\ l_n (the contrastive target) in the titles."""
-    from matplotlib.figure import Figure
-
-    from wsss.data.transforms import denormalize
-
     names = lambda ids: ", ".join(class_names[c - 1] for c in ids) or "∅"  # noqa: E731
     fig = Figure(figsize=(6.4, 3.1 * len(pairs)), layout="constrained")
     axes = fig.subplots(len(pairs), 2, squeeze=False)
@@ -280,10 +270,6 @@ def pairs_figure(dataset, pairs: Sequence[Mapping], class_names: Sequence[str]):
 def pseudo_steps_figure(steps: Sequence[Mapping], class_names: Sequence[str] | None = None):
     """Rows of image / ground truth / largest class map / background score / mask without
     CRF / mask with CRF (per-image mIoU in the titles)."""
-    from matplotlib.figure import Figure
-
-    from wsss.viz import colorize, overlay
-
     titles = ["image", "ground truth", "max class map", "background score", "mask, no CRF", "mask + CRF"]
     fig = Figure(figsize=(2.1 * len(titles), 2.2 * len(steps) + 0.3), layout="constrained")
     axes = fig.subplots(len(steps), len(titles), squeeze=False)
@@ -300,7 +286,6 @@ def pseudo_steps_figure(steps: Sequence[Mapping], class_names: Sequence[str] | N
     for ax, title in zip(axes[0], titles):
         ax.set_title(title, fontsize=9)
     return fig
-
 
 
 def save_figure(fig: Figure, path, caption: str | None = None, source: str | None = None,
