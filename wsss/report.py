@@ -142,17 +142,12 @@ def switches_run_dir(data_size: str, switches: Mapping[str, bool]) -> str:
     """Default run directory of a classifier trained with these loss switches: the pipeline's
     own (e.g. "demo") when they change nothing, else named after what they change, e.g.
     "demo-no-coatt-self_pairs" (co-attention off, self-pairs on)."""
-    base = load_pipeline(data_size, run_dir=".")
-    default = effective_switches(base)
-    wanted = effective_switches(load_pipeline(data_size, run_dir=".", overrides={"classifier": {"loss": switches}}))
-    name = C.load_yaml(_pipeline_cls(), pipeline_config_path(data_size)).run_dir
-    return name + "".join(f"-{'' if wanted[k] else 'no-'}{k}" for k in SWITCHES if wanted[k] != default[k])
-
-
-def _pipeline_cls():
     from wsss.stages.pipeline import PipelineConfig
 
-    return PipelineConfig
+    default = effective_switches(load_pipeline(data_size, run_dir="."))
+    wanted = effective_switches(load_pipeline(data_size, run_dir=".", overrides={"classifier": {"loss": switches}}))
+    name = C.load_yaml(PipelineConfig, pipeline_config_path(data_size)).run_dir
+    return name + "".join(f"-{'' if wanted[k] else 'no-'}{k}" for k in SWITCHES if wanted[k] != default[k])
 
 
 # =========================================================================== running
