@@ -22,10 +22,16 @@ least half of its pixels do.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+
+from wsss.data.pairs import PartnerIndex
+from wsss.data.synth import PART_DIR, part_coverage, part_coverage_counts
+from wsss.maps import load_maps, maps_path
 
 CONTEXT_PART = 3  # the benchmark's part map: 3 = context band (wsss.data.synth.PART_NAMES)
 
@@ -123,15 +129,11 @@ def pair_diagnostics(model, x_m: torch.Tensor, x_n: torch.Tensor, mask_m: torch.
 def shared_class_pairs(labels: np.ndarray, n: int, seed: int = 0) -> list[tuple[int, int, int]]:
     """``n`` pairs (m, partner, class id) that share a class: m in order, the class uniform
     among m's shareable ones, the partner uniform among the other images holding it."""
-    from wsss.data.pairs import PartnerIndex
-
     index = PartnerIndex(labels)
     rng = np.random.default_rng(seed)
     out = []
-    for m in range(index.num_images):
+    for m in np.flatnonzero(index.shareable.any(1)).tolist():
         classes = np.flatnonzero(index.shareable[m])
-        if classes.size == 0:
-            continue
         col = int(classes[rng.integers(classes.size)])
         out.append((m, index.other_member(col, m, int(rng.integers(index.class_counts[col] - 1))), col + 1))
         if len(out) == n:
@@ -159,12 +161,6 @@ def collect(model, dataset, pairs: Sequence[tuple[int, int, int]], parts=None, b
 
 def part_reader(data_root):
     """name -> the benchmark's part map (H, W) uint8, or None when the dataset has none."""
-    from pathlib import Path
-
-    from PIL import Image
-
-    from wsss.data.synth import PART_DIR
-
     folder = Path(data_root) / PART_DIR
     if not folder.is_dir():
         return None
@@ -176,13 +172,6 @@ def maps_part_coverage(data_root, maps_dir, names, thresholds=(0.5,)) -> dict[st
     per threshold, the recall of the discriminative part and of the body, and the shares of
     the above-threshold map on the object and on context, over the images ``names`` of
     MAPS (NAME.npz)."""
-    from pathlib import Path
-
-    from PIL import Image
-
-    from wsss.data.synth import part_coverage, part_coverage_counts
-    from wsss.maps import load_maps, maps_path
-
     parts, root = part_reader(data_root), Path(data_root)
     if parts is None:
         raise FileNotFoundError(f"{root} has no part maps: the calibration needs the embedded benchmark")

@@ -250,10 +250,8 @@ class PairDataset(Dataset):
         """``{"m", "n", "partner"}``; with ``view_transforms`` (name -> transform), m also
         carries ``"views"``: each transform applied to m's source image, not to its
         augmented copy (the reference's self-pair views, Classifier/utils/LoadData.py:239-242)."""
-        i = operator.index(i)
-        if i < 0:
-            i += len(self)
         n = self.partner_of(i)
+        i = operator.index(i) % len(self)  # partner_of checked that i is in range
         m = self.base[i]
         if self.view_transforms:
             source = self.base.source_image(i)
@@ -294,9 +292,8 @@ def _sampled_pairs(index: PartnerIndex, p_common: float, num_pairs: int, seed: i
 
 def shared_histogram(shared: np.ndarray) -> dict[str, int]:
     """Counts of pairs sharing 0, 1, 2 and 3 or more labels."""
-    shared = np.asarray(shared)
-    return {"0": int((shared == 0).sum()), "1": int((shared == 1).sum()),
-            "2": int((shared == 2).sum()), "3+": int((shared >= 3).sum())}
+    counts = np.bincount(np.minimum(shared, 3), minlength=4)
+    return dict(zip(("0", "1", "2", "3+"), counts.tolist()))
 
 
 def pair_statistics(labels, class_names, p_common: float = 1.0, num_pairs: int | None = None, seed: int = 0) -> dict:

@@ -96,9 +96,7 @@ def source_view_transforms(size: int, down: float = 0.75, up: float = 2.0) -> di
 
 def eval_transforms(size: int | tuple[int, int] | None = None) -> v2.Compose:
     """Resize to ``size`` (an int gives a square; masks nearest) when given, then normalise."""
-    steps: list[v2.Transform] = []
-    if size is not None:
-        steps.append(v2.Resize(_as_size(size), antialias=True))
+    steps = [v2.Resize(_as_size(size), antialias=True)] if size is not None else []
     return v2.Compose(steps + _to_normalized_float())
 
 

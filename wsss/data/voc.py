@@ -257,10 +257,6 @@ def save_mask(path: str | Path, mask: np.ndarray) -> None:
 # Image-level labels (from the split file, or derived from the masks and cached)
 # ---------------------------------------------------------------------------------------
 
-def _cache_path(root: Path, split: str) -> Path:
-    return root / CACHE_DIR / f"labels_{split}.npz"
-
-
 def _cache_key(split_file: Path, folders: Sequence[Path], num_classes: int) -> list[str]:
     """What a cached result about a split depends on: the split file's mtime and size, each
     folder that exists (and its mtime, which changes when files are added or replaced, as
@@ -280,17 +276,6 @@ def _read_cache(path: Path, key: np.ndarray, names: list[str]) -> np.ndarray | N
     return None
 
 
-def _write_cache(path: Path, key: np.ndarray, names: list[str], labels: np.ndarray) -> None:
-    """Best effort: a read-only root, or any other failure, just means no cache."""
-    buf = io.BytesIO()
-    np.savez(buf, key=key, names=np.array(names), labels=labels)
-    try:
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(buf.getvalue())
-    except OSError as err:
-        log.debug("label cache not written (%s): %s", path, err)
-
-
 def _labels_from_masks(root: Path, split: str, names: list[str], num_classes: int) -> np.ndarray:
     masks = mask_dir(root, split)
     split_file = split_path(root, split)
@@ -299,7 +284,7 @@ def _labels_from_masks(root: Path, split: str, names: list[str], num_classes: in
                      f"{masks}, which does not exist: add the masks, or write the labels into "
                      f"the split file ('NAME c1 c2 ...')")
     key = np.array(_cache_key(split_file, [masks], num_classes))
-    cache = _cache_path(root, split)
+    cache = root / CACHE_DIR / f"labels_{split}.npz"
     labels = _read_cache(cache, key, names)
     if labels is not None:
         return labels
@@ -307,7 +292,13 @@ def _labels_from_masks(root: Path, split: str, names: list[str], num_classes: in
     labels = np.zeros((len(names), num_classes), dtype=np.uint8)
     for i, name in enumerate(progress(names, desc=f"labels {split}", leave=False)):
         labels[i] = labels_from_mask(load_mask(masks / f"{name}.png", num_classes), num_classes)
-    _write_cache(cache, key, names, labels)
+    buf = io.BytesIO()
+    np.savez(buf, key=key, names=np.array(names), labels=labels)
+    try:  # best effort: a read-only root, or any other failure, just means no cache
+        with atomic_path(cache) as tmp:
+            tmp.write_bytes(buf.getvalue())
+    except OSError as err:
+        log.debug("label cache not written (%s): %s", cache, err)
     return labels
 
 
@@ -373,7 +364,7 @@ class VOCDataset(Dataset):
         splits = [split] if isinstance(split, str) else list(split)
         if not splits:
             raise _error("no split given: name at least one, e.g. 'train'")
-        self.split = split if isinstance(split, str) else "+".join(splits)
+        self.split = "+".join(splits)
         self.splits = splits
         self.transforms = transforms
         self.with_mask = with_mask
@@ -416,12 +407,8 @@ class VOCDataset(Dataset):
                 h, w = load_image(images / f"{name}.jpg").shape[:2]
                 if f"{name}.png" in have_mask:
                     mpath = masks / f"{name}.png"
-                    try:
-                        with Image.open(mpath) as m:
-                            size = m.size
-                    except (OSError, SyntaxError, ValueError) as err:
-                        raise _error(f"mask {mpath} cannot be read ({err}): replace it, or remove {name} "
-                                     f"from {split_file}") from None
+                    size = _read(mpath, "mask", f"add it, or remove {name} from {split_file}",
+                                 f"replace it, or remove {name} from {split_file}", lambda im: im.size)
                     if size != (w, h):
                         raise _error(f"mask {mpath} is {size[0]}x{size[1]} but image {images / (name + '.jpg')} "
                                      f"is {w}x{h}: they must match; fix the mask, or remove {name} from {split_file}")
