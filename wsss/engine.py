@@ -635,21 +635,6 @@ def read_log(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-class _Checkpointer:
-    """Callable that writes RUN/checkpoint_last.pt from the current loop state."""
-
-    def __init__(self, path: Path, model, optimizer, scheduler, state: TrainState, cfg: dict | None, extra: dict):
-        self.path, self.model, self.optimizer, self.scheduler = path, model, optimizer, scheduler
-        self.state, self.cfg, self.extra = state, cfg, extra
-
-    def __call__(self) -> Path:
-        s = self.state
-        extra = dict(self.extra, batch_in_epoch=s.batch_in_epoch, count=s.count, history=s.history,
-                     sums={k: float(v) for k, v in s.sums.items()})
-        return save_checkpoint(self.path, self.model, self.optimizer, self.scheduler, s.epoch, s.step,
-                               self.cfg, extra)
-
-
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, train_set: Dataset, step_fn: StepFn, *,
         run_dir: str | Path, cfg: dict | None, epochs: int, batch_size: int, seed: int, device: torch.device,
         dist: DistInfo | None = None, max_steps: int | None = None, amp: bool = True,
@@ -672,7 +657,13 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, train_set
     total = total_steps(epochs, spe, max_steps)
     state = TrainState()
     ckpt_path = run_dir / R.CHECKPOINT
-    save = _Checkpointer(ckpt_path, model, optimizer, scheduler, state, cfg, dict(extra or {}))
+
+    def save() -> Path:
+        """RUN/checkpoint_last.pt from the current loop state."""
+        now = dict(extra or {}, batch_in_epoch=state.batch_in_epoch, count=state.count, history=state.history,
+                   sums={k: float(v) for k, v in state.sums.items()})
+        return save_checkpoint(ckpt_path, model, optimizer, scheduler, state.epoch, state.step, cfg, now)
+
     skip_rng = None
     if ckpt_path.is_file() and resume:
         ckpt = load_checkpoint(ckpt_path, model, optimizer, scheduler, map_location="cpu", restore_rng=False,
