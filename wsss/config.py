@@ -32,10 +32,6 @@ class ConfigError(ValueError):
 
 # --------------------------------------------------------------------------- type helpers
 
-def _hints(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _strip_optional(tp) -> tuple[Any, bool]:
     """``X | None`` -> (X, True); anything else -> (tp, False)."""
     origin = typing.get_origin(tp)
@@ -153,7 +149,7 @@ def nest_dotted(data: dict) -> dict:
 def valid_keys(cls) -> list[str]:
     """Every key ``from_dict(cls, ...)`` accepts, nested fields dotted."""
     keys = []
-    for name, tp in _hints(cls).items():
+    for name, tp in typing.get_type_hints(cls).items():
         if name not in {f.name for f in dataclasses.fields(cls)}:
             continue
         inner, _ = _strip_optional(tp)
@@ -215,7 +211,7 @@ def from_dict(cls, data: dict | None, *, base=None):
         raise ConfigError(
             f"unknown key(s) {unknown} for {cls.__name__}; valid keys: {', '.join(valid_keys(cls))}"
         )
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, f in fields.items():
         inner, _ = _strip_optional(hints[name])
@@ -329,7 +325,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "", hel
     fields become choices, ``X | None`` fields also accept the word ``none``.
     """
     help_texts = help_texts or {}
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, optional = _strip_optional(hints[f.name])
         dest = prefix + f.name
@@ -420,11 +416,6 @@ def config_differences(old: Mapping, new: Mapping, ignore=MACHINERY_KEYS, prefix
         a, b = old.get(key), new.get(key)
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             out += config_differences(a, b, ignore, f"{prefix}{key}.")
-        elif _plain(a) != _plain(b):
+        elif to_dict(a) != to_dict(b):  # tuples equal lists (YAML gives lists, dataclasses tuples)
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
-
-
-def _plain(value):
-    """Tuples and lists compare equal (YAML gives lists, dataclasses tuples)."""
-    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
