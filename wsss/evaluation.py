@@ -292,7 +292,8 @@ def same_size_groups(items: list[dict]) -> list[list[dict]]:
 def evaluate_miou(model: nn.Module, loader, device: torch.device, num_classes: int, *, amp: bool = True,
                   channels_last: bool = False) -> dict:
     """mIoU over K + 1 classes of single-scale predictions on a (possibly sharded) val
-    loader of list batches (``collate_fn=list``: VOC images differ in size): one confusion matrix per rank, summed over ranks."""
+    loader of list batches (``collate_fn=list``: VOC images differ in size): one confusion
+    matrix per rank, summed over ranks."""
     model.eval()
     cm = ConfusionMatrix(num_classes + 1, device)
     for items in loader:

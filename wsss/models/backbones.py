@@ -204,7 +204,7 @@ class TinyBackbone(Backbone):
 
 # --------------------------------------------------------------------------- VGG16
 def _he_init(module: nn.Module) -> None:
-    """torchvision's VGG init of every conv: He normal (fan_out, ReLU), zero bias."""
+    """He normal (fan_out, ReLU) of every conv weight and zero biases: torchvision's VGG init."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -279,10 +279,11 @@ class ResNetBackbone(Backbone):
 
     def train(self, mode: bool = True) -> "ResNetBackbone":
         super().train(mode)
-        for m in self.body.modules():
-            if self.frozen_bn and isinstance(m, nn.BatchNorm2d):
-                m.eval()
-                m.requires_grad_(False)
+        if self.frozen_bn:
+            for m in self.body.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+                    m.requires_grad_(False)
         return self
 
     def body_modules(self) -> nn.Module:
