@@ -175,32 +175,24 @@ def all_reduce_mean(values: dict[str, float] | float | torch.Tensor):
     in a single process. Returns Python floats."""
     if isinstance(values, dict):
         keys = sorted(values)
-        if not keys:
-            return {}
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-        t = _all_reduce_tensor_mean(t)
-        return {k: float(v) for k, v in zip(keys, t.tolist())}
-    t = _all_reduce_tensor_mean(torch.tensor([float(values)], dtype=torch.float64))
-    return float(t[0])
+        return dict(zip(keys, _mean_over_ranks([float(values[k]) for k in keys])))
+    return _mean_over_ranks([float(values)])[0]
 
 
-def _all_reduce_tensor_mean(t: torch.Tensor) -> torch.Tensor:
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-        return t
-    device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
-    t = t.to(device)
-    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
-    return (t / tdist.get_world_size()).cpu()
+def _mean_over_ranks(floats: list[float]) -> list[float]:
+    """``floats`` averaged over the ranks in float64 (no collective for an empty list)."""
+    t = torch.tensor(floats, dtype=torch.float64)
+    if floats and tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        t = t.to(torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else "cpu")
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+        t = (t / tdist.get_world_size()).cpu()
+    return t.tolist()
 
 
 def all_reduce_flag(flag: bool) -> bool:
-    """True on every rank when ``flag`` is True on any rank (so all ranks stop together)."""
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    """True on every rank when ``flag`` is True on any rank (so all ranks stop together): the
+    mean over ranks of the 0/1 flags is positive."""
+    return all_reduce_mean(float(flag)) > 0
 
 
 def all_gather_objects(obj) -> list:
