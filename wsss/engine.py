@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import itertools
 import json
 import logging
 import os
@@ -251,19 +250,6 @@ class SeededItems(Dataset):
             return self.dataset[i]
 
 
-class _SkipSampler(torch.utils.data.Sampler):
-    """The indices of ``sampler`` from position ``start`` on (mid-epoch resume)."""
-
-    def __init__(self, sampler, start: int):
-        self.sampler, self.start = sampler, start
-
-    def __iter__(self):
-        return itertools.islice(iter(self.sampler), self.start, None)
-
-    def __len__(self) -> int:
-        return max(0, len(self.sampler) - self.start)
-
-
 def total_steps(epochs: int, steps_per_epoch: int, max_steps: int | None = None) -> int:
     """Optimizer steps of a whole run: ``epochs`` epochs, capped at ``max_steps`` when given."""
     total = epochs * steps_per_epoch
@@ -291,8 +277,8 @@ def make_train_loader(dataset: Dataset, batch_size: int, *, seed: int, epoch: in
     if len(sampler) < batch_size:
         raise ValueError(f"the training set has {len(dataset)} items, fewer than one batch "
                          f"({batch_size} per process x {dist.world_size} processes); lower batch_size")
-    if skip_batches:
-        sampler = _SkipSampler(sampler, skip_batches * batch_size)
+    if skip_batches:  # the indices of this epoch after those of the batches already trained on
+        sampler = list(sampler)[skip_batches * batch_size:]
     gen = torch.Generator()
     gen.manual_seed(derive_seed(seed, epoch, dist.rank, 1))
     return DataLoader(SeededItems(dataset, seed, epoch), batch_size=batch_size, sampler=sampler,
