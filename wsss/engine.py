@@ -279,8 +279,7 @@ def make_train_loader(dataset: Dataset, batch_size: int, *, seed: int, epoch: in
                          f"({batch_size} per process x {dist.world_size} processes); lower batch_size")
     if skip_batches:  # the indices of this epoch after those of the batches already trained on
         sampler = list(sampler)[skip_batches * batch_size:]
-    gen = torch.Generator()
-    gen.manual_seed(derive_seed(seed, epoch, dist.rank, 1))
+    gen = torch.Generator().manual_seed(derive_seed(seed, epoch, dist.rank, 1))
     return DataLoader(SeededItems(dataset, seed, epoch), batch_size=batch_size, sampler=sampler,
                       num_workers=workers, drop_last=True, generator=gen, collate_fn=collate_fn,
                       pin_memory=pin_memory, persistent_workers=False)
@@ -292,8 +291,7 @@ def make_eval_loader(dataset: Dataset, batch_size: int, *, dist: DistInfo | None
     duplicates, so gathered predictions cover the split exactly once."""
     dist = dist or DistInfo()
     shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size)) if dist.enabled else dataset
-    gen = torch.Generator()
-    gen.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers, generator=gen,
                       collate_fn=collate_fn)
 
@@ -374,8 +372,7 @@ def set_rng_state(state: dict) -> None:
                          n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        states = state["cuda"][: torch.cuda.device_count()]
-        torch.cuda.set_rng_state_all(states)
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
 def _as_tuple(x):
