@@ -565,8 +565,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                 terms = step_fn(model, batch, state.epoch)
             if "total" not in terms:
                 raise KeyError(f"step_fn must return a dict with a 'total' loss, got keys {sorted(terms)}")
-            bad = check_finite(terms)
-            if bad:
+            if bad := check_finite(terms):
                 ckpt = Path(run_dir) / R.CHECKPOINT if run_dir is not None else None
                 raise NonFiniteLossError(
                     step=state.step + 1, epoch=state.epoch + 1, terms=bad, run_dir=run_dir,
@@ -581,8 +580,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             state.batch_in_epoch += 1
             state.count += 1
             for k, v in terms.items():
-                v = torch.as_tensor(v).detach().float().mean()
-                state.sums[k] = state.sums.get(k, 0.0) + v
+                state.sums[k] = state.sums.get(k, 0.0) + torch.as_tensor(v).detach().float().mean()
             bar.update(1)
             if log_every and state.step % log_every == 0 and is_main():
                 bar.set_postfix({k: f"{float(torch.as_tensor(v).detach()):.3f}" for k, v in terms.items()})
@@ -670,8 +668,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, train_set
                                    skip_batches=state.batch_in_epoch)
         t0 = time.perf_counter()
         train_one_epoch(model, loader, optimizer, scheduler, step_fn, state, device=device, total_steps=total,
-                        epoch_len=spe,
-                        amp=amp, channels_last=channels_last, log_every=log_every, run_dir=run_dir,
+                        epoch_len=spe, amp=amp, channels_last=channels_last, log_every=log_every, run_dir=run_dir,
                         checkpoint_fn=save, ckpt_every=ckpt_every, skip_rng=skip_rng, desc=desc)
         skip_rng = None
         seconds = time.perf_counter() - t0
