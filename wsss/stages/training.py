@@ -61,11 +61,9 @@ def finished(cfg, stage: str, dist: E.DistInfo, inputs=None, normalise=None) -> 
 def start(cfg, stage: str, dist: E.DistInfo):
     """(device, channels_last); the main process creates RUN and records the config and provenance."""
     device = E.resolve_device(cfg.device, dist.local_rank)
-    if dist.is_main:
-        run_dir = Path(cfg.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        C.save_yaml(cfg, run_dir / R.CONFIGS[stage])
-        provenance.record(run_dir, stage, str(device))
+    if dist.is_main:  # the config's write creates RUN (wsss.files.atomic_path makes the parent folders)
+        C.save_yaml(cfg, Path(cfg.run_dir) / R.CONFIGS[stage])
+        provenance.record(cfg.run_dir, stage, str(device))
     return device, E.use_channels_last(device, cfg.channels_last)
 
 
