@@ -257,8 +257,7 @@ def total_steps(epochs: int, steps_per_epoch: int, max_steps: int | None = None)
 
 
 def make_train_loader(dataset: Dataset, batch_size: int, *, seed: int, epoch: int, dist: DistInfo | None = None,
-                      workers: int = 0, collate_fn=None, pin_memory: bool = False,
-                      skip_batches: int = 0) -> DataLoader:
+                      workers: int = 0, collate_fn=None, pin_memory: bool = False, skip_batches: int = 0) -> DataLoader:
     """The loader of one training epoch, a function of (seed, epoch, rank) only.
 
     A DistributedSampler (also in a single process, with one replica) shuffles with
@@ -389,10 +388,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     config as a dict and ``extra`` (plain Python / tensors only). A collective in a
     multi-process job: every rank calls it, rank 0 writes.
     """
-    path = Path(path)
     rngs = all_gather_objects(rng_state())
     if is_main():
-        ckpt = {
+        atomic_torch_save({
             "model": unwrap(model).state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -402,10 +400,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
             "cfg": cfg,
             "extra": extra or {},
             "torch_version": str(torch.__version__),
-        }
-        atomic_torch_save(ckpt, path)
+        }, path)
     barrier()
-    return path
+    return Path(path)
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
