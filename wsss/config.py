@@ -378,15 +378,10 @@ def from_args(cls, args: argparse.Namespace, *, parser: argparse.ArgumentParser 
     ``parser.error`` when a parser is given (a usage message and exit code 2)."""
     given = {k: v for k, v in vars(args).items() if k in set(valid_keys(cls))}
     try:
-        merged: dict = {}
         config_path = getattr(args, "config", None)
-        if config_path:
-            merged = nest_dotted(read_yaml_mapping(config_path, f"{cls.__name__} fields"))
-        for k, v in nest_dotted(given).items():
-            if isinstance(v, dict) and isinstance(merged.get(k), dict):
-                merged[k] = {**merged[k], **v}
-            else:
-                merged[k] = v
+        merged = nest_dotted(read_yaml_mapping(config_path, f"{cls.__name__} fields")) if config_path else {}
+        for k, v in nest_dotted(given).items():  # flags over the YAML; a section over a section: one level deep
+            merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in merged
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
