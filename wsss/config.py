@@ -148,15 +148,11 @@ def nest_dotted(data: dict) -> dict:
 
 def valid_keys(cls) -> list[str]:
     """Every key ``from_dict(cls, ...)`` accepts, nested fields dotted."""
+    hints = typing.get_type_hints(cls)
     keys = []
-    for name, tp in typing.get_type_hints(cls).items():
-        if name not in {f.name for f in dataclasses.fields(cls)}:
-            continue
-        inner, _ = _strip_optional(tp)
-        if _is_dataclass_type(inner):
-            keys += [f"{name}.{k}" for k in valid_keys(inner)]
-        else:
-            keys.append(name)
+    for f in dataclasses.fields(cls):
+        inner, _ = _strip_optional(hints[f.name])
+        keys += [f"{f.name}.{k}" for k in valid_keys(inner)] if _is_dataclass_type(inner) else [f.name]
     return keys
 
 
