@@ -325,15 +325,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "", hel
     for f in dataclasses.fields(cls):
         tp, optional = _strip_optional(hints[f.name])
         dest = prefix + f.name
-        flag = "--" + prefix.replace("_", "-") + f.name.replace("_", "-")
         if defaults is not None:
             default = getattr(defaults, f.name)
-        elif f.default is not dataclasses.MISSING:
-            default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
-            default = None
+            default = None if f.default is dataclasses.MISSING else f.default
         if _is_dataclass_type(tp):
             add_arguments(parser, tp, prefix=dest + ".", help_texts=help_texts, defaults=default)
             continue
@@ -355,7 +352,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "", hel
             kw.update(type=yaml.safe_load, metavar="YAML")  # e.g. --classifier '{epochs: 2}'
         else:
             kw["type"] = str
-        parser.add_argument(flag, **kw)
+        parser.add_argument(_flag(dest), **kw)
 
 
 def command_line(parser: argparse.ArgumentParser, cls, help_texts: dict | None = None) -> argparse.ArgumentParser:
