@@ -204,9 +204,7 @@ def from_dict(cls, data: dict | None, *, base=None):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(k for k in data if k not in fields)
     if unknown:
-        raise ConfigError(
-            f"unknown key(s) {unknown} for {cls.__name__}; valid keys: {', '.join(valid_keys(cls))}"
-        )
+        raise ConfigError(f"unknown key(s) {unknown} for {cls.__name__}; valid keys: {', '.join(valid_keys(cls))}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, f in fields.items():
@@ -229,10 +227,8 @@ def from_dict(cls, data: dict | None, *, base=None):
             check_range(cls.__name__, name, kwargs[name])
         elif base is not None:
             kwargs[name] = base_value
-    missing = [
-        n for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
+    missing = [n for n, f in fields.items()
+               if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ConfigError(f"{cls.__name__} needs a value for {missing}")
     return cls(**kwargs)
