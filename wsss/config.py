@@ -173,10 +173,10 @@ RANGES = {
 
 
 def _in_range(value: float, spec: str) -> bool:
-    if spec.startswith((">=", "<=")) or spec[0] in "<>":
-        op, bound = (spec[:2], spec[2:]) if spec[1] == "=" else (spec[0], spec[1:])
-        bound = float(bound)
-        return {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[op.strip()]
+    if spec[0] in "<>":
+        op = spec[:2] if spec[1] == "=" else spec[0]
+        bound = float(spec[len(op):])
+        return {">=": value >= bound, ">": value > bound, "<=": value <= bound, "<": value < bound}[op]
     lo, hi = (float(x) for x in spec[1:-1].split(","))
     return (lo <= value if spec[0] == "[" else lo < value) and (value <= hi if spec[-1] == "]" else value < hi)
 
@@ -274,9 +274,7 @@ def _flag(name: str) -> str:
 
 def _parse_optional(tp):
     def parse(text: str):
-        if text.lower() in ("none", "null"):
-            return None
-        return tp(text)
+        return None if text.lower() in ("none", "null") else tp(text)
 
     parse.__name__ = getattr(tp, "__name__", "value")
     return parse
