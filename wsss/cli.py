@@ -115,8 +115,6 @@ def _demo(args) -> None:
     """The main job: the whole pipeline on the embedded demo benchmark, a result table and figures."""
     import time
 
-    from wsss import config as C
-    from wsss.paths import REPO_ROOT
     from wsss.stages import pipeline
 
     t0 = time.perf_counter()
@@ -166,14 +164,13 @@ EXIT_CODES = {"config": 2, "data": 3, "run": 4, "disk": 5, "interrupted": 130}
 
 def classify_error(err: BaseException) -> tuple[str, str] | None:
     """(kind, one- or two-line message) for the errors a user can fix; None for a bug."""
-    from wsss.config import ConfigError
     from wsss.data.voc import DatasetError
     from wsss.engine import NonFiniteLossError
     from wsss.models.backbones import WeightsError
 
     if isinstance(err, KeyboardInterrupt):
         return "interrupted", "interrupted: finished work is kept; run the same command again to continue"
-    if isinstance(err, ConfigError):
+    if isinstance(err, C.ConfigError):
         return "config", str(err)
     if isinstance(err, DatasetError):
         return "data", str(err)
