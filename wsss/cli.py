@@ -170,20 +170,16 @@ def classify_error(err: BaseException) -> tuple[str, str] | None:
 
     if isinstance(err, KeyboardInterrupt):
         return "interrupted", "interrupted: finished work is kept; run the same command again to continue"
-    if isinstance(err, C.ConfigError):
-        return "config", str(err)
     if isinstance(err, DatasetError):
         return "data", str(err)
-    if isinstance(err, (NonFiniteLossError, WeightsError)):
-        return "run", str(err)
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
         return "disk", (f"disk full while writing {err.filename or 'a file'}: free space and run the same command "
                         "again (finished files are complete; nothing half-written is kept)")
     if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return "disk", f"cannot write {err.filename or 'a file'} ({os.strerror(err.errno)}): use a writable --run-dir"
-    if isinstance(err, FileNotFoundError):
+    if isinstance(err, (NonFiniteLossError, WeightsError, FileNotFoundError)):
         return "run", str(err)
-    if isinstance(err, ValueError):  # the stages' own checks of settings and inputs
+    if isinstance(err, ValueError):  # a ConfigError (a ValueError) or the stages' own checks of settings and inputs
         return "config", str(err)
     return None
 
