@@ -238,16 +238,14 @@ def build_explorer(model, dataset, pairs: Sequence[tuple[int, int]], class_names
         redraw()
 
     def on_position(change=None):
-        if state["busy"]:
-            return
-        update_attention()
-        redraw()
+        if not state["busy"]:
+            update_attention()
+            redraw()
 
     def on_class(change=None):
-        if state["busy"]:
-            return
-        update_maps()
-        redraw()
+        if not state["busy"]:
+            update_maps()
+            redraw()
 
     def on_click(event):
         """A matplotlib button press: on I_m's axes, move the sliders to the cell clicked."""
