@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from wsss import config as C
-from wsss.paths import REPO_ROOT
+from wsss.paths import REPO_ROOT, benchmark_root
 
 # subcommand -> (module, its config class, one-line help). Each module has the config
 # dataclass, HELP (flag help per field) and run(cfg) -> dict of metrics.
@@ -100,7 +100,6 @@ def print_dataset_statistics(root, split: str = "train", p_common: float = 1.0, 
 
 def _make_benchmark(args) -> None:
     from wsss.data.synth import SCENE_KNOBS, generate
-    from wsss.paths import benchmark_root
 
     scene = {k: getattr(args, k) for k in SCENE_KNOBS if getattr(args, k) is not None}
     root = args.root or benchmark_root(args.size, args.seed, scene)
@@ -210,7 +209,6 @@ def _dispatch(args, parser) -> int:
     elif args.command == "make-benchmark":
         _make_benchmark(args)
     elif args.command == "stats":
-        from wsss.paths import benchmark_root
         print_dataset_statistics(args.root or benchmark_root("demo"), args.split, args.p_common, args.seed)
     else:
         module, cls = _stage(args.command)
