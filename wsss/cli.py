@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from wsss import config as C
@@ -112,8 +113,6 @@ def _make_benchmark(args) -> None:
 
 def _demo(args) -> None:
     """The main job: the whole pipeline on the embedded demo benchmark, a result table and figures."""
-    import time
-
     from wsss.stages import pipeline
 
     t0 = time.perf_counter()
