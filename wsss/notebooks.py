@@ -327,14 +327,13 @@ def _result(spec: RunSpec, status: str, seconds: float = 0.0, exc: BaseException
     if exc is not None:
         from papermill.exceptions import PapermillExecutionError
 
-        error = {"cell_index": None, "exec_count": None, "source_line": "", "ename": "NotRun", "evalue": exc}
+        error = {"cell_index": None, "exec_count": None, "source_line": "",
+                 "ename": type(exc).__name__ if isinstance(exc, BaseException) else "NotRun", "evalue": str(exc)}
         if isinstance(exc, PapermillExecutionError):
             cells = [c.source for c in _read_notebook(spec.notebook).cells]
             error.update(cell_index=cells.index(exc.source) if exc.source in cells else None,
                          exec_count=exc.exec_count, ename=exc.ename, evalue=exc.evalue,
                          source_line=next((ln.strip() for ln in exc.source.splitlines() if ln.strip()), ""))
-        elif isinstance(exc, BaseException):
-            error.update(ename=type(exc).__name__, evalue=str(exc))
     return {"exp": spec.exp, "run_id": spec.run_id, "notebook": str(spec.notebook), "status": status,
             "seconds": round(seconds, 2), "output_path": str(spec.output_path),
             "run_dir": str(spec.run_dir) if spec.run_dir else None, "parameters": spec.parameters, "error": error}
