@@ -182,6 +182,7 @@ def _exp_name(name: Any, where: str) -> str:
 
 def _entry_specs(entry: dict, where: str, base: Path, runs_root: Path, exp: str, shared: dict, overrides: dict,
                  stage: int, list_form: bool, source: Path) -> list[RunSpec]:
+    _check_keys(entry, ENTRY_KEYS, where)
     if not isinstance(entry.get("notebook"), str) or not entry["notebook"]:
         raise GridError(f"{where}: 'notebook' must be a path to a .ipynb file")
     notebook = (base / entry["notebook"]).resolve()  # an absolute path stays itself
@@ -227,7 +228,6 @@ def load_grid(path: str | Path, *, overrides: dict[str, Any] | None = None,
     exp = _exp_name(data.get("name", path.stem), str(path))
     common = dict(base=base, runs_root=root, overrides=overrides, source=path, exp=exp)
     if "notebook" in data:
-        _check_keys(data, ENTRY_KEYS, str(path))
         specs = _entry_specs(data, str(path), shared={}, stage=0, list_form=False, **common)
     else:
         _check_keys(data, LIST_KEYS, str(path))
@@ -236,7 +236,6 @@ def load_grid(path: str | Path, *, overrides: dict[str, Any] | None = None,
             raise GridError(f"{path}: 'notebooks' must be a non-empty list of mappings with a 'notebook' key")
         shared, sequential, specs = _mapping(data, "parameters", str(path)), data.get("sequential", True), []
         for i, entry in enumerate(entries):
-            _check_keys(entry, ENTRY_KEYS, f"{path} (notebooks[{i}])")
             specs += _entry_specs(entry, f"{path} (notebooks[{i}])", shared=shared, stage=i if sequential else 0,
                                   list_form=True, **common)
         declared = set().union(*(notebook_parameters(s.notebook) for s in specs))
