@@ -198,8 +198,7 @@ def _entry_specs(entry: dict, where: str, base: Path, runs_root: Path, exp: str,
         if RUN_DIR in params:
             raise GridError(f"{where}: {RUN_DIR} is set by the runner (RUNS/EXP/ID); remove it")
         param_id = make_run_id({k: params[k] for k in varying})
-        run_id = (f"{notebook.stem}__{param_id}" if param_id else notebook.stem) if list_form else \
-            (param_id or notebook.stem)
+        run_id = f"{notebook.stem}__{param_id}" if list_form and param_id else param_id or notebook.stem
         run_dir = (runs_root / exp / param_id if param_id else runs_root / exp) if RUN_DIR in declared else None
         if run_dir is not None:
             params[RUN_DIR] = str(run_dir)
