@@ -505,16 +505,15 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{path}: outputs cleared")
             return 1 if args.check and dirty else 0
         overrides = {name: _yaml_value(value) for name, value in args.parameter}
-        specs = load_grid(args.grid, overrides=overrides, runs_root=args.runs_root)
-        validate_all(specs)
         if args.command in ("check", "list"):
+            specs = load_grid(args.grid, overrides=overrides, runs_root=args.runs_root)
+            validate_all(specs)
             rows = [[run_state(s), s.stage, f"{s.exp}/{s.run_id}", s.notebook.name,
                      json.dumps({k: v for k, v in s.parameters.items() if k != RUN_DIR}, default=str)] for s in specs]
             print(format_table(rows, ["state", "stage", "run", "notebook", "parameters"]))
             print(f"{args.grid}: {len(specs)} run(s) valid")
             return 0
-        check_kernel(args.kernel)
-        results = run_specs(specs, jobs=args.jobs, kernel=args.kernel, force=args.force)
+        results = run_grid(args.grid, args.jobs, args.kernel, args.force, root=args.runs_root, overrides=overrides)
     except GridError as exc:
         log.error("%s", exc)
         return 2
