@@ -266,7 +266,7 @@ def validate(spec: RunSpec) -> None:
     for name, value in spec.parameters.items():
         default = declared[name]
         types, want = KINDS.get(type(default), (object, ""))  # None, text, expressions: anything
-        if value is not None and not (isinstance(value, types) and (type(default) is bool or not isinstance(value, bool))):
+        if value is not None and not (isinstance(value, types) and (type(default) is bool or type(value) is not bool)):
             raise GridError(f"{where}: parameter {name} = {value!r} should be {want} "
                             f"(its default in {spec.notebook} is {default!r})")
 
@@ -305,8 +305,8 @@ def check_kernel(kernel: str) -> None:
     try:
         KernelSpecManager().get_kernel_spec(kernel)
     except NoSuchKernel:
-        raise GridError(f"no Jupyter kernel named {kernel!r} (found: {sorted(KernelSpecManager().find_kernel_specs())});"
-                        f" register it with `{sys.executable} -m ipykernel install --sys-prefix --name {kernel}` "
+        raise GridError(f"no Jupyter kernel named {kernel!r} (found: {sorted(KernelSpecManager().find_kernel_specs())})"
+                        f"; register it with `{sys.executable} -m ipykernel install --sys-prefix --name {kernel}` "
                         f"(make does this for '{DEFAULT_KERNEL}') or pass --kernel NAME") from None
 
 
