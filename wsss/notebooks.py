@@ -81,10 +81,11 @@ def _read_notebook(path: Path) -> nbformat.NotebookNode:
         raise GridError(f"notebook {path} cannot be read ({exc}); is it a valid .ipynb file?") from exc
 
 
-def _literal(text: str) -> Any:
+def _parsed(text: str, parse, errors) -> Any:
+    """``parse(text)``, or the text itself when that raises one of ``errors``."""
     try:
-        return literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return parse(text)
+    except errors:
         return text
 
 
@@ -97,7 +98,9 @@ def notebook_parameters(path: str | Path) -> dict[str, Any]:
                         "assignments (JupyterLab: property inspector > Cell tags) so papermill can inject values")
     import papermill  # ~2 s to import: only where it is used
 
-    return {name: _literal(p["default"]) for name, p in papermill.inspect_notebook(str(path)).items()}
+    not_literal = (ValueError, SyntaxError, TypeError, MemoryError, RecursionError)  # what literal_eval raises
+    return {name: _parsed(p["default"], literal_eval, not_literal)
+            for name, p in papermill.inspect_notebook(str(path)).items()}
 
 
 def _stripped(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
@@ -483,13 +486,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _yaml_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -504,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
                     strip_outputs(path)
                     print(f"{path}: outputs cleared")
             return 1 if args.check and dirty else 0
-        overrides = {name: _yaml_value(value) for name, value in args.parameter}
+        overrides = {name: _parsed(value, yaml.safe_load, yaml.YAMLError) for name, value in args.parameter}
         if args.command in ("check", "list"):
             specs = load_grid(args.grid, overrides=overrides, runs_root=args.runs_root)
             validate_all(specs)
