@@ -132,14 +132,11 @@ def resolve_params(size="demo", seed=0, num_classes=10, image_size=None, num_tra
     """Fill the size defaults in and validate; raises ValueError naming the bad argument."""
     if size not in SIZES:
         raise ValueError(f"unknown benchmark size {size!r}: choose one of {sorted(SIZES)}")
-    base = SIZES[size]
-    pick = lambda value, key: base[key] if value is None else int(value)  # noqa: E731
+    given = dict(image_size=image_size, num_train=num_train, num_val=num_val, num_single=num_single, num_web=num_web)
+    knobs = dict(zip(SCENE_KNOBS, (body_class, context_p, context_size)))
     p = SynthParams(size=size, seed=int(seed), num_classes=int(num_classes),
-                    image_size=pick(image_size, "image_size"), num_train=pick(num_train, "num_train"),
-                    num_val=pick(num_val, "num_val"), num_single=pick(num_single, "num_single"),
-                    num_web=pick(num_web, "num_web"), noise_rate=float(noise_rate),
-                    **{k: float(v) for k, v in zip(SCENE_KNOBS, (body_class, context_p, context_size))
-                       if v is not None})
+                    **{k: SIZES[size][k] if v is None else int(v) for k, v in given.items()},
+                    noise_rate=float(noise_rate), **{k: float(v) for k, v in knobs.items() if v is not None})
     if p.num_classes < 2:
         raise ValueError(f"num_classes={p.num_classes}: the benchmark needs at least 2 classes")
     if p.num_classes > 254:
