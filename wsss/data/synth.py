@@ -630,8 +630,8 @@ def summarize(metas: list[dict], p: SynthParams) -> dict:
     min_ctx = 0.01 * p.image_size ** 2
     train = [m for m in metas if m["split"] == "train"]
     objects = [o for m in train for o in m["objects"]]
-    with_ctx = absent_total = stray_hits = 0
-    ctx_px = obj_px = 0
+    with_ctx = absent_total = stray_hits = ctx_px = 0
+    freq = np.zeros(p.num_classes, int)
     for m in train:
         present = set(m["labels"])
         seen = {c["class"] for c in m["contexts"] if c["pixels"] >= min_ctx}
@@ -639,11 +639,9 @@ def summarize(metas: list[dict], p: SynthParams) -> dict:
         stray_hits += len(seen - present)
         absent_total += p.num_classes - len(present)
         ctx_px += sum(c["pixels"] for c in m["contexts"] if not c["stray"])
-        obj_px += sum(o["pixels"] for o in m["objects"])
-    web = [m for m in metas if m["split"] == "web"]
-    freq = np.zeros(p.num_classes, int)
-    for m in train:
         freq[np.asarray(m["labels"]) - 1] += 1
+    obj_px = sum(o["pixels"] for o in objects)
+    web = [m for m in metas if m["split"] == "web"]
     return {
         "counts": p.counts(),
         "mean_objects": round(float(np.mean([len(m["objects"]) for m in train])), 4),
