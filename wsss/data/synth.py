@@ -328,14 +328,12 @@ def _place_objects(rng, classes: list[int], size: int, xx, yy, body_class: float
                 continue
             # walk down from the top: ``cover`` is everything drawn above object j
             cover = obj.copy()
-            ok = True
             for prev_obj, prev_head in reversed(masks):
                 if ((prev_obj & ~cover).sum() < MIN_VISIBLE * prev_obj.sum()
                         or (prev_head & ~cover).sum() < MIN_HEAD_VISIBLE * prev_head.sum()):
-                    ok = False
-                    break
+                    break  # o hides too much of an earlier object: try again
                 cover |= prev_obj
-            if ok:
+            else:  # every earlier object stays visible: keep o, go on to the next class
                 placed.append(o)
                 masks.append((obj, head))
                 break
@@ -556,12 +554,11 @@ def _single_scene(rng: np.random.Generator, p: SynthParams) -> SceneSpec:
     """Setting 2: one object of a uniformly drawn class, its context with prob. ``context_p``."""
     size = p.image_size
     cls = int(rng.integers(p.num_classes))
-    o = None
     for attempt in range(PLACE_TRIES):
         o = _sample_object(rng, cls, size, scale=0.95 ** attempt, body_class=p.body_class)
         if o is not None:
             break
-    if o is None:  # pragma: no cover - objects shrink until they fit
+    else:  # pragma: no cover - objects shrink until they fit
         raise RuntimeError(f"could not place an object in a {size}px image")
     xx, yy = _grid(size)
     scene = SceneSpec(objects=[o])
