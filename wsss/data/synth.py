@@ -798,12 +798,8 @@ def draw_examples(root, path, n: int = 8, split: str = "train") -> Path:
     if record is None:
         raise FileNotFoundError(f"{root / PARAMS_FILE} not found: generate the benchmark first (ensure_benchmark)")
     names_cls = record["class_names"]
-    metas = {}
     with open(root / OBJECTS_FILE) as f:
-        for line in f:
-            m = json.loads(line)
-            if m["split"] == split:
-                metas[m["name"]] = m
+        metas = {m["name"]: m for m in map(json.loads, f) if m["split"] == split}
     names = list(metas)[:n]
     if not names:
         raise ValueError(f"no images in split {split!r} of {root}")
@@ -825,16 +821,14 @@ def draw_examples(root, path, n: int = 8, split: str = "train") -> Path:
         axes[2, j].imshow(part_pal[part], interpolation="nearest")
         axes[2, j].set_xlabel("context: " + (", ".join(ctx) if ctx else "-"), fontsize=7)
         for ax in axes[:, j]:
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
     for ax, label in zip(axes[:, 0], ("image", "mask", "part map")):
         ax.set_ylabel(label, fontsize=9)
     cls_handles = [Patch(color=voc_pal[c] / 255, label=f"{c} {names_cls[c - 1]}") for c in sorted(used)]
     part_handles = [Patch(color=part_pal[k] / 255, label=PART_NAMES[k], ec="k", lw=0.3) for k in (0, 1, 2, 3)]
-    fig.legend(handles=cls_handles, loc="upper left", bbox_to_anchor=(0.905, 0.64), fontsize=7, title="mask",
-               title_fontsize=8, frameon=False)
-    fig.legend(handles=part_handles, loc="upper left", bbox_to_anchor=(0.905, 0.32), fontsize=7,
-               title="part map", title_fontsize=8, frameon=False)
+    for handles, top, title in ((cls_handles, 0.64, "mask"), (part_handles, 0.32, "part map")):
+        fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.905, top), fontsize=7, title=title,
+                   title_fontsize=8, frameon=False)
     body = record["params"].get("body_class", 0.0)
     what = "the class shows only in the small head" if not body else \
         f"the small head shows the class, the body its pair ({body:.0%} of bodies)"
