@@ -18,8 +18,9 @@ METHOD.md sec. 1-2 targets (data/README.md):
   and differ only by pattern (solid vs. striped).
 * **Co-occurrence.** Every class has its own *context* texture (like water for boats),
   drawn as a band under the object with probability ``context_p`` when the class is
-  present and rarely otherwise; ``context_size`` scales the band's extent. Context is background in the mask (0) and 3 in the
-  diagnostic part map. Class ``c`` and ``c + K//2`` also appear together often.
+  present and rarely otherwise; ``context_size`` scales the band's extent. Context is
+  background in the mask (0) and 3 in the diagnostic part map. Class ``c`` and
+  ``c + K//2`` also appear together often.
 * **Clutter, occlusion, scale.** Random small distractor shapes (background), later
   objects overlapping earlier ones (every object keeps most of its body and head
   visible, so image labels stay honest), random object size and orientation.
@@ -719,8 +720,8 @@ def ensure_benchmark(root, size="demo", seed=0, **kw) -> Path:
     """Return ``root``, generating the benchmark first if it is missing or differs.
 
     Keyword arguments are those of :func:`generate` (num_classes, image_size, num_train,
-    num_val, noise_rate, num_single, num_web, body_class, context_p, context_size). Nothing is regenerated when ROOT/benchmark.json
-    records the same parameters (and generator version).
+    num_val, noise_rate, num_single, num_web, body_class, context_p, context_size). Nothing is
+    regenerated when ROOT/benchmark.json records the same parameters and generator version.
     """
     p = resolve_params(size, seed, **kw)
     root = Path(root)
