@@ -613,8 +613,7 @@ def _write_dataset(out: Path, p: SynthParams) -> list[dict]:
         lines = [_split_line(m) for m in metas if m["split"] == split]
         (out / "ImageSets" / "Segmentation" / fname).write_text("".join(line + "\n" for line in lines))
     with open(out / OBJECTS_FILE, "w") as f:
-        for m in metas:
-            f.write(json.dumps(m, sort_keys=True) + "\n")
+        f.writelines(json.dumps(m, sort_keys=True) + "\n" for m in metas)
     return metas
 
 
