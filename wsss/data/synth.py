@@ -233,16 +233,12 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return xx, yy
 
 
-def _body_coords(o: ObjectSpec, xx: np.ndarray, yy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel coordinates in the object's frame: u along the body axis (head at +u), v across."""
+def object_masks(o: ObjectSpec, xx, yy) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(body, head, u, v): boolean masks of the body (head excluded) and head, and the pixel
+    coordinates in the object's frame: u along the body axis (head at +u), v across."""
     dx, dy = xx - o.cx, yy - o.cy
     cs, sn = math.cos(o.angle), math.sin(o.angle)
-    return dx * cs + dy * sn, -dx * sn + dy * cs
-
-
-def object_masks(o: ObjectSpec, xx, yy) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(body, head, u, v): boolean masks of the body (head excluded) and head, and the frame."""
-    u, v = _body_coords(o, xx, yy)
+    u, v = dx * cs + dy * sn, -dx * sn + dy * cs
     p = BODY_SHAPES[o.shape]
     body = (np.abs(u / o.a) ** p + np.abs(v / o.b) ** p) <= 1.0
     head = (u - HEAD_AT * o.a) ** 2 + v ** 2 <= o.head_r ** 2
