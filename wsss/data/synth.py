@@ -521,14 +521,13 @@ def corrupt_labels(rng: np.random.Generator, labels: list[int], num_classes: int
     if not ops:
         return labels
     op = ops[int(rng.integers(len(ops)))]
-    out = list(labels)
-    if op == "drop":
-        out.pop(int(rng.integers(len(out))))
+    if op == "drop":  # labels is already a sorted copy of the input
+        labels.pop(int(rng.integers(len(labels))))
     elif op == "add":
-        out.append(int(rng.choice(absent)))
+        labels.append(int(rng.choice(absent)))
     else:
-        out[int(rng.integers(len(out)))] = int(rng.choice(absent))
-    return sorted(out)
+        labels[int(rng.integers(len(labels)))] = int(rng.choice(absent))
+    return sorted(labels)
 
 
 # ----------------------------------------------------------------------------- writing
