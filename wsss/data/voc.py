@@ -267,12 +267,9 @@ def _cache_key(split_file: Path, folders: Sequence[Path], num_classes: int) -> l
 
 
 def _read_cache(path: Path, key: np.ndarray, names: list[str]) -> np.ndarray | None:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if np.array_equal(z["key"], key) and z["names"].tolist() == names:
-                return z["labels"].astype(np.uint8)
-    except (OSError, KeyError, ValueError):
-        pass
+    with contextlib.suppress(OSError, KeyError, ValueError), np.load(path, allow_pickle=False) as z:
+        if np.array_equal(z["key"], key) and z["names"].tolist() == names:
+            return z["labels"].astype(np.uint8)
     return None
 
 
@@ -397,11 +394,9 @@ class VOCDataset(Dataset):
             masks, images, split_file = mask_dir(self.root, part), self.root / IMAGE_DIR, split_path(self.root, part)
             key = [*_cache_key(split_file, [masks, images], self.num_classes), str(len(names))]
             cache = self.root / CACHE_DIR / f"checked_{part}.json"
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 if json.loads(cache.read_text()) == key:
                     continue
-            except (OSError, ValueError):
-                pass
             have_mask = set(os.listdir(masks)) if masks.is_dir() else set()
             for name in progress(names, desc=f"checking {part}", leave=False):
                 h, w = load_image(images / f"{name}.jpg").shape[:2]
