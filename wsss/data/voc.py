@@ -430,15 +430,13 @@ class VOCDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         name = self.names[index]
-        path = self.image_path(name)
         image = self.source_image(index)
-        item = {"name": name, "index": index,
-                "label": torch.from_numpy(self.labels[index].astype(np.float32))}
+        item = {"name": name, "index": index, "label": torch.from_numpy(self.labels[index].astype(np.float32))}
         if self.with_mask:
             mpath = self.mask_path(name)
             mask = load_mask(mpath, self.num_classes)
             if mask.shape != tuple(image.shape[-2:]):
-                raise _error(f"mask {mpath} is {mask.shape[1]}x{mask.shape[0]} but image {path} "
+                raise _error(f"mask {mpath} is {mask.shape[1]}x{mask.shape[0]} but image {self.image_path(name)} "
                              f"is {image.shape[-1]}x{image.shape[-2]}: they must match")
             mask = tv_tensors.Mask(torch.from_numpy(mask).long())
             if self.transforms is not None:
