@@ -15,6 +15,7 @@ Label columns are 0-based foreground classes (column c is class c + 1 in the VOC
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 import weakref
@@ -132,10 +133,8 @@ def as_partner_index(labels) -> PartnerIndex:
     if _cache is not None and _cache[0]() is labels:
         return _cache[1]
     index = PartnerIndex(labels)
-    try:
+    with contextlib.suppress(TypeError):  # lists and other objects without weak references: no caching
         _cache = (weakref.ref(labels), index)
-    except TypeError:  # lists and other objects without weak references: no caching
-        pass
     return index
 
 
