@@ -50,6 +50,11 @@ def dilate(region: torch.Tensor, cells: int) -> torch.Tensor:
     return F.max_pool2d(region.float()[None, None], k, stride=1, padding=cells)[0, 0] > 0
 
 
+def _mean(values: torch.Tensor, region: torch.Tensor) -> float:
+    """Mean of ``values`` over the True positions of ``region``; NaN for an empty region."""
+    return float(values[region].mean()) if region.any() else float("nan")
+
+
 def attention_mass(a_mn: torch.Tensor, obj_m: torch.Tensor, obj_n: torch.Tensor) -> dict[str, float]:
     """Mean attention mass between regions (each row of ``a_mn`` (HWm, HWn) sums to 1).
 
@@ -62,12 +67,8 @@ def attention_mass(a_mn: torch.Tensor, obj_m: torch.Tensor, obj_n: torch.Tensor)
     a = a_mn.float()
     obj_m, obj_n = obj_m.bool().flatten(), obj_n.bool().flatten()
     to_obj = a[:, obj_n].sum(1)
-
-    def mean(values, rows):
-        return float(values[rows].mean()) if rows.any() else float("nan")
-
-    return {"obj->obj": mean(to_obj, obj_m), "obj->bg": mean(1 - to_obj, obj_m),
-            "bg->bg": mean(1 - to_obj, ~obj_m), "bg->obj": mean(to_obj, ~obj_m),
+    return {"obj->obj": _mean(to_obj, obj_m), "obj->bg": _mean(1 - to_obj, obj_m),
+            "bg->bg": _mean(1 - to_obj, ~obj_m), "bg->obj": _mean(to_obj, ~obj_m),
             "obj_area_n": float(obj_n.float().mean())}
 
 
@@ -98,11 +99,7 @@ def head_responses(head: torch.nn.Module, feats: torch.Tensor, c: int, obj: torc
     obj = obj.bool()
     ring = dilate(obj, band) & ~obj
     bg = ~(obj | ring)
-
-    def mean(region):
-        return float(resp[region].mean()) if region.any() else float("nan")
-
-    return {"object": mean(obj), "band": mean(ring), "background": mean(bg)}
+    return {"object": _mean(resp, obj), "band": _mean(resp, ring), "background": _mean(resp, bg)}
 
 
 @torch.no_grad()
