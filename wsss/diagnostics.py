@@ -146,10 +146,9 @@ def collect(model, dataset, pairs: Sequence[tuple[int, int, int]], parts=None, b
     for m, n, c in pairs:
         a, b = dataset[m], dataset[n]
         part = torch.as_tensor(parts(a["name"])) if parts is not None else None
-        rows.append(pair_diagnostics(model, a["image"][None].as_subclass(torch.Tensor),
-                                     b["image"][None].as_subclass(torch.Tensor),
-                                     a["mask"].as_subclass(torch.Tensor), b["mask"].as_subclass(torch.Tensor),
-                                     c, part, band))
+        x_m, x_n = (item["image"][None].as_subclass(torch.Tensor) for item in (a, b))
+        mask_m, mask_n = (item["mask"].as_subclass(torch.Tensor) for item in (a, b))
+        rows.append(pair_diagnostics(model, x_m, x_n, mask_m, mask_n, c, part, band))
     keys = rows[0].keys() if rows else []
     out = {k: float(np.nanmean([r[k] for r in rows])) for k in keys}
     out["pairs"] = len(rows)
