@@ -69,11 +69,12 @@ class PartnerIndex:
     def __len__(self) -> int:
         return self.num_images
 
-    def check_image(self, m) -> int:
+    def check_image(self, m, pair: bool = True) -> int:
+        """``m`` as an int; IndexError outside 0..N-1, and (with ``pair``) ValueError when N < 2."""
         m = operator.index(m)
         if not 0 <= m < self.num_images:
             raise IndexError(f"image index {m} outside 0..{self.num_images - 1}")
-        if self.num_images < 2:
+        if pair and self.num_images < 2:
             raise ValueError("an image pair needs at least 2 images, the label matrix has 1")
         return m
 
@@ -170,9 +171,7 @@ def partners_for_class(labels, m: int, c: int, k: int, rng: np.random.Generator,
     holding c drawn with replacement, m itself included (never empty: m holds c).
     """
     index = as_partner_index(labels)
-    m = operator.index(m)
-    if not 0 <= m < index.num_images:
-        raise IndexError(f"image index {m} outside 0..{index.num_images - 1}")
+    m = index.check_image(m, pair=False)
     if not 0 <= c < index.num_classes:
         raise ValueError(f"class column {c} outside 0..{index.num_classes - 1}")
     if k < 0:
