@@ -532,7 +532,6 @@ def corrupt_labels(rng: np.random.Generator, labels: list[int], num_classes: int
 
 # ----------------------------------------------------------------------------- writing
 
-
 def part_palette() -> np.ndarray:
     """(256, 3) palette of SegmentationPart PNGs: none black, body grey, part red, context blue."""
     pal = np.zeros((256, 3), np.uint8)
