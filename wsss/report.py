@@ -497,6 +497,3 @@ def pseudo_mask_steps(run_dir: str | Path, data_root: str | Path, name: str, par
             "peak": maps.max(0) if len(maps) else np.zeros(gt.shape, np.float32),
             "background": background_score(maps, params), "mask": plain, "mask_crf": crf,
             "miou": image_miou(plain, gt, k), "miou_crf": image_miou(crf, gt, k)}
-
-
-# =========================================================================== saving
