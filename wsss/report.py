@@ -258,9 +258,7 @@ def run_ablation(cfg, share_dir: str | Path | None = None) -> dict:
 
 def write_ablation_record(run_dir: str | Path, **params) -> Path:
     """RUN/ablation.json: the parameters of an ablation run (written last: it marks the run finished)."""
-    path = Path(run_dir) / R.ABLATION
-    write_json(path, params)
-    return path
+    return write_json(Path(run_dir) / R.ABLATION, params)
 
 
 def _ordered(df, column: str, order: Sequence[str]):
