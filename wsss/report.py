@@ -73,8 +73,7 @@ def notebook_logging(level: int = logging.INFO) -> None:
 def pipeline_config_path(data_size: str = "demo", config: str | Path | None = None) -> Path:
     """The pipeline YAML of a notebook: ``config`` when given (a relative path is relative to
     the repository root), else configs/DATA_SIZE.yaml."""
-    path = Path(config).expanduser() if config else CONFIG_DIR / f"{data_size}.yaml"
-    path = path if path.is_absolute() else REPO_ROOT / path
+    path = resolve_path(config or None, CONFIG_DIR / f"{data_size}.yaml", REPO_ROOT)
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
         raise FileNotFoundError(f"pipeline config {path} does not exist: set DATA_SIZE to one of [{known}] "
