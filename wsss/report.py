@@ -28,10 +28,12 @@ import json
 import logging
 import math
 import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from wsss import config as C
 from wsss import rundir as R
@@ -65,8 +67,6 @@ ABLATION_METRICS = {"maps_miou": ("maps", "miou"), "maps_threshold": ("maps", "b
 def notebook_logging(level: int = logging.INFO) -> None:
     """Log to stdout, one plain line per message: in a notebook a stage's INFO lines then
     read as output, not as the red blocks of stderr."""
-    import sys
-
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True)
 
 
@@ -363,8 +363,6 @@ def pick_run(df, losses: str | None = None, inference: str | None = "cross") -> 
 
 def run_data_root(run_dir: str | Path) -> str:
     """The dataset a run was made from (the data_root its stage configs record)."""
-    import yaml
-
     for name in (R.folder_config(R.MAPS), R.CLASSIFIER_CONFIG, R.folder_config(R.PSEUDO), R.EVALUATE_CONFIG):
         path = Path(run_dir) / name
         if path.is_file():
