@@ -23,6 +23,7 @@ from wsss import rundir as R
 from wsss.classes import voc_palette
 from wsss.data.transforms import denormalize, eval_transforms
 from wsss.data.voc import VOCDataset, label_ids, load_mask
+from wsss.maps import load_maps, localization_maps, maps_path
 
 
 def colorize(mask: np.ndarray) -> np.ndarray:
@@ -45,7 +46,6 @@ def qualitative_rows(run_dir, data_root, names=None, n: int = 6, split: str = "t
     pseudo-masks; the single-image CAM and the segmentation are computed from the run's
     classifier and segmenter (they take no settings). ``row["maps_title"]`` says how the
     maps were made (from RUN/config_maps.yaml)."""
-    from wsss.maps import load_maps, localization_maps, maps_path
     from wsss.models.segmenter import predict
     from wsss.stages.train_classifier import load_classifier
     from wsss.stages.train_segmenter import load_segmenter
@@ -126,8 +126,6 @@ def maps_grid(data_root, columns: dict, names, split: str = "train", class_names
     one row per image name, columns image, ground truth, then one per ``columns`` entry
     (title -> maps folder of ``wsss.stages.make_maps``), each the maximum over the image's
     class maps over the image."""
-    from wsss.maps import load_maps, maps_path
-
     base = VOCDataset(data_root, split, with_mask=False)
     index = {name: i for i, name in enumerate(base.names)}
     fig = Figure(figsize=(2.0 * (2 + len(columns)), 2.0 * len(names) + 0.4), layout="constrained")
