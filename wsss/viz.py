@@ -17,6 +17,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
+import yaml
 from matplotlib.figure import Figure
 
 from wsss import rundir as R
@@ -63,8 +64,6 @@ def qualitative_rows(run_dir, data_root, names=None, n: int = 6, split: str = "t
     maps_cfg = run_dir / R.folder_config(R.MAPS)
     maps_title = "the run's maps"
     if maps_cfg.is_file():
-        import yaml
-
         m = yaml.safe_load(maps_cfg.read_text()) or {}
         combine = m.get("combine")
         maps_title += f" ({'+'.join(combine) if isinstance(combine, list) else combine}, k={m.get('k')})"
