@@ -115,23 +115,20 @@ class _Accumulator:
         self.counts[kind].index_add_(0, rows, torch.ones(len(rows), device=self.device))
 
     def mean(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean maps (n, H, W), present (n,) bool) of one kind."""
-        if kind not in self.sums:
-            return torch.zeros(self.n, *self.size, device=self.device), torch.zeros(self.n, dtype=torch.bool,
-                                                                                  device=self.device)
+        """(mean maps (n, H, W), present (n,) bool) of one kind that has maps."""
         counts = self.counts[kind]
         return self.sums[kind] / counts.clamp_min(1).view(-1, 1, 1), counts > 0
 
     def combine(self, kinds: Sequence[str], fallback: str | None) -> torch.Tensor:
         """Equal-weight average over the kinds present for each class, then max-normalised;
-        a class with none of them takes the ``fallback`` kind."""
+        a class with none of them takes the ``fallback`` kind (kinds without maps add nothing)."""
         total = torch.zeros(self.n, *self.size, device=self.device)
         used = torch.zeros(self.n, device=self.device)
-        for kind in kinds:
+        for kind in [k for k in kinds if k in self.sums]:
             mean, present = self.mean(kind)
             total += mean * present.view(-1, 1, 1)
             used += present.float()
-        if fallback is not None:
+        if fallback in self.sums:
             mean, present = self.mean(fallback)
             take = (used == 0) & present
             total[take] = mean[take]
