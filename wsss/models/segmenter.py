@@ -170,13 +170,9 @@ def predict(model: nn.Module, image: torch.Tensor, scales: Sequence[float] = (1.
         scaled = image if scale == 1.0 else F.interpolate(
             image, size=(max(1, round(size[0] * scale)), max(1, round(size[1] * scale))),
             mode="bilinear", align_corners=False)
-        views = [(scaled, False), (scaled.flip(-1), True)] if flip else [(scaled, False)]
-        for view, flipped in views:
-            logits = model(view)
-            if flipped:
-                logits = logits.flip(-1)
-            logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
-            probs = logits.softmax(dim=1)
+        for flipped in (False, True) if flip else (False,):
+            logits = model(scaled.flip(-1)).flip(-1) if flipped else model(scaled)
+            probs = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False).softmax(dim=1)
             total = probs if total is None else total + probs
             count += 1
     return total / count
