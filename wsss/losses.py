@@ -182,10 +182,6 @@ def loss_terms(out: dict, l_m: torch.Tensor, l_n: torch.Tensor, cfg: LossConfig,
                "self_basic": self_w * cfg.w_self * cfg.w_basic, "self_coatt": self_w * cfg.w_self * cfg.w_coatt}
     # Terms computed but switched off enter as 0 * term: same value, and every parameter of
     # the forward pass still gets a (zero) gradient, so DDP needs no find_unused_parameters.
-    total = zero
-    for name, term in terms.items():
-        total = total + (weights[name] if switches[name] else 0.0) * term
-    result = {name: (terms[name] if switches[name] else zero) for name in TERMS}
-    result["total"] = total
-    return result
+    total = sum(((weights[name] if switches[name] else 0.0) * term for name, term in terms.items()), start=zero)
+    return {name: (terms[name] if switches[name] else zero) for name in TERMS} | {"total": total}
 
