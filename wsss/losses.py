@@ -152,8 +152,7 @@ def self_pair_terms(out: dict, l_m: torch.Tensor) -> dict[str, torch.Tensor]:
     per_view = [pair_terms(o, l_m, l_m) for o in out["self"].values()]
     if not per_view:
         raise ValueError("out['self'] holds no self-pairs")
-    return {"self_basic": sum(t["basic"] for t in per_view),
-            "self_coatt": sum(t["coatt"] for t in per_view)}
+    return {"self_basic": sum(t["basic"] for t in per_view), "self_coatt": sum(t["coatt"] for t in per_view)}
 
 
 def loss_terms(out: dict, l_m: torch.Tensor, l_n: torch.Tensor, cfg: LossConfig,
