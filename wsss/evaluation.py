@@ -278,9 +278,8 @@ def evaluate_map(model, loader, device: torch.device, *, amp: bool = True, chann
     _, first = np.unique(idx, return_index=True)
     probs = np.concatenate([p[1] for p in parts])[first]
     labels = np.concatenate([p[2] for p in parts])[first]
-    ap = average_precision(probs, labels)
     return {"val/map": mean_average_precision(probs, labels),
-            "val/ap": [None if np.isnan(a) else float(a) for a in ap]}
+            "val/ap": [_finite(a) for a in average_precision(probs, labels)]}
 
 
 def same_size_groups(items: list[dict]) -> list[list[dict]]:
@@ -307,4 +306,4 @@ def evaluate_miou(model: nn.Module, loader, device: torch.device, num_classes: i
     cm.mat = sum(E.all_gather_objects(cm.mat.cpu()))
     result = cm.compute()
     return {"val/miou": result["miou"], "val/pixel_acc": result["pixel_acc"],
-            "val/iou": [None if np.isnan(v) else float(v) for v in result["iou"]]}
+            "val/iou": [_finite(v) for v in result["iou"]]}
