@@ -93,8 +93,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams | None = N
     from pydensecrf.utils import unary_from_softmax
 
     params = params or CRFParams()
-    image = np.asarray(image)
-    probs = np.asarray(probs)
+    image, probs = np.asarray(image), np.asarray(probs)
     _check_inputs(image, probs)
     num_classes, height, width = probs.shape
     if num_classes == 1:
