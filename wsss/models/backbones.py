@@ -167,11 +167,8 @@ def _conv_gn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn
     # GroupNorm normalises each sample on its own, so a batch's composition never changes
     # a sample's features (BatchNorm would couple I_m with whatever it is batched with,
     # breaking the exact shared vs per-pair equivalence in train mode).
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
-        nn.GroupNorm(8, cout),
-        nn.ReLU(inplace=True),
-    )
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
+                         nn.GroupNorm(8, cout), nn.ReLU(inplace=True))
 
 
 class TinyBackbone(Backbone):
