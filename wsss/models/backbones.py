@@ -83,9 +83,8 @@ def resolve_pretrained(name: str, pretrained: str | Path) -> Path:
         if name in HUB_WEIGHTS:
             url = _weights_url(HUB_WEIGHTS[name][0])
             hint = f" The torchvision ImageNet weights for {name} are at {url}."
-        raise FileNotFoundError(f"pretrained weights file not found: {path}. Download it and pass "
-                                f"its path (or pretrained='hub' after putting it in the torch hub "
-                                f"cache).{hint}")
+        raise FileNotFoundError(f"pretrained weights file not found: {path}. Download it and pass its path (or "
+                                f"pretrained='hub' after putting it in the torch hub cache).{hint}")
     return path
 
 
@@ -94,8 +93,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
-        raise ValueError(f"cannot read weights file {path} ({err}); "
-                         f"is it a torch state dict?") from err
+        raise ValueError(f"cannot read weights file {path} ({err}); is it a torch state dict?") from err
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -104,8 +102,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_body_state(body: nn.Module, path: Path, what: str = "backbone",
-                    ignore_prefixes=_HEAD_PREFIXES) -> None:
+def load_body_state(body: nn.Module, path: Path, what: str = "backbone", ignore_prefixes=_HEAD_PREFIXES) -> None:
     """Load ``path`` into ``body`` strictly, ignoring the ImageNet classifier keys.
 
     Every parameter and buffer of ``body`` must be in the file and the file may hold
@@ -262,8 +259,7 @@ class ResNetBackbone(Backbone):
     def __init__(self, depth: int = 50, output_stride: int = 8) -> None:
         super().__init__()
         dilate = [False, output_stride == 8, True]
-        net = getattr(torchvision.models, f"resnet{depth}")(weights=None,
-                                                              replace_stride_with_dilation=dilate)
+        net = getattr(torchvision.models, f"resnet{depth}")(weights=None, replace_stride_with_dilation=dilate)
         self.body = nn.Sequential(OrderedDict(list(net.named_children())[:-2]))  # conv1 ... layer4
         self.out_channels = 2048
         self.output_stride = output_stride
@@ -296,8 +292,7 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
 }
 
 
-def build_backbone(name: str, pretrained: str | Path | None = None,
-                   output_stride: int = 8) -> Backbone:
+def build_backbone(name: str, pretrained: str | Path | None = None, output_stride: int = 8) -> Backbone:
     """Build backbone ``name`` (a key of BACKBONES) without downloading anything.
 
     pretrained: None (random init), a local state-dict file of the torchvision model
