@@ -222,9 +222,8 @@ def _features(model, images: list[torch.Tensor], batch: int) -> list[torch.Tenso
 def localization_maps(model, image: torch.Tensor, classes: Sequence[int],
                       partner_images: Mapping[int, Sequence[torch.Tensor]] | None = None,
                       combine: str | Sequence[str] = KINDS, scales: Sequence[float] = (1.0,), *,
-                      out_size: tuple[int, int] | None = None,
-                      self_transforms: Sequence[str] = SELF_TRANSFORMS, batch: int = 8,
-                      aggregate: str = "mean") -> torch.Tensor:
+                      out_size: tuple[int, int] | None = None, self_transforms: Sequence[str] = SELF_TRANSFORMS,
+                      batch: int = 8, aggregate: str = "mean") -> torch.Tensor:
     """Localization maps (len(classes), H, W) float32 in [0, 1] of one image (METHOD.md sec. 2).
 
     ``model``: a CoAttentionClassifier in eval mode. ``image``: the normalised image

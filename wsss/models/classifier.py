@@ -46,9 +46,8 @@ def gap(maps: torch.Tensor) -> torch.Tensor:
 class CoAttentionClassifier(nn.Module):
     """Shared backbone + basic head phi_0 + co-attention (W_P) + class-aware head phi + gate W_B."""
 
-    def __init__(self, num_classes: int, backbone: str = "tiny", pretrained: str | None = None,
-                 output_stride: int = 8, coatt_impl: str = "fused", heads: str = "ours",
-                 attention: str = "softmax") -> None:
+    def __init__(self, num_classes: int, backbone: str = "tiny", pretrained: str | None = None, output_stride: int = 8,
+                 coatt_impl: str = "fused", heads: str = "ours", attention: str = "softmax") -> None:
         super().__init__()
         if heads not in HEADS:
             raise ValueError(f"unknown heads {heads!r}; choose one of {HEADS}")
