@@ -58,8 +58,7 @@ class TinySegmenter(nn.Module):
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(feature params, classifier params); nothing here is pretrained."""
         head = list(self.head.parameters())
-        head_ids = {id(p) for p in head}
-        return [p for p in self.parameters() if id(p) not in head_ids], head
+        return [p for name, p in self.named_parameters() if not name.startswith("head.")], head
 
 
 def _conv_bn(cin: int, cout: int, kernel: int = 3, stride: int = 1, dilation: int = 1) -> nn.Sequential:
