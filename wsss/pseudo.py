@@ -175,8 +175,7 @@ def scores_to_mask(image: np.ndarray | None, maps: np.ndarray, class_ids: Sequen
     if maps.ndim != 3:
         raise ValueError(f"maps must be (K', H, W), got shape {maps.shape}")
     ids = _check_class_ids(class_ids, maps.shape[0])
-    height, width = maps.shape[1:]
-    if image is not None and np.asarray(image).shape[:2] != (height, width):
+    if image is not None and np.asarray(image).shape[:2] != maps.shape[1:]:
         raise ValueError(f"image {np.asarray(image).shape} and maps {maps.shape} differ in size")
 
     stack = score_stack(maps, params, saliency)
