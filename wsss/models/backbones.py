@@ -79,10 +79,8 @@ def resolve_pretrained(name: str, pretrained: str | Path) -> Path:
             f"or pass the local file path as pretrained.")
     path = Path(pretrained).expanduser()
     if not path.is_file():
-        hint = ""
-        if name in HUB_WEIGHTS:
-            url = _weights_url(HUB_WEIGHTS[name][0])
-            hint = f" The torchvision ImageNet weights for {name} are at {url}."
+        hint = (f" The torchvision ImageNet weights for {name} are at {_weights_url(HUB_WEIGHTS[name][0])}."
+                if name in HUB_WEIGHTS else "")
         raise FileNotFoundError(f"pretrained weights file not found: {path}. Download it and pass its path (or "
                                 f"pretrained='hub' after putting it in the torch hub cache).{hint}")
     return path
