@@ -137,8 +137,7 @@ def write_metrics(run_dir, results: dict) -> dict:
 def run(cfg: EvalConfig | dict) -> dict:
     """Evaluate the chosen parts, merge them into RUN/metrics.json, and return the results
     of this call ({part: metrics}); the settings go to RUN/config_evaluate.yaml."""
-    if isinstance(cfg, dict):
-        cfg = C.from_dict(EvalConfig, cfg)
+    cfg = C.from_dict(EvalConfig, cfg) if isinstance(cfg, dict) else cfg
     parts = choose_parts(cfg)
     inputs = _inputs(cfg)
     run_dir = Path(cfg.run_dir)

@@ -133,8 +133,7 @@ def run(cfg: MapsConfig | dict) -> dict:
     Returns {"num_images" (computed now), "num_skipped", "num_no_partner" (classes without
     a partner), "seconds", "images_per_s", "maps_dir"}.
     """
-    if isinstance(cfg, dict):
-        cfg = C.from_dict(MapsConfig, cfg)
+    cfg = C.from_dict(MapsConfig, cfg) if isinstance(cfg, dict) else cfg
     kinds = parse_combine(cfg.combine)
     check_self_transforms(cfg.self_transforms)
     if cfg.k < 1 and ("coatt" in kinds or cfg.aggregate == "reference"):

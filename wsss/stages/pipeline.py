@@ -132,8 +132,7 @@ def prepare_data(cfg: PipelineConfig) -> Path:
 
 def run(cfg: PipelineConfig | dict) -> dict:
     """Run the chosen stages in order; returns {stage: its metrics} and RUN/metrics.json's summary."""
-    if isinstance(cfg, dict):
-        cfg = C.from_dict(PipelineConfig, cfg)
+    cfg = C.from_dict(PipelineConfig, cfg) if isinstance(cfg, dict) else cfg
     run_dir = resolve_run_dir(cfg.run_dir)
     data_root = prepare_data(cfg)
     configs = stage_configs(cfg, data_root, run_dir)  # check every section before spending time

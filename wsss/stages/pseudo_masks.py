@@ -194,8 +194,7 @@ def run(cfg: PseudoConfig | dict) -> dict:
     skipped), "num_all_ignored" (images ignored whole), "out_dir"}. Their quality against
     ground truth: ``wsss.evaluation.evaluate_masks``.
     """
-    if isinstance(cfg, dict):
-        cfg = C.from_dict(PseudoConfig, cfg)
+    cfg = C.from_dict(PseudoConfig, cfg) if isinstance(cfg, dict) else cfg
     params = cfg.mask_params()
     if params.bg_mode == "saliency" and not cfg.saliency_dir:
         raise ValueError("bg_mode='saliency' needs saliency_dir (a folder of NAME.png saliency maps); "
