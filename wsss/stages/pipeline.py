@@ -136,8 +136,7 @@ def run(cfg: PipelineConfig | dict) -> dict:
     run_dir = resolve_run_dir(cfg.run_dir)
     data_root = prepare_data(cfg)
     configs = stage_configs(cfg, data_root, run_dir)  # check every section before spending time
-    run_dir.mkdir(parents=True, exist_ok=True)
-    C.save_yaml(cfg, run_dir / R.PIPELINE_CONFIG)
+    C.save_yaml(cfg, run_dir / R.PIPELINE_CONFIG)  # its atomic write creates RUN
     results, seconds = {}, {}
     for name, stage_cfg in configs.items():
         module, _ = STAGES[name]
@@ -145,10 +144,7 @@ def run(cfg: PipelineConfig | dict) -> dict:
         t0 = time.perf_counter()
         results[name] = module.run(stage_cfg)
         seconds[name] = round(time.perf_counter() - t0, 1)
-    results["seconds"] = seconds
-    results["run_dir"] = str(run_dir)
-    results["data_root"] = str(data_root)
-    return results
+    return {**results, "seconds": seconds, "run_dir": str(run_dir), "data_root": str(data_root)}
 
 
 def summary_table(run_dir: str | Path) -> str:
@@ -170,8 +166,7 @@ def summary_table(run_dir: str | Path) -> str:
         if metrics["segmenter"].get("miou_crf") is not None:
             rows.append(("segmentation (val) + CRF", metrics["segmenter"]["miou_crf"]))
     width = max([len(r[0]) for r in rows] + [10])
-    lines = [f"{'':{width}}  mIoU (%)", *(f"{name:{width}}  {fmt(v)}" for name, v in rows)]
-    return "\n".join(lines)
+    return "\n".join([f"{'':{width}}  mIoU (%)", *(f"{name:{width}}  {fmt(v)}" for name, v in rows)])
 
 
 #: --help text per PipelineConfig field
