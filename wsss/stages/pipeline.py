@@ -85,8 +85,7 @@ def load_recipe(recipe: str | None) -> dict:
         known = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
         raise C.ConfigError(f"recipe {recipe!r}: no file {path}; choose one of {known} or give a YAML path")
     data = C.read_yaml_mapping(path, "stage sections")
-    unknown = sorted(set(data) - set(STAGES))
-    if unknown:
+    if unknown := sorted(set(data) - set(STAGES)):
         raise C.ConfigError(f"recipe {path}: unknown section(s) {unknown}; sections are {list(STAGES)}")
     return data
 
@@ -94,8 +93,7 @@ def load_recipe(recipe: str | None) -> dict:
 def stage_configs(cfg: PipelineConfig, data_root: Path, run_dir: Path) -> dict:
     """Each chosen stage's config object, built from the recipe's section, its own section
     on top, plus the shared fields."""
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    if unknown:
+    if unknown := [s for s in cfg.stages if s not in STAGES]:
         raise C.ConfigError(f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
     recipe = load_recipe(cfg.recipe)
     out = {}
@@ -105,8 +103,7 @@ def stage_configs(cfg: PipelineConfig, data_root: Path, run_dir: Path) -> dict:
         shared = {"data_root": str(data_root), "run_dir": str(run_dir)}
         if name in SEEDED:
             shared["seed"] = cfg.seed
-        clash = sorted(set(section) & set(shared))
-        if clash:
+        if clash := sorted(set(section) & set(shared)):
             raise C.ConfigError(f"section {name!r} sets {clash}: set them once at the top level of the pipeline config")
         try:
             out[name] = C.from_dict(cls, {**section, **shared})
@@ -120,8 +117,7 @@ def prepare_data(cfg: PipelineConfig) -> Path:
         return Path(cfg.data_root).expanduser()
     from wsss.data.synth import DATA_KNOBS, ensure_benchmark
 
-    unknown = sorted(set(cfg.scene) - set(DATA_KNOBS))
-    if unknown:
+    if unknown := sorted(set(cfg.scene) - set(DATA_KNOBS)):
         raise C.ConfigError(f"scene: unknown knob(s) {unknown}; choose from {list(DATA_KNOBS)}")
     try:
         return Path(ensure_benchmark(benchmark_root(cfg.benchmark, 0, cfg.scene), size=cfg.benchmark, seed=0,

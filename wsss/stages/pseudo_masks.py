@@ -219,8 +219,7 @@ def run(cfg: PseudoConfig | dict) -> dict:
     write_json(out_dir / R.SETTINGS, settings)
     C.save_yaml(cfg, run_dir / R.folder_config(out_dir))
     provenance.record(run_dir, out_dir.name)
-    stale = remove_stale_tmp(out_dir, "*.png")
-    if stale:
+    if stale := remove_stale_tmp(out_dir, "*.png"):
         log.info("removed %d temporary file(s) of an interrupted run from %s", stale, out_dir)
 
     job = _Job(image_dir=dataset.root / IMAGE_DIR, maps_dir=maps_dir, out_dir=out_dir, saliency_dir=saliency_dir,
