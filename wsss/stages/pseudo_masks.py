@@ -52,7 +52,6 @@ from wsss.pseudo import PseudoMaskParams, crf_params_for, mask_counts, scores_to
 log = logging.getLogger(__name__)
 
 
-
 # =========================================================================== config
 
 @dataclass(kw_only=True)
@@ -204,16 +203,16 @@ def run(cfg: PseudoConfig | dict) -> dict:
     dataset = VOCDataset(cfg.data_root, cfg.split, transforms=None, with_mask=False)
     names = dataset.names if cfg.limit is None else dataset.names[:max(0, cfg.limit)]
     R.require_files(maps_dir, names, ".npz", "localization maps",
-                   f"run the maps stage first (python -m wsss make-maps --data-root {cfg.data_root} "
-                   f"--run-dir {run_dir} --split {cfg.split}, or wsss.stages.make_maps.run)")
+                    f"run the maps stage first (python -m wsss make-maps --data-root {cfg.data_root} "
+                    f"--run-dir {run_dir} --split {cfg.split}, or wsss.stages.make_maps.run)")
     saliency_dir = Path(cfg.saliency_dir) if cfg.saliency_dir and params.bg_mode == "saliency" else None
     if saliency_dir is not None:
         R.require_files(saliency_dir, names, ".png", "saliency map",
-                       "put one 0-255 PNG per image there (named like the image), or use bg_mode='power'")
+                        "put one 0-255 PNG per image there (named like the image), or use bg_mode='power'")
     settings = _settings(cfg, maps_dir)
     check_current(settings["maps"], run_dir, f"the maps in {maps_dir}",
-                  f"make them again (python -m wsss make-maps --data-root {cfg.data_root} --run-dir {run_dir} --maps-dir {cfg.maps_dir} "
-                  f"--overwrite), then these pseudo-masks (--overwrite)")
+                  f"make them again (python -m wsss make-maps --data-root {cfg.data_root} --run-dir {run_dir} "
+                  f"--maps-dir {cfg.maps_dir} --overwrite), then these pseudo-masks (--overwrite)")
     check_settings(out_dir, R.SETTINGS, settings, cfg.overwrite, "pseudo masks", "out_dir",
                    {"maps": "the maps (they were recomputed)"})
     write_json(out_dir / R.SETTINGS, settings)
