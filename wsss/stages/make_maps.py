@@ -136,7 +136,8 @@ def run(cfg: MapsConfig | dict) -> dict:
     cfg = C.from_dict(MapsConfig, cfg) if isinstance(cfg, dict) else cfg
     kinds = parse_combine(cfg.combine)
     check_self_transforms(cfg.self_transforms)
-    if cfg.k < 1 and ("coatt" in kinds or cfg.aggregate == "reference"):
+    with_partners = "coatt" in kinds or cfg.aggregate == "reference"
+    if cfg.k < 1 and with_partners:
         raise ValueError(f"k={cfg.k}: cross-image maps need at least one partner per class (k >= 1)")
     if cfg.aggregate == "reference" and tuple(cfg.scales) != (1.0,):
         raise ValueError(f"scales={list(cfg.scales)}: aggregate=reference uses one scale, as the reference does; "
@@ -149,8 +150,7 @@ def run(cfg: MapsConfig | dict) -> dict:
                    {"classifier": "the classifier (classifier.pt was retrained)"})
 
     base = VOCDataset(cfg.data_root, cfg.split, transforms=None, with_mask=False)
-    inputs = MapInputs(base, eval_transforms(cfg.image_size), cfg.k, cfg.seed,
-                       with_partners="coatt" in kinds or cfg.aggregate == "reference",
+    inputs = MapInputs(base, eval_transforms(cfg.image_size), cfg.k, cfg.seed, with_partners,
                        replace=cfg.partners == "replace")
     count = len(base) if cfg.limit is None else min(len(base), max(0, cfg.limit))
     todo = [i for i in range(count) if cfg.overwrite or not maps_path(out_dir, base.names[i]).is_file()]
@@ -161,10 +161,8 @@ def run(cfg: MapsConfig | dict) -> dict:
     C.save_yaml(cfg, run_dir / R.folder_config(out_dir))
     provenance.record(run_dir, out_dir.name)
     device = E.resolve_device(cfg.device)
-    model = load_classifier(checkpoint, device)
-    model.eval()
-    loader = DataLoader(Subset(inputs, todo), batch_size=1, shuffle=False, num_workers=cfg.workers,
-                        collate_fn=_first)
+    model = load_classifier(checkpoint, device)  # in eval mode
+    loader = DataLoader(Subset(inputs, todo), batch_size=1, shuffle=False, num_workers=cfg.workers, collate_fn=_first)
     lonely, t0 = 0, time.perf_counter()
     for item in progress(loader, desc=f"maps {cfg.split}", total=len(todo)):
         if item["lonely"]:
