@@ -160,8 +160,7 @@ def run(cfg: EvalConfig | dict) -> dict:
         elif part == "pseudo":
             res = evaluate_masks(cfg.data_root, cfg.pseudo_split, inputs["pseudo"], allow_missing=cfg.allow_missing)
         else:
-            device = E.resolve_device(cfg.device)
-            model = load_segmenter(run_dir, device)
+            model = load_segmenter(run_dir, E.resolve_device(cfg.device))
             res = evaluate_segmenter(model, cfg.data_root, cfg.seg_split, crf=cfg.crf, scales=cfg.scales,
                                      flip=cfg.flip, crf_params=cfg.crf_params, crf_scale=cfg.crf_scale,
                                      limit=cfg.limit, amp=cfg.amp)
