@@ -114,7 +114,8 @@ HELP = {
     "schedule": "learning-rate decay per step: poly (power 0.9), step (x0.1 at step_epochs) or constant",
     **C.prefixed("loss", LOSS_HELP),
     "seed": "seed of model init, pairs, order and augmentation",
-    "resume": "continue from RUN/checkpoint_last.pt when present; keep a finished classifier.pt trained with the same settings",
+    "resume": "continue from RUN/checkpoint_last.pt when present; keep a finished classifier.pt trained with the "
+              "same settings",
 }
 
 

@@ -219,8 +219,8 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
     evaluate = training.evaluator(evaluate_miou, cfg, val, device, channels_last, dist, collate_fn=list,
                                   num_classes=train.num_classes)
     history = E.fit(ddp_model, optimizer, scheduler, train, step_fn, run_dir=run_dir / R.SEGMENTER_STATE,
-                    cfg=C.to_dict(cfg), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=device, dist=dist,
-                    max_steps=cfg.max_steps, amp=cfg.amp, channels_last=channels_last, workers=cfg.workers,
+                    cfg=C.to_dict(cfg), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
+                    dist=dist, max_steps=cfg.max_steps, amp=cfg.amp, channels_last=channels_last, workers=cfg.workers,
                     evaluate=evaluate, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, resume=resume,
                     extra={"class_names": list(train.class_names), "inputs": inputs}, desc="segmenter")
     if dist.is_main and any(r.get("loss/total") == 0.0 for r in history):
