@@ -134,8 +134,7 @@ def _datasets(cfg: ClassifierConfig):
         train_tf = train_transforms(crop=cfg.image_size, scale=scale, flip=cfg.flip, jitter=cfg.jitter, hue=cfg.hue)
     base = VOCDataset(cfg.data_root, tuple(cfg.split), transforms=train_tf, with_mask=False)
     base.check_files()
-    views = (source_view_transforms(cfg.image_size) if cfg.self_views == "source" and cfg.loss.self_pairs
-             else None)
+    views = source_view_transforms(cfg.image_size) if cfg.self_views == "source" and cfg.loss.self_pairs else None
     pairs = PairDataset(base, p_common=cfg.p_common, seed=cfg.seed, include_self=cfg.partner_self,
                         view_transforms=views)
     val = training.val_dataset(cfg, eval_transforms(cfg.image_size), base, with_mask=False)
