@@ -7,7 +7,7 @@ from torch import nn
 
 from wsss.data.pairs import self_pair_views
 from wsss.losses import LossConfig, loss_terms
-from wsss.models import CoAttentionClassifier, build_backbone
+from wsss.models import BACKBONES, CoAttentionClassifier, build_backbone
 from wsss.models.classifier import gap
 from wsss.models.coattention import co_attention
 
@@ -50,6 +50,12 @@ def test_unknown_backbone_and_stride():
         build_backbone("alexnet")
     with pytest.raises(ValueError, match="output_stride"):
         build_backbone("tiny", output_stride=4)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_class_refuses_a_stride_it_does_not_have(name):
+    with pytest.raises(ValueError, match="output_stride must be one of"):
+        BACKBONES[name](output_stride=32)
 
 
 def test_resnet_pretrained_from_file_and_hub(tmp_path, monkeypatch):

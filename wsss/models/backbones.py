@@ -137,8 +137,11 @@ class Backbone(nn.Module):
     out_channels: int
     output_stride: int
 
-    def __init__(self) -> None:
+    def __init__(self, output_stride: int) -> None:
         super().__init__()
+        if output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
+        self.output_stride = output_stride
         self.extra: nn.Module = nn.Identity()
 
     def body_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -175,7 +178,7 @@ class TinyBackbone(Backbone):
     """
 
     def __init__(self, output_stride: int = 8, width: int = 32) -> None:
-        super().__init__()
+        super().__init__(output_stride)
         c1, c2, c3 = width, 2 * width, 4 * width
         last_stride, dil = (1, 2) if output_stride == 8 else (2, 1)
         self.body = nn.Sequential(
@@ -186,7 +189,6 @@ class TinyBackbone(Backbone):
                           _conv_gn_relu(c3, c3, dilation=dil)),
         )
         self.out_channels = c3
-        self.output_stride = output_stride
         _he_init(self)
 
     def body_modules(self) -> nn.Module:
@@ -218,7 +220,7 @@ class VGG16Backbone(Backbone):
     POOL4, POOL5, CONV5 = 23, 30, (24, 26, 28)
 
     def __init__(self, output_stride: int = 8) -> None:
-        super().__init__()
+        super().__init__(output_stride)
         # torchvision's vgg16().features, without building the 120M-parameter ImageNet
         # classifier (seconds of CPU time) only to throw it away
         features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
@@ -235,7 +237,6 @@ class VGG16Backbone(Backbone):
         self.extra = nn.Sequential(*layers)
         _he_init(self.extra)
         self.out_channels = 512
-        self.output_stride = output_stride
 
     def body_modules(self) -> nn.Module:
         return nn.ModuleDict({"features": self.features})
@@ -255,12 +256,11 @@ class ResNetBackbone(Backbone):
     """
 
     def __init__(self, depth: int = 50, output_stride: int = 8) -> None:
-        super().__init__()
+        super().__init__(output_stride)
         dilate = [False, output_stride == 8, True]
         net = getattr(torchvision.models, f"resnet{depth}")(weights=None, replace_stride_with_dilation=dilate)
         self.body = nn.Sequential(OrderedDict(list(net.named_children())[:-2]))  # conv1 ... layer4
         self.out_channels = 2048
-        self.output_stride = output_stride
         self.frozen_bn = False
 
     def load_pretrained(self, path: str | Path) -> None:
@@ -299,10 +299,7 @@ def build_backbone(name: str, pretrained: str | Path | None = None, output_strid
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
-    if output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
-    path = resolve_pretrained(name, pretrained) if pretrained is not None else None
-    backbone = BACKBONES[name](output_stride=output_stride)
-    if path is not None:
-        backbone.load_pretrained(path)
+    backbone = BACKBONES[name](output_stride=output_stride)  # refuses a stride it does not have
+    if pretrained is not None:
+        backbone.load_pretrained(resolve_pretrained(name, pretrained))
     return backbone
