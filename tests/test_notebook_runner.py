@@ -82,19 +82,19 @@ def test_kernel_grid_runs_writes_outputs_and_markers_then_rerun_skips(tmp_path, 
     assert [r["status"] for r in again] == ["skipped", "skipped"]
 
 
-def test_kernel_failing_cell_reported_while_other_run_succeeds_in_parallel(tmp_path, nb):
+def test_kernel_failing_cell_reported_while_the_other_run_succeeds(tmp_path, nb):
     grid = write_grid(tmp_path / "g.yaml", {"notebook": "nbs/toy.ipynb", "grid": {"FAIL": [False, True]},
                                             "parameters": {"SEED": 3}})
-    results = run_grid(grid, jobs=2, root=tmp_path / "runs")
+    results = run_grid(grid, root=tmp_path / "runs")
     assert [(r["run_id"], r["status"]) for r in results] == [("FAIL=false", "ok"), ("FAIL=true", "failed")]
     ok, bad = results
     assert metrics(ok)["seed"] == 3 and Path(ok["output_path"]).with_suffix(".done").is_file()
     err = bad["error"]
-    assert err["cell_index"] == 2 and err["source_line"] == "if FAIL:"
+    assert err["exec_count"] == 4 and err["source_line"] == "if FAIL:"  # In [4]: parameters, injected, import, FAIL
     assert err["ename"] == "ValueError" and err["evalue"] == "boom 3"
     assert Path(bad["output_path"]).is_file() and not Path(bad["output_path"]).with_suffix(".done").exists()
     text = notebooks.summary(results)
-    assert "cell #2" in text and "ValueError: boom 3" in text and str(nb) in text
+    assert "at In [4]: if FAIL:" in text and "ValueError: boom 3" in text and str(nb) in text
 
 
 def test_kernel_cli_overrides_apply_and_failures_exit_nonzero(tmp_path, nb, capsys):
@@ -205,7 +205,7 @@ def test_list_form_shares_parameters_and_stops_a_sequence_after_a_failure(tmp_pa
     assert [r["status"] for r in run_grid(grid, root=tmp_path / "runs")][:2] == ["skipped", "skipped"]
     assert run_state(load_grid(grid, runs_root=tmp_path / "runs", overrides={"VALUE": 3})[0]) == "stale"
     capsys.readouterr()
-    assert main(["list", str(grid), "--runs-root", str(tmp_path / "runs")]) == 0
+    assert main(["check", str(grid), "--runs-root", str(tmp_path / "runs")]) == 0
     states = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:6]]
     assert states == ["finished", "finished", "pending", "pending"]  # the fake failure wrote no notebook
     with pytest.raises(GridError, match="defined by none of the notebooks"):

@@ -5,13 +5,15 @@ it with; every run writes its executed notebook and its files under ``runs/EXP/`
 invocation skips the runs that finished with the same parameters. The file format, run ids,
 run directories and the commands are in notebooks/experiments/README.md::
 
-    python -m wsss.notebooks run GRID.yaml [--jobs N] [--kernel K] [--force] [--runs-root DIR] [-p NAME VALUE ...]
-    python -m wsss.notebooks check|list GRID.yaml      # validate only | the runs and their state
+    python -m wsss.notebooks run GRID.yaml [--kernel K] [--force] [--runs-root DIR] [-p NAME VALUE ...]
+    python -m wsss.notebooks check GRID.yaml      # validate only; the runs and their state
     python -m wsss.notebooks strip [--check] NOTEBOOK.ipynb ...
 
 papermill reads the parameters (``inspect_notebook``) and executes; nbstripout strips.
 What this module adds: the grid expansion, the check of every name and value before
-anything runs, the finished-run markers, a process pool and the failure report.
+anything runs, and the finished-run markers (papermill 2.7 records an interrupted run with every
+cell completed, so its record cannot tell one from a finished run). Runs go one at a time:
+each training already uses every CPU core or its GPU.
 """
 
 from __future__ import annotations
@@ -322,19 +324,13 @@ def _execute(spec: RunSpec, kernel: str) -> None:
 
 
 def _result(spec: RunSpec, status: str, seconds: float = 0.0, exc: BaseException | str | None = None) -> dict:
-    """status ok | skipped | failed | not run; ``error`` names the failing cell of the input notebook
-    (found by its source: papermill's index counts its injected cell) and the exception."""
+    """status ok | skipped | failed | not run; ``error`` has the exception and, for a failing cell,
+    its ``In [N]`` in the executed notebook and its first line."""
     error = None
     if exc is not None:
-        from papermill.exceptions import PapermillExecutionError
-
-        error = {"cell_index": None, "exec_count": None, "source_line": "",
-                 "ename": type(exc).__name__ if isinstance(exc, BaseException) else "NotRun", "evalue": str(exc)}
-        if isinstance(exc, PapermillExecutionError):
-            cells = [c.source for c in _read_notebook(spec.notebook).cells]
-            error.update(cell_index=cells.index(exc.source) if exc.source in cells else None,
-                         exec_count=exc.exec_count, ename=exc.ename, evalue=exc.evalue,
-                         source_line=next((ln.strip() for ln in exc.source.splitlines() if ln.strip()), ""))
+        error = {"exec_count": getattr(exc, "exec_count", None), "evalue": getattr(exc, "evalue", str(exc)),
+                 "ename": getattr(exc, "ename", type(exc).__name__ if isinstance(exc, BaseException) else "NotRun"),
+                 "source_line": next((ln.strip() for ln in getattr(exc, "source", "").splitlines() if ln.strip()), "")}
     return {"exp": spec.exp, "run_id": spec.run_id, "notebook": str(spec.notebook), "status": status,
             "seconds": round(seconds, 2), "output_path": str(spec.output_path),
             "run_dir": str(spec.run_dir) if spec.run_dir else None, "parameters": spec.parameters, "error": error}
@@ -364,8 +360,8 @@ def run_one(spec: RunSpec, kernel: str = DEFAULT_KERNEL, force: bool = False) ->
 
 
 def _describe_failure(result: dict[str, Any]) -> str:
-    err, cell = result["error"], result["error"]["cell_index"]
-    where = "outside the notebook's cells" if cell is None else f"at cell #{cell} (0-based; In [{err['exec_count']}])"
+    err = result["error"]
+    where = "outside the notebook's cells" if err["exec_count"] is None else f"at In [{err['exec_count']}]"
     lines = [f"{result['exp']}/{result['run_id']} failed in {result['notebook']}",
              f"  {where}" + (f": {err['source_line']}" if err["source_line"] else ""),
              f"  {err['ename']}: {err['evalue']}"]
@@ -374,73 +370,39 @@ def _describe_failure(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _run_stage(specs: list[RunSpec], jobs: int, kernel: str, force: bool, on_result) -> None:
-    """Run one stage: in this process when jobs <= 1, else each run in a fresh spawned process (a
-    script calling run_grid(jobs>1) needs the usual ``if __name__ == "__main__":`` guard)."""
-    if jobs <= 1 or len(specs) <= 1:
-        for spec in specs:
-            on_result(spec, run_one(spec, kernel, force))
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    with ProcessPoolExecutor(min(jobs, len(specs)), multiprocessing.get_context("spawn"),
-                             max_tasks_per_child=1) as pool:
-        futures = {pool.submit(run_one, spec, kernel, force): spec for spec in specs}
-        try:
-            for future in as_completed(futures):
-                try:
-                    result = future.result()
-                except Exception as exc:  # the worker process itself died
-                    result = _result(futures[future], "failed", exc=exc)
-                on_result(futures[future], result)
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-
-
-def run_specs(specs: list[RunSpec], jobs: int = 1, kernel: str = DEFAULT_KERNEL,
-              force: bool = False) -> list[dict[str, Any]]:
-    """Run validated specs stage by stage (``jobs`` at once); results in spec order."""
+def run_specs(specs: list[RunSpec], kernel: str = DEFAULT_KERNEL, force: bool = False) -> list[dict[str, Any]]:
+    """Run validated specs in order; a sequence stops at its first failing stage."""
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from wsss.progress import progress
 
-    results: dict[int, dict[str, Any]] = {}
-    index = {id(s): i for i, s in enumerate(specs)}
-
-    def on_result(spec: RunSpec, result: dict[str, Any]) -> None:
-        results[index[id(spec)]] = result
-        if result["status"] == "failed":
-            log.error(_describe_failure(result))
-        elif result["status"] == "ok":
-            log.info("%s/%s finished in %.1f s", spec.exp, spec.run_id, result["seconds"])
-        bar.set_postfix(failed=sum(r["status"] == "failed" for r in results.values()))
-        bar.update()
-
+    results: list[dict[str, Any]] = []
     # log lines go above the progress bar instead of through it; no bar when stderr is a log (wsss.progress)
     with logging_redirect_tqdm(tqdm_class=tqdm), progress(total=len(specs), desc="notebooks", unit="run") as bar:
-        for stage in sorted({s.stage for s in specs}):
-            todo = [s for s in specs if s.stage == stage]
-            if any(r["status"] == "failed" for r in results.values()):  # a sequence stops at a failing stage
-                for spec in todo:
-                    on_result(spec, _result(spec, "not run", exc="an earlier notebook of the sequence failed"))
-                continue
-            for spec in [s for s in todo if not force and run_state(s) == "finished"]:
-                on_result(spec, _result(spec, "skipped"))
-            _run_stage([s for s in todo if index[id(s)] not in results], jobs, kernel, force, on_result)
-    return [results[i] for i in sorted(results)]
+        for spec in specs:  # in stage order
+            if any(r["status"] == "failed" and s.stage < spec.stage for r, s in zip(results, specs)):
+                result = _result(spec, "not run", exc="an earlier notebook of the sequence failed")
+            else:
+                result = run_one(spec, kernel, force)
+            results.append(result)
+            if result["status"] == "failed":
+                log.error(_describe_failure(result))
+            elif result["status"] == "ok":
+                log.info("%s/%s finished in %.1f s", spec.exp, spec.run_id, result["seconds"])
+            bar.set_postfix(failed=sum(r["status"] == "failed" for r in results))
+            bar.update()
+    return results
 
 
-def run_grid(path: str | Path, jobs: int = 1, kernel: str = DEFAULT_KERNEL, force: bool = False,
-             root: str | Path | None = None, overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+def run_grid(path: str | Path, kernel: str = DEFAULT_KERNEL, force: bool = False, root: str | Path | None = None,
+             overrides: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Load, validate and run a grid file; ``root`` is the runs root (default ROOT/runs or $WSSS_RUNS).
     Raises GridError before anything runs when the file, a notebook or a parameter name is wrong."""
     specs = load_grid(path, overrides=overrides, runs_root=root)
     validate_all(specs)
     check_kernel(kernel)
-    return run_specs(specs, jobs=jobs, kernel=kernel, force=force)
+    return run_specs(specs, kernel=kernel, force=force)
 
 
 # --------------------------------------------------------------------------- reporting + CLI
@@ -468,8 +430,7 @@ def _parser() -> argparse.ArgumentParser:
                                                  "(grid files: notebooks/experiments/README.md).")
     sub = parser.add_subparsers(dest="command", required=True)
     commands = {"run": "execute every run of a grid file (finished runs are skipped)",
-                "check": "validate a grid file and its notebooks' parameters; run nothing",
-                "list": "list the runs of a grid file and their state"}
+                "check": "validate a grid file and its notebooks' parameters, list the runs and their state"}
     for name, text in commands.items():
         p = sub.add_parser(name, help=text)
         p.add_argument("grid", type=Path, help="grid YAML file")
@@ -477,7 +438,6 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                        help="override a parameter in every run (VALUE parsed as YAML); repeatable")
         if name == "run":
-            p.add_argument("--jobs", "-j", type=int, default=1, help="runs at once, each in its own process")
             p.add_argument("--kernel", default=DEFAULT_KERNEL, help=f"Jupyter kernel name (default {DEFAULT_KERNEL})")
             p.add_argument("--force", action="store_true", help="re-run finished runs too")
     strip = sub.add_parser("strip", help="clear outputs of notebooks in place (commit notebooks without outputs)")
@@ -501,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{path}: outputs cleared")
             return 1 if args.check and dirty else 0
         overrides = {name: _parsed(value, yaml.safe_load, yaml.YAMLError) for name, value in args.parameter}
-        if args.command in ("check", "list"):
+        if args.command == "check":
             specs = load_grid(args.grid, overrides=overrides, runs_root=args.runs_root)
             validate_all(specs)
             rows = [[run_state(s), s.stage, f"{s.exp}/{s.run_id}", s.notebook.name,
@@ -509,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(rows, ["state", "stage", "run", "notebook", "parameters"]))
             print(f"{args.grid}: {len(specs)} run(s) valid")
             return 0
-        results = run_grid(args.grid, args.jobs, args.kernel, args.force, root=args.runs_root, overrides=overrides)
+        results = run_grid(args.grid, args.kernel, args.force, root=args.runs_root, overrides=overrides)
     except GridError as exc:
         log.error("%s", exc)
         return 2
