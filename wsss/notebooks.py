@@ -328,9 +328,13 @@ def _result(spec: RunSpec, status: str, seconds: float = 0.0, exc: BaseException
     its ``In [N]`` in the executed notebook and its first line."""
     error = None
     if exc is not None:
-        error = {"exec_count": getattr(exc, "exec_count", None), "evalue": getattr(exc, "evalue", str(exc)),
-                 "ename": getattr(exc, "ename", type(exc).__name__ if isinstance(exc, BaseException) else "NotRun"),
-                 "source_line": next((ln.strip() for ln in getattr(exc, "source", "").splitlines() if ln.strip()), "")}
+        from papermill.exceptions import PapermillExecutionError
+
+        error = {"exec_count": None, "source_line": "", "evalue": str(exc),
+                 "ename": type(exc).__name__ if isinstance(exc, BaseException) else "NotRun"}
+        if isinstance(exc, PapermillExecutionError):  # a cell of the notebook raised
+            error.update(exec_count=exc.exec_count, ename=exc.ename, evalue=exc.evalue,
+                         source_line=next((ln.strip() for ln in exc.source.splitlines() if ln.strip()), ""))
     return {"exp": spec.exp, "run_id": spec.run_id, "notebook": str(spec.notebook), "status": status,
             "seconds": round(seconds, 2), "output_path": str(spec.output_path),
             "run_dir": str(spec.run_dir) if spec.run_dir else None, "parameters": spec.parameters, "error": error}
