@@ -34,31 +34,32 @@ def _flat(out, prefix=""):
 
 
 # ----------------------------------------------------------------------- backbones
-@pytest.mark.parametrize("name", ["tiny", "vgg16", "resnet50"])
-@pytest.mark.parametrize("stride", [8, 16])
+@pytest.mark.parametrize("name, stride", [(name, stride) for name in ("tiny", "vgg16", "resnet50", "efficientnet_lite0")
+                                          for stride in (8, 16, 32) if stride < 32 or name in ("resnet50",
+                                                                                               "efficientnet_lite0")])
 def test_backbone_output_stride(name, stride):
     net = build_backbone(name, output_stride=stride).eval()
     with torch.no_grad():
         y = net(torch.randn(1, 3, 64, 64))
     assert y.shape == (1, net.out_channels, 64 // stride, 64 // stride)
     assert net.output_stride == stride
-    assert net.out_channels == {"tiny": 128, "vgg16": 512, "resnet50": 2048}[name]
+    assert net.out_channels == {"tiny": 128, "vgg16": 512, "resnet50": 2048, "efficientnet_lite0": 1280}[name]
 
 
 def test_unknown_backbone_and_stride():
     with pytest.raises(ValueError, match="choose one of"):
         build_backbone("alexnet")
     with pytest.raises(ValueError, match="output_stride"):
-        build_backbone("tiny", output_stride=4)
+        build_backbone("tiny", output_stride=32)
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_backbone_class_refuses_a_stride_it_does_not_have(name):
     with pytest.raises(ValueError, match="output_stride must be one of"):
-        BACKBONES[name](output_stride=32)
+        BACKBONES[name](output_stride=4)
 
 
-def test_resnet_pretrained_from_file_and_hub(tmp_path, monkeypatch):
+def test_resnet_pretrained_from_file_and_imagenet(tmp_path, monkeypatch):
     ref = torchvision.models.resnet50(weights=None)
     nn.init.normal_(ref.layer4[2].conv3.weight)
     hub = tmp_path / "hub"
@@ -66,7 +67,8 @@ def test_resnet_pretrained_from_file_and_hub(tmp_path, monkeypatch):
     path.parent.mkdir(parents=True)
     torch.save(ref.state_dict(), path)   # includes fc.*, which is ignored
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
-    for pretrained in (str(path), "hub"):
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloads a cached file"))
+    for pretrained in (str(path), "imagenet"):
         net = build_backbone("resnet50", pretrained=pretrained)
         torch.testing.assert_close(net.body.layer4[2].conv3.weight, ref.layer4[2].conv3.weight)
         torch.testing.assert_close(net.body.bn1.running_var, ref.bn1.running_var)
@@ -115,15 +117,31 @@ def test_tiny_loads_its_own_state_dict(tmp_path):
 
 def test_missing_weights_raise_clear_error(tmp_path, monkeypatch):
     missing = tmp_path / "nope.pth"
-    with pytest.raises(FileNotFoundError, match="nope.pth") as err:
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
         build_backbone("vgg16", pretrained=missing)
-    assert "download.pytorch.org/models/vgg16-397923af.pth" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="no ImageNet weights"):
+        build_backbone("tiny", pretrained="imagenet")
+
+
+def test_imagenet_offline_without_the_cached_file_is_one_line(tmp_path, monkeypatch):
+    """pretrained='imagenet' for a torchvision backbone downloads into the torch hub cache as
+    torchvision does; offline, the error names the URL and the file (never downloads here)."""
+    import urllib.error
+
+    from wsss import cli
+
+    def offline(url, dst, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="resnet101-63fe2227.pth") as err:
-        build_backbone("resnet101", pretrained="hub")
-    assert str(tmp_path / "checkpoints") in str(err.value) and "wget" in str(err.value)
-    with pytest.raises(FileNotFoundError, match="no torchvision weights"):
-        build_backbone("tiny", pretrained="hub")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(FileNotFoundError) as err:
+        build_backbone("resnet101", pretrained="imagenet")
+    message = str(err.value)
+    assert "\n" not in message and "could not be downloaded" in message
+    assert "https://download.pytorch.org/models/resnet101-63fe2227.pth" in message
+    assert str(tmp_path / "checkpoints" / "resnet101-63fe2227.pth") in message
+    assert cli.classify_error(err.value) == ("run", message)  # one line, exit code 4, as other weight errors
 
 
 # ----------------------------------------------------------------------- classifier

@@ -78,17 +78,30 @@ def test_backbone_loads_from_a_local_torchvision_resnet_file(tmp_path):
     assert not torch.all(model.net.classifier[4].weight == 0.5)  # the head stays new
 
 
-def test_missing_backbone_file_says_so_and_that_nothing_downloads(tmp_path):
+def test_missing_backbone_file_says_so(tmp_path):
     missing = tmp_path / "nope" / "resnet50.pth"
-    with pytest.raises(FileNotFoundError, match="Nothing is downloaded") as err:
+    with pytest.raises(FileNotFoundError, match="pretrained weights file not found") as err:
         build_segmenter("deeplabv3_resnet50", 3, pretrained_backbone=missing)
     assert str(missing) in str(err.value)
+
+
+def test_imagenet_backbone_comes_from_the_torch_hub_cache(tmp_path, monkeypatch):
+    reference = build_segmenter("deeplabv3_resnet101", 3)
+    state = {k: torch.full_like(v, 0.25) if v.is_floating_point() else v
+             for k, v in reference.net.backbone.state_dict().items()}
+    path = tmp_path / "checkpoints" / "resnet101-63fe2227.pth"   # torchvision's IMAGENET1K_V1 file name
+    path.parent.mkdir()
+    torch.save(state, path)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloads"))
+    model = build_segmenter("deeplabv3_resnet101", 3, pretrained_backbone="imagenet")
+    assert torch.all(model.net.backbone.layer3[22].conv2.weight == 0.25)
 
 
 def test_wrong_file_and_names_are_refused(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "bogus.weight": torch.zeros(1)}, path)
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(RuntimeError, match="other.pth do not fit the deeplabv3_resnet50 backbone"):
         build_segmenter("deeplabv3_resnet50", 3, pretrained_backbone=path)
     with pytest.raises(ValueError, match="unknown segmenter"):
         build_segmenter("unet", 3)

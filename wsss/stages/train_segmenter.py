@@ -101,7 +101,8 @@ HELP = {
     "masks_dir": "training masks: a folder inside the run directory (pseudo) or an absolute path",
     "val_split": "split with ground truth for the per-epoch mIoU ('none' to skip)",
     "model": "tiny | deeplabv3_resnet50 | deeplabv3_resnet101",
-    "pretrained_backbone": "torchvision ResNet state-dict file for the DeepLab backbone (none: from scratch)",
+    "pretrained_backbone": "DeepLab backbone weights: imagenet (torchvision's ResNet, torch hub cache) or a local "
+                           "torchvision ResNet state-dict file; none = from scratch",
     "crop": "training crop, pixels (padded with ignore where the image is smaller)",
     "scale": "random rescale range (low high)",
     "batch_size": "images per step per process",
