@@ -43,10 +43,11 @@ def _stage(command: str):
 def _add_benchmark_parser(sub) -> None:
     p = sub.add_parser("make-benchmark", help="generate the embedded benchmark in VOC layout",
                        description="Generate the seeded synthetic multi-label benchmark (VOC layout) and print its statistics.")
-    p.add_argument("--size", choices=["smoke", "demo", "full"], default="demo")
+    p.add_argument("--size", choices=["smoke", "demo", "full", "art-smoke", "art-demo", "art-full"], default="demo",
+                   help="smoke / demo / full: generated shapes; art-*: VOC's 20 classes drawn from emoji artwork")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", default=None, help="output folder (default: data/synthetic-SIZE)")
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=int, default=None, help="classes of the shapes benchmarks (default 10)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--num-train", type=int, default=None, help="training images (size 'full' needs it)")
     p.add_argument("--num-val", type=int, default=None)

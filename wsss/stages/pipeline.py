@@ -9,7 +9,7 @@ YAML layout (every section optional; keys are the fields of that stage's config)
     run_dir: demo                   # absolute, or relative to the runs folder: runs/demo (wsss.paths.runs_dir)
     recipe: null                    # a recipe under configs/recipes/ (official) or a YAML path
     data_root: null                 # a VOC-layout dataset; null = the embedded benchmark below
-    benchmark: demo                 # smoke | demo | full: generated on first use
+    benchmark: demo                 # smoke | demo | full (shapes), art-smoke | art-demo | art-full: generated on first use
     scene: {}                       # its knobs: body_class, context_p, context_size, noise_rate (wsss.data.synth)
     seed: 0
     stages: [classifier, maps, pseudo, segmenter, evaluate]
@@ -58,7 +58,7 @@ class PipelineConfig:
     run_dir: str = "demo"
     recipe: str | None = None
     data_root: str | None = None
-    benchmark: Literal["smoke", "demo", "full"] = "demo"
+    benchmark: Literal["smoke", "demo", "full", "art-smoke", "art-demo", "art-full"] = "demo"
     scene: dict = field(default_factory=dict)
     seed: int = 0
     stages: tuple[str, ...] = tuple(STAGES)
