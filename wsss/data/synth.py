@@ -826,7 +826,7 @@ def part_coverage(counts: np.ndarray, thresholds=THRESHOLDS) -> dict[str, list[f
 # ----------------------------------------------------------------------------- figure
 
 def draw_examples(root, path, n: int = 8, split: str = "train") -> Path:
-    """Draw a grid of ``n`` images of ``split``: image, mask and part map, with legends.
+    """Draw a grid of ``n`` images of ``split``: image, mask and (shapes only) part map, with legends.
 
     Saved as a PNG at ``path`` (figures/benchmark_failure_modes.png in the repository).
     Uses matplotlib's Agg canvas directly, so it changes no global backend.
@@ -846,36 +846,48 @@ def draw_examples(root, path, n: int = 8, split: str = "train") -> Path:
     if not names:
         raise ValueError(f"no images in split {split!r} of {root}")
     voc_pal, part_pal = voc_palette(), part_palette()
-    fig = Figure(figsize=(1.7 * len(names) + 1.9, 5.9), dpi=110)
+    shapes = record["params"].get("kind", "shapes") == "shapes"
+    rows = 3 if shapes else 2
+    fig = Figure(figsize=(1.7 * len(names) + 1.9, 2.0 * rows - 0.1), dpi=110)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(3, len(names), squeeze=False)
+    axes = fig.subplots(rows, len(names), squeeze=False)
     used = set()
     for j, name in enumerate(names):
         img = np.asarray(Image.open(root / "JPEGImages" / f"{name}.jpg").convert("RGB"))
         mask = np.asarray(Image.open(root / "SegmentationClass" / f"{name}.png"))
-        part = np.asarray(Image.open(root / PART_DIR / f"{name}.png"))
-        used.update(int(c) for c in np.unique(mask) if c)
+        used.update(int(c) for c in np.unique(mask) if c not in (0, 255))
         m = metas[name]
-        ctx = sorted({names_cls[c["class"] - 1] + ("*" if c["stray"] else "") for c in m["contexts"]})
         axes[0, j].imshow(img, interpolation="nearest")
         axes[0, j].set_title(", ".join(names_cls[c - 1] for c in m["labels"]), fontsize=8)
         axes[1, j].imshow(voc_pal[mask], interpolation="nearest")
-        axes[2, j].imshow(part_pal[part], interpolation="nearest")
-        axes[2, j].set_xlabel("context: " + (", ".join(ctx) if ctx else "-"), fontsize=7)
+        if shapes:
+            part = np.asarray(Image.open(root / PART_DIR / f"{name}.png"))
+            ctx = sorted({names_cls[c["class"] - 1] + ("*" if c["stray"] else "") for c in m["contexts"]})
+            axes[2, j].imshow(part_pal[part], interpolation="nearest")
+            axes[2, j].set_xlabel("context: " + (", ".join(ctx) if ctx else "-"), fontsize=7)
+        else:
+            axes[1, j].set_xlabel(f"background: {m['context']}", fontsize=7)
         for ax in axes[:, j]:
             ax.set(xticks=[], yticks=[])
-    for ax, label in zip(axes[:, 0], ("image", "mask", "part map")):
+    for ax, label in zip(axes[:, 0], ("image", "mask", "part map")[:rows]):
         ax.set_ylabel(label, fontsize=9)
     cls_handles = [Patch(color=voc_pal[c] / 255, label=f"{c} {names_cls[c - 1]}") for c in sorted(used)]
-    part_handles = [Patch(color=part_pal[k] / 255, label=PART_NAMES[k], ec="k", lw=0.3) for k in (0, 1, 2, 3)]
-    for handles, top, title in ((cls_handles, 0.64, "mask"), (part_handles, 0.32, "part map")):
-        fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.905, top), fontsize=7, title=title,
-                   title_fontsize=8, frameon=False)
-    body = record["params"].get("body_class", 0.0)
-    what = "the class shows only in the small head" if not body else \
-        f"the small head shows the class, the body its pair ({body:.0%} of bodies)"
-    fig.suptitle(f"Embedded benchmark ({record['params']['size']}, seed {record['params']['seed']}): {what}; "
-                 f"context bands (* = stray) co-occur with classes", fontsize=9)
+    if not shapes:  # art masks have VOC's ignore band
+        cls_handles.append(Patch(color=voc_pal[255] / 255, label="255 ignored"))
+    fig.legend(handles=cls_handles, loc="upper left", bbox_to_anchor=(0.905, 0.64 if shapes else 0.9), fontsize=7,
+               title="mask", title_fontsize=8, frameon=False)
+    if shapes:
+        part_handles = [Patch(color=part_pal[k] / 255, label=PART_NAMES[k], ec="k", lw=0.3) for k in (0, 1, 2, 3)]
+        fig.legend(handles=part_handles, loc="upper left", bbox_to_anchor=(0.905, 0.32), fontsize=7,
+                   title="part map", title_fontsize=8, frameon=False)
+        body = record["params"].get("body_class", 0.0)
+        what = "the class shows only in the small head" if not body else \
+            f"the small head shows the class, the body its pair ({body:.0%} of bodies)"
+        title = f"{what}; context bands (* = stray) co-occur with classes"
+    else:
+        title = "VOC's classes from OpenMoji and Noto Color Emoji art on backgrounds by context"
+    fig.suptitle(f"Embedded benchmark ({record['params']['size']}, seed {record['params']['seed']}): {title}",
+                 fontsize=9)
     fig.subplots_adjust(left=0.03, right=0.9, top=0.9, bottom=0.04, wspace=0.05, hspace=0.12)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
