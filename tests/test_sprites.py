@@ -1,7 +1,6 @@
 """The committed object sprites of the art benchmark: every VOC class drawn in both artwork
 styles, each file usable (RGBA, cropped, about 128 px) and credited with its licence."""
 
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
