@@ -83,3 +83,13 @@ def test_art_refuses_the_knobs_of_the_shapes_benchmarks():
         synth.resolve_params("art-demo", body_class=0.5)
     assert synth.resolve_params("art-demo").num_classes == 20
     assert synth.resolve_params("demo").num_classes == 10
+
+
+def test_every_placed_object_is_in_the_mask_with_its_visible_pixels():
+    """Objects that find no place are left out without shifting the others' labels."""
+    for i in range(120):
+        _, mask, meta = art.make_scene(np.random.default_rng([3, i]), 64, num_objects=3)
+        drawn = {VOC_CLASSES.index(o["class"]) + 1 for o in meta["objects"]}
+        assert set(meta["labels"]) == drawn
+        assert all(o["pixels"] >= art.MIN_VISIBLE * o["pixels_drawn"] or k == 0
+                   for k, o in enumerate(meta["objects"]))

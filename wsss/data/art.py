@@ -198,6 +198,16 @@ def boundary_band(mask: np.ndarray, radius: int) -> np.ndarray:
     return band
 
 
+def _top_left(rng: np.random.Generator, cls: str, h: int, w: int, size: int, ground: int) -> tuple[int, int]:
+    """Where an (h, w) sprite goes: at most a quarter of it outside the image; unless it
+    flies, its bottom edge on the ground (below row ``ground``)."""
+    if cls in FLYING:
+        y0 = int(rng.integers(-h // 4, size - 3 * h // 4 + 1))
+    else:
+        y0 = int(rng.integers(min(max(ground + size // 20, 3 * h // 4), size), size + h // 4 + 1)) - h
+    return y0, int(rng.integers(-w // 4, size - 3 * w // 4 + 1))
+
+
 def make_scene(rng: np.random.Generator, size: int, num_objects: int | None = None,
                context_p: float = P_CONTEXT) -> tuple[np.ndarray, np.ndarray, dict]:
     """(image uint8 (size, size, 3), mask uint8 with 0 background, 1-20 VOC classes and 255 on
@@ -210,7 +220,8 @@ def make_scene(rng: np.random.Generator, size: int, num_objects: int | None = No
     image, ground = background(rng, context, size)
     owner = np.full((size, size), -1, np.int16)
     placed, first_side = [], rng.uniform(*OBJECT_SIZE)
-    for k, cls in enumerate(classes):
+    for cls in classes:
+        k = len(placed)  # the object's index in ``owner``
         side = first_side if k == 0 else first_side * rng.uniform(*PARTNER_SCALE)
         files = sprite_files(cls)
         path = files[int(rng.integers(len(files)))]
@@ -221,11 +232,7 @@ def make_scene(rng: np.random.Generator, size: int, num_objects: int | None = No
             h, w = max(2, round(h0 * scale)), max(2, round(w0 * scale))
             sprite = _sprite(path, h, w, flip)
             alpha = sprite[..., 3]
-            if cls in FLYING:
-                y0 = int(rng.integers(-h // 4, size - 3 * h // 4 + 1))
-            else:  # standing on the ground: the bottom edge below the horizon, 3/4 of the height inside
-                y0 = int(rng.integers(min(max(ground + size // 20, 3 * h // 4), size), size + h // 4 + 1)) - h
-            x0 = int(rng.integers(-w // 4, size - 3 * w // 4 + 1))
+            y0, x0 = _top_left(rng, cls, h, w, size, ground)
             ys, xs = slice(max(0, y0), min(size, y0 + h)), slice(max(0, x0), min(size, x0 + w))
             crop = (slice(ys.start - y0, ys.stop - y0), slice(xs.start - x0, xs.stop - x0))
             solid = alpha[crop] > 0.5
