@@ -144,6 +144,21 @@ def test_imagenet_offline_without_the_cached_file_is_one_line(tmp_path, monkeypa
     assert cli.classify_error(err.value) == ("run", message)  # one line, exit code 4, as other weight errors
 
 
+def test_imagenet_online_downloads_into_the_torch_hub_cache(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):  # what torch.hub would fetch
+        calls.append((url, dst, hash_prefix))
+        torch.save(torchvision.models.resnet50(weights=None).state_dict(), dst)
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    build_backbone("resnet50", pretrained="imagenet")
+    build_backbone("resnet50", pretrained="imagenet")  # the second time from the cache
+    assert calls == [("https://download.pytorch.org/models/resnet50-0676ba61.pth",
+                      str(tmp_path / "checkpoints" / "resnet50-0676ba61.pth"), "0676ba61")]
+
+
 # ----------------------------------------------------------------------- classifier
 def test_pair_outputs_follow_method():
     model = _model()

@@ -71,7 +71,8 @@ def torchvision_imagenet_file(name: str) -> Path:
         log.info("downloading %s's ImageNet weights %s into %s", name, url, path.parent)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(url, str(path), progress=False)
+            # the file name ends in the first digits of its SHA-256, which the download checks
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=path.stem.rsplit("-", 1)[-1], progress=False)
         except OSError as err:  # URLError (offline), a refused write, ...
             raise FileNotFoundError(f"pretrained='imagenet': {name}'s ImageNet weights are not in the torch hub cache "
                                     f"and could not be downloaded ({err}); put {url} at {path}") from None
