@@ -8,6 +8,8 @@ the baseline.
     python benchmarks/classifier_seeds.py --name backbones --seeds 0 1 2 --epochs-shown 1 3 10 \\
         --setting tiny: --setting lite0_imagenet:backbone=efficientnet_lite0,pretrained=imagenet,lr=0.001
 
+Also drawn: runs/NAME/val_map.png, the val mAP after each epoch per setting.
+
 Each run is an ordinary run directory under runs/NAME/SETTING_sSEED: a finished run is kept
 (re-running the script only trains what is missing), an interrupted one resumes. Seeds run
 in the outer loop, so that an interrupted grid has whole seeds of every setting.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import yaml
@@ -75,6 +78,27 @@ def main(argv=None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table + "\n")
     print(table)
+    print(f"figure: {draw_curves(results, out.with_name('val_map.png'))}")
+
+
+def draw_curves(results: dict[str, dict[int, dict]], path: Path) -> Path:
+    """Val mAP after each epoch, one line per setting (mean over seeds, the band their range)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for name, per_seed in results.items():
+        epochs = sorted({r["epoch"] for m in per_seed.values() for r in m["history"] if "val/map" in r})
+        curves = np.array([[val_map_after(m, e) for e in epochs] for m in per_seed.values()], dtype=float)
+        line, = ax.plot(epochs, curves.mean(axis=0), marker="o", ms=3, label=f"{name} ({len(curves)} seeds)")
+        ax.fill_between(epochs, curves.min(axis=0), curves.max(axis=0), color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="epoch", ylabel="val mAP")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+    return path
 
 
 if __name__ == "__main__":
