@@ -1,5 +1,10 @@
 """The embedded benchmark: seeded synthetic multi-label scenes in PASCAL VOC layout.
 
+Two kinds of scenes, chosen by the size name (``SIZES``): the shapes described below
+("smoke", "demo", "full"), and VOC's 20 classes drawn from emoji artwork ("art-smoke",
+"art-demo", "art-full"; the scenes in wsss.data.art, written by this module's writer with
+the same splits, palette and records, without part maps or classes.txt).
+
 Real VOC cannot be shipped, so every demo and test runs on scenes drawn here, written in
 exactly the layout of PASCAL VOC 2012 (see data/README.md) so that the real-data code path
 is the one exercised. The scenes are built to show, on purpose, the failure modes that
@@ -608,7 +613,8 @@ def _write_dataset(out: Path, p: SynthParams) -> list[dict]:
     """Draw and write every image of every split into ``out``; returns the metadata."""
     from wsss.progress import progress
 
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation") + ((PART_DIR,) if p.kind == "shapes" else ()):
+    folders = ["JPEGImages", "SegmentationClass", "ImageSets/Segmentation"] + ([PART_DIR] if p.kind == "shapes" else [])
+    for sub in folders:
         (out / sub).mkdir(parents=True, exist_ok=True)
     if p.kind == "shapes":  # art has VOC's classes, the reader's default
         write_class_names(out, class_names(p.num_classes))
