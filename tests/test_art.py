@@ -93,3 +93,18 @@ def test_every_placed_object_is_in_the_mask_with_its_visible_pixels():
         assert set(meta["labels"]) == drawn
         assert all(o["pixels"] >= art.MIN_VISIBLE * o["pixels_drawn"] or k == 0
                    for k, o in enumerate(meta["objects"]))
+
+
+def test_every_benchmark_size_can_be_named_where_a_user_names_one():
+    """The CLI's --size choices and the pipeline's `benchmark:` are written out (the CLI builds
+    its parser without importing the generator); they must list exactly synth.SIZES."""
+    import typing
+
+    from wsss.cli import build_parser
+    from wsss.stages.pipeline import PipelineConfig
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    size = next(a for a in sub.choices["make-benchmark"]._actions if a.dest == "size")
+    assert sorted(size.choices) == sorted(synth.SIZES)
+    literal = typing.get_type_hints(PipelineConfig)["benchmark"]
+    assert sorted(typing.get_args(literal)) == sorted(synth.SIZES)

@@ -91,10 +91,17 @@ def sprite_files(cls: str) -> tuple[Path, ...]:
     return tuple(sorted((SPRITES / cls).glob("*.png")))
 
 
-@lru_cache(maxsize=512)
+@lru_cache(maxsize=None)
+def _sprite_image(path: Path) -> Image.Image:
+    """The sprite file decoded once per process (126 files of at most 128 x 128 px)."""
+    image = Image.open(path).convert("RGBA")
+    image.load()
+    return image
+
+
 def _sprite(path: Path, height: int, width: int, flip: bool) -> np.ndarray:
     """The sprite resized to (height, width), RGBA float in [0, 1], flipped when asked."""
-    image = Image.open(path).convert("RGBA").resize((width, height), Image.Resampling.BILINEAR)
+    image = _sprite_image(path).resize((width, height), Image.Resampling.BILINEAR)
     array = np.asarray(image, dtype=np.float32) / 255
     return array[:, ::-1] if flip else array
 
@@ -226,7 +233,7 @@ def make_scene(rng: np.random.Generator, size: int, num_objects: int | None = No
         files = sprite_files(cls)
         path = files[int(rng.integers(len(files)))]
         flip = bool(rng.random() < 0.5)
-        w0, h0 = Image.open(path).size
+        w0, h0 = _sprite_image(path).size
         for attempt in range(PLACE_TRIES):
             scale = side * (0.95 ** attempt) * size / max(w0, h0)
             h, w = max(2, round(h0 * scale)), max(2, round(w0 * scale))
