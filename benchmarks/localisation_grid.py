@@ -65,6 +65,7 @@ def main(argv=None) -> None:
     base = yaml.safe_load(open(args.config))
     data_root = data_of(base, args.scene)
     variants = [parse_setting(v) for v in args.variant]
+    parts = D.part_reader(data_root)  # the shapes benchmark's part maps; None on the art benchmark
     for setting, overrides in map(parse_setting, args.setting):
         recipe = overrides.pop("recipe", None)
         for seed in args.seeds:
@@ -95,13 +96,13 @@ def main(argv=None) -> None:
                 nocrf_res = evaluate_masks(data_root, "train", run_dir / f"pseudo_{variant}_nocrf",
                                                     allow_missing=True)
                 names = VOCDataset(data_root, "train", with_mask=False).names[:args.limit]
-                cover = {f"{k}@0.5": v[0] for k, v in D.maps_part_coverage(
+                cover = {} if parts is None else {f"{k}@0.5": v[0] for k, v in D.maps_part_coverage(
                     data_root, run_dir / f"maps_{variant}", names).items() if k != "threshold"}
                 if diag is None:
                     model = load_classifier(run_dir, "cpu")
                     masked = VOCDataset(data_root, "train", transforms=eval_transforms(), with_mask=True)
                     diag = D.collect(model, masked, D.shared_class_pairs(masked.labels, args.pairs, seed=0),
-                                     parts=D.part_reader(data_root))
+                                     parts=parts)
                 row = {"setting": setting, "variant": variant, "seed": seed, "scene": args.scene,
                        "val_map": info["val_map"], "maps_miou": maps_res["miou"], "maps_threshold": maps_res["best_threshold"],
                        "maps_sweep": [p["miou"] for p in maps_res["sweep"]],

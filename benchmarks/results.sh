@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every run behind docs/results.md (`make results`), or the sections named:
-#   benchmarks/results.sh [ablation] [inference] [segmentation] [settings] [knobs] [figures]
+#   benchmarks/results.sh [ablation] [inference] [segmentation] [settings] [knobs] [figures] [art]
 # Rows go to runs/localisation/rows.jsonl and segmentation.jsonl; a finished row is not
 # recomputed, an interrupted one resumes, so re-running after a stop continues the grid.
 # runs/localisation/table.md is the mean ± std table of every row; the figures section prints the
@@ -11,7 +11,11 @@ PY=${PY:-.venv/bin/python}
 GRID="$PY benchmarks/localisation_grid.py --seeds 0 1 2"
 BASIC="loss.coatt=false,loss.contrastive=false"
 OURS_VARIANTS="--variant cam:combine=cam --variant coatt:combine=coatt --variant all:combine=all"
-SECTIONS=${*:-ablation inference segmentation settings knobs figures}
+SECTIONS=${*:-ablation inference segmentation settings knobs figures art}
+# the art benchmark (configs/art.yaml: ImageNet EfficientNet-Lite0; tiny from scratch as the control)
+ART="$PY benchmarks/localisation_grid.py --seeds 0 1 2 --config configs/art.yaml --root runs/art"
+TINY="backbone=tiny,pretrained=none,output_stride=8,lr=0.015,epochs=10"
+ART_OURS="--variant cam:combine=cam --variant coatt:combine=coatt --variant all:combine=all --variant cam_coatt:combine=cam+coatt"
 
 pair() {  # NAME SCENE OVERRIDES: the basic CAM and the full method, trained with OVERRIDES on the SCENE benchmark
     $GRID --scene "$2" --setting "$1_basic:$BASIC${3:+,$3}" --variant cam:combine=cam
@@ -52,7 +56,14 @@ for section in $SECTIONS; do
             --column "CAM, setting 3=s3_basic/cam" --column "ours all, setting 3=s3_ours/all" \
             --column "CAM, 3 at noise 0.6=s3n06_basic/cam" --column "ours all, 3 at noise 0.6=s3n06_ours/all"
         $PY benchmarks/results_report.py ;;  # the tables of sections 5-6, figures/results_*.png
-    *) echo "unknown section $section: choose from ablation inference segmentation settings knobs figures" >&2
+    art)  # docs/results.md, "The art benchmark"
+        $ART --setting "basic:$BASIC,epochs=4" --variant cam:combine=cam
+        $ART --setting ours:epochs=4 $ART_OURS
+        $PY benchmarks/segmentation_grid.py --seeds 0 1 2 --config configs/art.yaml --root runs/art \
+            --run basic/cam:combine=cam --run ours/all:combine=all
+        $ART --setting "tiny_basic:$BASIC,$TINY" --variant cam:combine=cam
+        $ART --setting "tiny_ours:$TINY" $ART_OURS ;;
+    *) echo "unknown section $section: choose from ablation inference segmentation settings knobs figures art" >&2
        exit 2 ;;
     esac
 done

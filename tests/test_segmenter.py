@@ -7,7 +7,7 @@ from torch import nn
 from wsss.models.segmenter import build_segmenter, predict, segmentation_loss
 
 
-@pytest.mark.parametrize("name", ["tiny", "deeplabv3_resnet50"])
+@pytest.mark.parametrize("name", ["tiny", "deeplabv3_resnet50", "deeplabv3_efficientnet_lite0"])
 def test_output_is_logits_at_the_input_size(name):
     torch.manual_seed(0)
     model = build_segmenter(name, 6).eval()
@@ -147,3 +147,18 @@ def test_predict_averages_scales_and_flips():
     image = torch.randn(1, 3, 8, 8)
     assert torch.all(predict(LeftRamp(), image)[:, 0, :, -1] > 0.99)
     torch.testing.assert_close(predict(LeftRamp(), image, flip=True), torch.full((1, 2, 8, 8), 0.5))
+
+
+def test_lite_segmenter_loads_imagenet_weights_and_freezes_batchnorm():
+    from wsss.models.backbones import build_backbone
+
+    model = build_segmenter("deeplabv3_efficientnet_lite0", 4, pretrained_backbone="imagenet")
+    reference = build_backbone("efficientnet_lite0", "imagenet", output_stride=16)
+    assert torch.equal(model.backbone.body.head[0].weight, reference.body.head[0].weight)
+    model.train()
+    assert not model.backbone.body.stem[1].training and model.head[1].training  # body BN frozen, ASPP's trains
+    backbone, head = model.param_groups()
+    assert all(p.requires_grad for p in backbone + head) and len(head) > 0
+    assert not any(p is q for p in backbone for q in model.backbone.body.stem[1].parameters())
+    x = torch.randn(2, 3, 40, 56)
+    assert model(x).shape == (2, 4, 40, 56)

@@ -5,6 +5,9 @@
   output stride 8, ASPP head). The paper trains DeepLab-LargeFOV on ResNet-101; DeepLabV3
   is the closest model torchvision ships. The ImageNet backbone is torchvision's ResNet
   (``pretrained_backbone="imagenet"``, from the torch hub cache) or a local state-dict file.
+- "deeplabv3_efficientnet_lite0": the same ASPP head (torchvision's ``DeepLabHead``) on the
+  repo's EfficientNet-Lite0 at output stride 16, with ImageNet weights from the installed
+  package (``pretrained_backbone="imagenet"``): the art benchmark's segmenter on a CPU.
 - "tiny": a small fully convolutional net (output stride 4, dilated context) that trains
   on 96 px images on a laptop CPU in a minute or two, for the embedded benchmark.
 Every model maps images (B, 3, H, W) to logits (B, C, H, W) at the input size and has
@@ -24,9 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import segmentation
+from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
 from wsss.classes import IGNORE_INDEX
-from wsss.models.backbones import load_body_state, resolve_pretrained
+from wsss.models.backbones import BACKBONES, load_body_state, resolve_pretrained
 
 
 class TinySegmenter(nn.Module):
@@ -87,11 +91,33 @@ class TorchvisionSegmenter(nn.Module):
         return list(self.net.backbone.parameters()), list(self.net.classifier.parameters())
 
 
+class BackboneSegmenter(nn.Module):
+    """DeepLabV3's ASPP head on a :mod:`wsss.models.backbones` body (output stride 16).
+
+    The backbone's BatchNorm is frozen once ImageNet weights are loaded (as the classifier's
+    is, ``Backbone.set_frozen``): CPU batches of a few crops give poor batch statistics.
+    """
+
+    def __init__(self, backbone: str, num_classes: int):
+        super().__init__()
+        self.backbone = BACKBONES[backbone](output_stride=16)
+        self.head = DeepLabHead(self.backbone.out_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.backbone(x))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(backbone params, head params): the pretrained body and the new ASPP head."""
+        return list(self.backbone.backbone_parameters()), list(self.head.parameters())
+
+
 #: name -> constructor(num_classes_incl_bg)
 SEGMENTERS: dict[str, Callable[[int], nn.Module]] = {
     "tiny": TinySegmenter,
     "deeplabv3_resnet50": partial(TorchvisionSegmenter, segmentation.deeplabv3_resnet50),
     "deeplabv3_resnet101": partial(TorchvisionSegmenter, segmentation.deeplabv3_resnet101),
+    "deeplabv3_efficientnet_lite0": partial(BackboneSegmenter, "efficientnet_lite0"),
 }
 
 
@@ -99,9 +125,9 @@ def build_segmenter(name: str, num_classes_incl_bg: int, pretrained_backbone: st
     """The segmentation model ``name`` with ``num_classes_incl_bg`` outputs (K + 1).
 
     ``pretrained_backbone``: "imagenet" (torchvision's ResNet weights in the torch hub cache,
-    downloaded into it when missing and online) or the path of a torchvision ResNet state
-    dict, loaded strictly into the DeepLab backbone (fc dropped); None leaves it randomly
-    initialised. "tiny" has no pretrained weights.
+    downloaded into it when missing and online; Lite0's from its installed package) or the
+    path of a state dict of that backbone, loaded strictly (ImageNet classifier keys
+    dropped); None leaves it randomly initialised. "tiny" has no pretrained weights.
     """
     if name not in SEGMENTERS:
         raise ValueError(f"unknown segmenter {name!r}; choose one of {sorted(SEGMENTERS)}")
@@ -110,9 +136,14 @@ def build_segmenter(name: str, num_classes_incl_bg: int, pretrained_backbone: st
     if name == "tiny" and pretrained_backbone is not None:
         raise ValueError("the 'tiny' segmenter has no pretrained backbone; pass pretrained_backbone=None")
     model = SEGMENTERS[name](num_classes_incl_bg)
-    if pretrained_backbone is not None:
-        resnet = name.removeprefix("deeplabv3_")
-        load_body_state(model.net.backbone, resolve_pretrained(resnet, pretrained_backbone), f"{name} backbone")
+    if pretrained_backbone is None:
+        return model
+    weights = resolve_pretrained(name.removeprefix("deeplabv3_"), pretrained_backbone)
+    if isinstance(model, BackboneSegmenter):
+        model.backbone.load_pretrained(weights)
+        model.backbone.set_frozen(frozen_bn=True, freeze_body=False)
+    else:
+        load_body_state(model.net.backbone, weights, f"{name} backbone")
     return model
 
 

@@ -64,7 +64,7 @@ class SegmenterConfig:
     masks_dir: str = R.PSEUDO
     val_split: str | None = "val"
     # model
-    model: Literal["tiny", "deeplabv3_resnet50", "deeplabv3_resnet101"] = "tiny"
+    model: Literal["tiny", "deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_efficientnet_lite0"] = "tiny"
     pretrained_backbone: str | None = None
     # data
     crop: int = 96
@@ -100,9 +100,9 @@ HELP = {
     "split": "training split (ImageSets/Segmentation/SPLIT.txt)",
     "masks_dir": "training masks: a folder inside the run directory (pseudo) or an absolute path",
     "val_split": "split with ground truth for the per-epoch mIoU ('none' to skip)",
-    "model": "tiny | deeplabv3_resnet50 | deeplabv3_resnet101",
-    "pretrained_backbone": "DeepLab backbone weights: imagenet (torchvision's ResNet, torch hub cache) or a local "
-                           "torchvision ResNet state-dict file; none = from scratch",
+    "model": "tiny | deeplabv3_resnet50 | deeplabv3_resnet101 | deeplabv3_efficientnet_lite0",
+    "pretrained_backbone": "DeepLab backbone weights: imagenet (ResNet: torchvision's file in the torch hub cache; "
+                           "Lite0: its installed package) or a local state-dict file of that backbone; none = from scratch",
     "crop": "training crop, pixels (padded with ignore where the image is smaller)",
     "scale": "random rescale range (low high)",
     "batch_size": "images per step per process",
