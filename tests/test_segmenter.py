@@ -156,7 +156,7 @@ def test_lite_segmenter_loads_imagenet_weights_and_freezes_batchnorm():
     reference = build_backbone("efficientnet_lite0", "imagenet", output_stride=16)
     assert torch.equal(model.backbone.body.head[0].weight, reference.body.head[0].weight)
     model.train()
-    assert not model.backbone.body.stem[1].training and model.head[1].training  # body BN frozen, ASPP's trains
+    assert not model.backbone.body.stem[1].training and model.head[0][1].training  # body BN frozen, the head's trains
     backbone, head = model.param_groups()
     assert all(p.requires_grad for p in backbone + head) and len(head) > 0
     assert not any(p is q for p in backbone for q in model.backbone.body.stem[1].parameters())

@@ -94,14 +94,18 @@ class TorchvisionSegmenter(nn.Module):
 class BackboneSegmenter(nn.Module):
     """DeepLabV3's ASPP head on a :mod:`wsss.models.backbones` body (output stride 16).
 
-    The backbone's BatchNorm is frozen once ImageNet weights are loaded (as the classifier's
-    is, ``Backbone.set_frozen``): CPU batches of a few crops give poor batch statistics.
+    A 1x1 convolution first reduces the body's channels to ``width`` (Lite0: 1280 -> 256):
+    the ASPP's three 3x3 convolutions on 1280 channels would cost about four times the
+    Lite0 body itself. The backbone's BatchNorm is frozen once ImageNet weights are loaded
+    (as the classifier's is, ``Backbone.set_frozen``): CPU batches of a few crops give poor
+    batch statistics.
     """
 
-    def __init__(self, backbone: str, num_classes: int):
+    def __init__(self, backbone: str, num_classes: int, width: int = 256):
         super().__init__()
         self.backbone = BACKBONES[backbone](output_stride=16)
-        self.head = DeepLabHead(self.backbone.out_channels, num_classes)
+        self.head = nn.Sequential(_conv_bn(self.backbone.out_channels, width, kernel=1),
+                                  DeepLabHead(width, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.head(self.backbone(x))
