@@ -1,4 +1,4 @@
-"""The demo classifier (configs/demo.yaml's classifier section) trained for its full length
+"""The shapes classifier (configs/shapes.yaml's classifier section) trained for its full length
 per seed and setting; prints and writes a markdown table of the val mAP after chosen epochs
 of each run (the last: the final mAP) and the gap of the final mAP to the first setting,
 the baseline.
@@ -38,7 +38,7 @@ def val_map_after(metrics: dict, epoch: int) -> float | None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "shapes.yaml"))
     parser.add_argument("--name", default="classifier_seeds", help="the grid's folder under runs/")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--setting", action="append", required=True, help="NAME:field=value,...")

@@ -1,11 +1,11 @@
 """Localisation hypotheses, one row each: classifier setting x inference variant x seed.
 
-For every classifier setting (a recipe and/or classifier overrides on configs/demo.yaml)
+For every classifier setting (a recipe and/or classifier overrides on configs/shapes.yaml)
 and seed, the classifier is trained once (runs/localisation/SETTING_sSEED, an ordinary run
 directory: finished work is kept, interrupted work resumes); every inference variant then
-writes its own maps folder (maps_VARIANT, first --limit training images; the demo's maps
+writes its own maps folder (maps_VARIANT, first --limit training images; the --config's maps
 settings plus the variant's own, whatever the classifier's recipe), its pseudo-masks
-(pseudo_VARIANT, the demo's power rule + CRF; pseudo_VARIANT_nocrf without it) and is scored:
+(pseudo_VARIANT, the config's power rule + CRF; pseudo_VARIANT_nocrf without it) and is scored:
 map mIoU at the best background threshold and over the whole threshold sweep, pseudo-mask mIoU
 with and without the CRF, and the diagnostics of ``wsss.diagnostics`` over --pairs pairs.
 Rows go to runs/localisation/rows.jsonl (a row already there is not recomputed) and the
@@ -38,7 +38,7 @@ from wsss.stages.train_classifier import load_classifier
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "shapes.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--setting", action="append", default=[],
                         help="NAME:field=value,... classifier overrides; recipe=official selects a recipe")
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
                 "run_dir": str(run_dir), "stages": ["classifier", "maps", "pseudo"]})
             cfg.classifier = C.merge(cfg.classifier, C.nest_dotted(overrides))
             stages = pipeline.stage_configs(cfg, data_root, run_dir)
-            cfg.recipe = None  # the maps and pseudo-masks of each variant: the demo's, plus its own overrides
+            cfg.recipe = None  # the maps and pseudo-masks of each variant: the config's, plus its own overrides
             stages.update({k: v for k, v in pipeline.stage_configs(cfg, data_root, run_dir).items() if k != "classifier"})
             info = train_classifier.run(stages["classifier"])
             diag = None

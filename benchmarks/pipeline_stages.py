@@ -1,7 +1,7 @@
 """Benchmark: throughput of the maps and pseudo-mask stages with 1 and 2 workers, and the
 share of the demo pipeline's time each stage takes.
 
-1. Runs the demo pipeline (configs/demo.yaml) into a fresh run directory, timing each stage
+1. Runs the shapes pipeline (configs/shapes.yaml, the demo before the art benchmark) into a fresh run directory, timing each stage
    (or, with ``--run-dir``, reuses a finished demo run and reads nothing but its classifier
    and maps; the stage shares are then not measured).
 2. Recomputes the localization maps of the first ``--images`` training images into a
@@ -37,7 +37,7 @@ def timed(fn, *args):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "demo.yaml"), help="pipeline YAML")
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "shapes.yaml"), help="pipeline YAML")
     parser.add_argument("--run-dir", default=None, help="a finished run to reuse (skips step 1)")
     parser.add_argument("--images", type=int, default=200, help="images for the throughput runs")
     args = parser.parse_args(argv)

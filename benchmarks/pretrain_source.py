@@ -30,7 +30,7 @@ from wsss.stages import train_classifier
 
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "demo.yaml"),
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "shapes.yaml"),
                         help="its classifier section is the source training's (basic loss only)")
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--data-seed", type=int, default=1, help="generator seed of the source benchmark (not 0)")

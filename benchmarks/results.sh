@@ -12,8 +12,8 @@ GRID="$PY benchmarks/localisation_grid.py --seeds 0 1 2"
 BASIC="loss.coatt=false,loss.contrastive=false"
 OURS_VARIANTS="--variant cam:combine=cam --variant coatt:combine=coatt --variant all:combine=all"
 SECTIONS=${*:-ablation inference segmentation settings knobs figures art}
-# the art benchmark (configs/art.yaml: ImageNet EfficientNet-Lite0; tiny from scratch as the control)
-ART="$PY benchmarks/localisation_grid.py --seeds 0 1 2 --config configs/art.yaml --root runs/art"
+# the art benchmark (configs/demo.yaml: ImageNet EfficientNet-Lite0; tiny from scratch as the control)
+ART="$PY benchmarks/localisation_grid.py --seeds 0 1 2 --config configs/demo.yaml --root runs/art"
 TINY="backbone=tiny,pretrained=none,output_stride=8,lr=0.015,epochs=10"
 ART_OURS="--variant cam:combine=cam --variant coatt:combine=coatt --variant all:combine=all --variant cam_coatt:combine=cam+coatt"
 
@@ -59,7 +59,7 @@ for section in $SECTIONS; do
     art)  # docs/results.md, "The art benchmark"
         $ART --setting "basic:$BASIC,epochs=4" --variant cam:combine=cam
         $ART --setting ours:epochs=4 $ART_OURS
-        $PY benchmarks/segmentation_grid.py --seeds 0 1 2 --config configs/art.yaml --root runs/art \
+        $PY benchmarks/segmentation_grid.py --seeds 0 1 2 --config configs/demo.yaml --root runs/art \
             --run basic/cam:combine=cam --run ours/all:combine=all
         $ART --setting "tiny_basic:$BASIC,$TINY" --variant cam:combine=cam
         $ART --setting "tiny_ours:$TINY" $ART_OURS ;;

@@ -2,8 +2,9 @@
 
 Adds the rows of runs/localisation/rows.jsonl and segmentation.jsonl (benchmarks/results.sh
 writes them) to the per-seed rows kept in the repo, docs/data/results_rows.jsonl and
-results_segmentation.jsonl (a new row replaces a kept one of the same setting, variant, seed
-and scene), writes one markdown table per question (mean ± std over seeds, the seed count
+results_segmentation.jsonl (likewise runs/art's into docs/data/art_rows.jsonl and
+art_segmentation.jsonl: section 7; a new row replaces a kept one of the same setting, variant,
+seed and scene), writes one markdown table per question (mean ± std over seeds, the seed count
 when it is not 3) into docs/results.md between its ``<!-- results_report: NAME -->`` and
 ``<!-- /results_report -->`` lines (and prints them), and draws section 1's figures
 (figures/results_threshold_sweep.png: the maps over the background thresholds;
@@ -52,6 +53,14 @@ INFERENCE = {"cam": "single-image CAM", "coatt_k1": "co-attention, k = 1", "coat
              "all": "CAM + co-att + self, k = 3", "all_k5": "CAM + co-att + self, k = 5",
              "cam_coatt": "CAM + co-att, k = 3 (no self-pairs)",
              "reference": "the reference's five-map aggregate"}
+# the art benchmark (docs/results.md section 7, runs/art): classifier setting -> row label
+ART = {"basic": "Lite0 ImageNet: basic only (plain CAM)", "ours": "Lite0 ImageNet: `ours`",
+       "tiny_basic": "tiny from scratch: basic only", "tiny_ours": "tiny from scratch: `ours`"}
+# the attention diagnostics (wsss.diagnostics) -> column label
+DIAGNOSTICS = {"att/obj->obj": "attention object -> object", "att/obj_area_n": "(partner's object share of cells)",
+               "att/bg->obj": "background -> object", "cam/object": "CAM mass on the object",
+               "coatt/object": "co-att mass on the object", "phi0/object": "phi_0 on object",
+               "phi0/background": "phi_0 on background"}
 SEGMENTATION = {("basic", "cam"): "the basic classifier's CAM", ("ours", "all"): "`ours`, CAM + co-att + self (the demo)",
                 ("ours", "cam_coatt"): "`ours`, CAM + co-att (no self-pair maps)"}
 
@@ -100,13 +109,13 @@ def settings_table(df: pd.DataFrame, conditions: list[str]) -> str:
                      "pseudo: basic CAM", "pseudo: ours all"], rows)
 
 
-def ablation_table(df: pd.DataFrame) -> str:
+def ablation_table(df: pd.DataFrame, labels: dict = ABLATION) -> str:
     rows = []
-    for setting, label in ABLATION.items():
+    for setting, label in labels.items():
         if not (df["setting"] == setting).any():
             continue  # not run (yet)
         at = lambda variant, metric, *fmt: cell(pick(df, setting, variant, metric), *fmt)  # noqa: E731
-        coatt = setting != "basic"
+        coatt = not setting.endswith("basic")  # a basic classifier's W_P is never trained: no co-att maps
         rows.append([label, at("cam", "val_map", 1, 3), at("cam", "maps_miou"),
                      at("coatt", "maps_miou") if coatt else "-", at("all", "maps_miou") if coatt else "-",
                      at("cam", "pseudo_miou"), at("cam", "pseudo_nocrf_miou"),
@@ -115,11 +124,18 @@ def ablation_table(df: pd.DataFrame) -> str:
                      "pseudo from its CAM", "(no CRF)", "pseudo from all", "(no CRF)"], rows)
 
 
-def inference_table(df: pd.DataFrame) -> str:
-    rows = [[label, cell(pick(df, "ours", v, "maps_miou")), cell(pick(df, "ours", v, "maps_threshold"), 1, 2),
-             cell(pick(df, "ours", v, "pseudo_miou")), cell(pick(df, "ours", v, "pseudo_nocrf_miou"))]
-            for v, label in INFERENCE.items()]
+def inference_table(df: pd.DataFrame, setting: str = "ours") -> str:
+    rows = [[label, cell(pick(df, setting, v, "maps_miou")), cell(pick(df, setting, v, "maps_threshold"), 1, 2),
+             cell(pick(df, setting, v, "pseudo_miou")), cell(pick(df, setting, v, "pseudo_nocrf_miou"))]
+            for v, label in INFERENCE.items() if (pick(df, setting, v, "maps_miou").notna()).any()]
     return markdown(["maps", "map mIoU", "best threshold", "pseudo-mask mIoU", "(no CRF)"], rows)
+
+
+def diagnostics_table(df: pd.DataFrame, labels: dict) -> str:
+    """The attention and map-mass diagnostics of each classifier (they do not depend on the maps variant)."""
+    rows = [[label, *[cell(pick(df, setting, "cam", key)) for key in DIAGNOSTICS]]
+            for setting, label in labels.items() if (df["setting"] == setting).any()]
+    return markdown(["classifier", *[f"{text} %" for text in DIAGNOSTICS.values()]], rows)
 
 
 def pairs_table(df: pd.DataFrame) -> str:
@@ -175,6 +191,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default=str(runs_dir() / "localisation"),
                         help="the grids' folder (its rows.jsonl and segmentation.jsonl)")
+    parser.add_argument("--art-root", default=str(runs_dir() / "art"), help="the art benchmark's grid folder")
     parser.add_argument("--figures", default=str(REPO_ROOT / "figures"))
     args = parser.parse_args(argv)
     kept = REPO_ROOT / "docs" / "data"
@@ -183,6 +200,11 @@ def main(argv=None) -> None:
     tables = {"ablation": ablation_table(df), "inference": inference_table(df), "pairs": pairs_table(df),
               "segmentation": segmentation_table(seg),
               "settings": settings_table(df, SETTINGS_ROWS), "knobs": settings_table(df, KNOB_ROWS)}
+    art = load(merged([Path(args.art_root) / "rows.jsonl"], kept / "art_rows.jsonl"))
+    art_seg = pd.DataFrame(merged([Path(args.art_root) / "segmentation.jsonl"], kept / "art_segmentation.jsonl"))
+    if not art.empty:
+        tables.update({"art": ablation_table(art, ART), "art_inference": inference_table(art),
+                       "art_diagnostics": diagnostics_table(art, ART), "art_segmentation": segmentation_table(art_seg)})
     doc = REPO_ROOT / "docs" / "results.md"
     text = doc.read_text()
     for name, table in tables.items():

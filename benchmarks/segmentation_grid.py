@@ -2,8 +2,8 @@
 
 For each classifier setting of ``benchmarks/localisation_grid.py`` (its run directories under
 runs/localisation, trained there first) and seed, the chosen maps variant is made for the
-*whole* training split (maps_seg_VARIANT, the demo's maps settings plus the variant's own),
-turned into pseudo-masks (pseudo_seg_VARIANT, the demo's rule + CRF), and the demo's
+*whole* training split (maps_seg_VARIANT, the --config's maps settings plus the variant's own),
+turned into pseudo-masks (pseudo_seg_VARIANT, the config's rule + CRF), and the config's
 segmenter is trained on them in RUN/seg_VARIANT/ (an ordinary run directory: its segmenter.pt,
 metrics.json). Val mIoU without and with CRF go to runs/localisation/segmentation.jsonl, with
 the pseudo-masks' mIoU, coverage and foreground precision / recall (a row already there is
@@ -29,7 +29,7 @@ from wsss.stages import evaluate, make_maps, pipeline, pseudo_masks, train_segme
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "shapes.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--run", action="append", required=True,
                         help="SETTING/VARIANT:field=value,... maps overrides (the classifier run must exist)")

@@ -68,7 +68,7 @@ def diagnose(cfg: T.ClassifierConfig, steps: int, every: int, name: str) -> list
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "demo.yaml"))
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "shapes.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--every", type=int, default=10)

@@ -90,7 +90,7 @@ def test_smoke_sequence_covers_notebooks_00_to_06_and_the_ablation_grid_is_compl
     points = {(s.parameters["LOSSES"], s.parameters["INFERENCE"], s.parameters["SEED"]) for s in grid}
     assert points == {(l, i, s) for l in ("basic", "basic+coatt", "basic+coatt+con", "all")
                       for i in ("single", "cross") for s in (0, 1, 2)}
-    assert all(s.parameters["DATA_SIZE"] == "demo" for s in grid)
+    assert all(s.parameters["DATA_SIZE"] == "shapes" for s in grid)  # the README's ablation figures
     # the classifiers are shared across INFERENCE without locks: no stage holds two runs of one classifier
     for stage in {s.stage for s in grid}:
         trains = [(s.parameters["LOSSES"], s.parameters["SEED"]) for s in grid if s.stage == stage]

@@ -56,18 +56,17 @@ def test_every_stage_flag_says_what_it_is():
 def test_demo_cli_runs_the_whole_pipeline_and_prints_the_table(smoke_run):
     tmp, proc = smoke_run
     run_dir = tmp / "runs" / "smoke"
-    assert (tmp / "data" / "synthetic-smoke" / "benchmark.json").is_file()
+    assert (tmp / "data" / "synthetic-art-smoke" / "benchmark.json").is_file()
     for name in ["config.yaml", "classifier.pt", "metrics.json"]:
         assert (run_dir / name).is_file(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     for key in ["maps", "pseudo", "segmenter"]:
         assert 0.0 <= metrics[key]["miou"] <= 1.0, key
-    # the classifier learnt something: the maps beat "everything is background" (at smoke size
-    # the background class alone scores about 0.07 mIoU over 11 classes). The margin is what
-    # survives CPU kernels: seed 0 gave pseudo 0.117 with AVX-512 and 0.130 with AVX2 only
-    # (ONEDNN_MAX_CPU_ISA=AVX2); seeds 0-4 gave maps 0.10-0.19, pseudo 0.09-0.15.
-    assert metrics["maps"]["miou"] > 0.09, metrics["maps"]
-    assert metrics["pseudo"]["miou"] > 0.09, metrics["pseudo"]
+    # the classifier learnt something: the maps beat "everything is background" (at art-smoke
+    # size the background class alone scores about 0.035 mIoU over 21 classes: 27 % of the
+    # pixels are objects). Seed 0 gave maps 0.084 and pseudo-masks 0.070 (val mAP 0.51).
+    assert metrics["maps"]["miou"] > 0.05, metrics["maps"]
+    assert metrics["pseudo"]["miou"] > 0.05, metrics["pseudo"]
     for line in ["localization maps", "pseudo-masks (train)", "segmentation (val)", "seconds per stage"]:
         assert line in proc.stdout, line
     for fig in ["smoke_qualitative.png", "smoke_threshold_sweep.png"]:

@@ -74,8 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an error (also: environment variable WSSS_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="SUBCOMMAND")
-    p = sub.add_parser("demo", help="the main job: the whole pipeline on the embedded demo benchmark",
-                       description="Generate the demo benchmark if missing, run classifier -> maps -> pseudo-masks -> "
+    p = sub.add_parser("demo", help="the main job: the whole pipeline on the art benchmark (configs/demo.yaml)",
+                       description="Generate the benchmark if missing, run classifier -> maps -> pseudo-masks -> "
                                    "segmenter -> evaluation, print the mIoU table and draw figures.")
     p.add_argument("--config", default=str(REPO_ROOT / "configs" / "demo.yaml"), help="pipeline YAML (default: configs/demo.yaml)")
     p.add_argument("--run-dir", default=None,

@@ -777,7 +777,7 @@ def ensure_benchmark(root, size="demo", seed=0, **kw) -> Path:
     if record is not None and record.get("params") == asdict(p) and complete:
         log.info("benchmark %s (seed %d) already at %s", p.size, p.seed, root)
         return root
-    generate(root, overwrite=True, **{k: v for k, v in asdict(p).items() if k not in ("version", "kind")})
+    generate(root, size, seed, overwrite=True, **kw)
     return root
 
 
