@@ -62,7 +62,10 @@ for section in $SECTIONS; do
         $PY benchmarks/segmentation_grid.py --seeds 0 1 2 --config configs/demo.yaml --root runs/art \
             --run basic/cam:combine=cam --run ours/all:combine=all
         $ART --setting "tiny_basic:$BASIC,$TINY" --variant cam:combine=cam
-        $ART --setting "tiny_ours:$TINY" $ART_OURS ;;
+        $ART --setting "tiny_ours:$TINY" $ART_OURS
+        $ART --figure figures/art_maps.png --images 6 --column "basic CAM=basic/cam" --column "ours: own CAM=ours/cam" \
+            --column "ours: co-att (k = 3)=ours/coatt" --column "ours: CAM + co-att=ours/cam_coatt" \
+            --column "ours: CAM + co-att + self=ours/all" ;;
     *) echo "unknown section $section: choose from ablation inference segmentation settings knobs figures art" >&2
        exit 2 ;;
     esac
