@@ -59,8 +59,8 @@ ART = {"basic": "Lite0 ImageNet: basic only (plain CAM)", "ours": "Lite0 ImageNe
 # the attention diagnostics (wsss.diagnostics) -> column label
 DIAGNOSTICS = {"att/obj->obj": "attention object -> object", "att/obj_area_n": "(partner's object share of cells)",
                "att/bg->obj": "background -> object", "cam/object": "CAM mass on the object",
-               "coatt/object": "co-att mass on the object", "phi0/object": "phi_0 on object",
-               "phi0/background": "phi_0 on background"}
+               "coatt/object": "co-att mass on the object", "phi0/object": "phi_0 score on the object",
+               "phi0/background": "phi_0 score on background"}
 SEGMENTATION = {("basic", "cam"): "the basic classifier's CAM", ("ours", "all"): "`ours`, CAM + co-att + self (the demo)",
                 ("ours", "cam_coatt"): "`ours`, CAM + co-att (no self-pair maps)"}
 
@@ -132,10 +132,12 @@ def inference_table(df: pd.DataFrame, setting: str = "ours") -> str:
 
 
 def diagnostics_table(df: pd.DataFrame, labels: dict) -> str:
-    """The attention and map-mass diagnostics of each classifier (they do not depend on the maps variant)."""
-    rows = [[label, *[cell(pick(df, setting, "cam", key)) for key in DIAGNOSTICS]]
+    """The attention and map-mass diagnostics (%) and head scores of each classifier (they do
+    not depend on the maps variant)."""
+    score = lambda key: key.startswith("phi")  # noqa: E731 - a head's mean score, not a share
+    rows = [[label, *[cell(pick(df, setting, "cam", key), *((1, 2) if score(key) else ())) for key in DIAGNOSTICS]]
             for setting, label in labels.items() if (df["setting"] == setting).any()]
-    return markdown(["classifier", *[f"{text} %" for text in DIAGNOSTICS.values()]], rows)
+    return markdown(["classifier", *[text if score(key) else f"{text} %" for key, text in DIAGNOSTICS.items()]], rows)
 
 
 def pairs_table(df: pd.DataFrame) -> str:
@@ -146,9 +148,10 @@ def pairs_table(df: pd.DataFrame) -> str:
     return markdown(["partners", "its own CAM", "co-att maps", "all", "pseudo-masks from all"], rows)
 
 
-def segmentation_table(seg: pd.DataFrame) -> str:
+def segmentation_table(seg: pd.DataFrame, rows_file: str = "results_segmentation.jsonl",
+                       sections: str = "segmentation figures") -> str:
     if seg.empty:
-        return "(no rows in docs/data/results_segmentation.jsonl yet: `benchmarks/results.sh segmentation figures`)"
+        return f"(no rows in docs/data/{rows_file} yet: `benchmarks/results.sh {sections}`)"
     rows = []
     for (setting, variant), label in SEGMENTATION.items():
         d = seg[(seg["setting"] == setting) & (seg["variant"] == variant)]
@@ -204,7 +207,7 @@ def main(argv=None) -> None:
     art_seg = pd.DataFrame(merged([Path(args.art_root) / "segmentation.jsonl"], kept / "art_segmentation.jsonl"))
     if not art.empty:
         tables.update({"art": ablation_table(art, ART), "art_inference": inference_table(art),
-                       "art_diagnostics": diagnostics_table(art, ART), "art_segmentation": segmentation_table(art_seg)})
+                       "art_diagnostics": diagnostics_table(art, ART), "art_segmentation": segmentation_table(art_seg, "art_segmentation.jsonl", "art")})
     doc = REPO_ROOT / "docs" / "results.md"
     text = doc.read_text()
     for name, table in tables.items():
