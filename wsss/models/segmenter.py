@@ -5,9 +5,10 @@
   output stride 8, ASPP head). The paper trains DeepLab-LargeFOV on ResNet-101; DeepLabV3
   is the closest model torchvision ships. The ImageNet backbone is torchvision's ResNet
   (``pretrained_backbone="imagenet"``, from the torch hub cache) or a local state-dict file.
-- "deeplabv3_efficientnet_lite0": the same ASPP head (torchvision's ``DeepLabHead``) on the
-  repo's EfficientNet-Lite0 at output stride 16, with ImageNet weights from the installed
-  package (``pretrained_backbone="imagenet"``): the art benchmark's segmenter on a CPU.
+- "deeplabv3_efficientnet_lite0": the same ASPP head (torchvision's ``DeepLabHead``), after a
+  1x1 reduction to 256 channels, on the repo's EfficientNet-Lite0 at output stride 16, with
+  ImageNet weights from the installed package (``pretrained_backbone="imagenet"``): the art
+  benchmark's segmenter on a CPU.
 - "tiny": a small fully convolutional net (output stride 4, dilated context) that trains
   on 96 px images on a laptop CPU in a minute or two, for the embedded benchmark.
 Every model maps images (B, 3, H, W) to logits (B, C, H, W) at the input size and has
