@@ -35,7 +35,7 @@ def main(argv=None) -> None:
                         help="SETTING/VARIANT:field=value,... maps overrides (the classifier run must exist)")
     parser.add_argument("--root", default=str(runs_dir() / "localisation"))
     args = parser.parse_args(argv)
-    root = Path(args.root)
+    root = Path(args.root).resolve()  # masks_dir below must be absolute: a relative one is read inside the run
     out = root / "segmentation.jsonl"
     done = rows_done(out)
     base = yaml.safe_load(open(args.config))
