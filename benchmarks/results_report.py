@@ -134,10 +134,20 @@ def inference_table(df: pd.DataFrame, setting: str = "ours") -> str:
 def diagnostics_table(df: pd.DataFrame, labels: dict) -> str:
     """The attention and map-mass diagnostics (%) and head scores of each classifier (they do
     not depend on the maps variant)."""
-    score = lambda key: key.startswith("phi")  # noqa: E731 - a head's mean score, not a share
-    rows = [[label, *[cell(pick(df, setting, "cam", key), *((1, 2) if score(key) else ())) for key in DIAGNOSTICS]]
-            for setting, label in labels.items() if (df["setting"] == setting).any()]
-    return markdown(["classifier", *[text if score(key) else f"{text} %" for key, text in DIAGNOSTICS.items()]], rows)
+    head = ["classifier"]
+    for key, text in DIAGNOSTICS.items():
+        is_score = key.startswith("phi")  # a head's mean score, not a share
+        head.append(text if is_score else f"{text} %")
+    rows = []
+    for setting, label in labels.items():
+        if not (df["setting"] == setting).any():
+            continue  # not run (yet)
+        row = [label]
+        for key in DIAGNOSTICS:
+            values = pick(df, setting, "cam", key)
+            row.append(cell(values, 1, 2) if key.startswith("phi") else cell(values))
+        rows.append(row)
+    return markdown(head, rows)
 
 
 def pairs_table(df: pd.DataFrame) -> str:
@@ -206,8 +216,10 @@ def main(argv=None) -> None:
     art = load(merged([Path(args.art_root) / "rows.jsonl"], kept / "art_rows.jsonl"))
     art_seg = pd.DataFrame(merged([Path(args.art_root) / "segmentation.jsonl"], kept / "art_segmentation.jsonl"))
     if not art.empty:
-        tables.update({"art": ablation_table(art, ART), "art_inference": inference_table(art),
-                       "art_diagnostics": diagnostics_table(art, ART), "art_segmentation": segmentation_table(art_seg, "art_segmentation.jsonl", "art")})
+        tables["art"] = ablation_table(art, ART)
+        tables["art_inference"] = inference_table(art)
+        tables["art_diagnostics"] = diagnostics_table(art, ART)
+        tables["art_segmentation"] = segmentation_table(art_seg, "art_segmentation.jsonl", "art")
     doc = REPO_ROOT / "docs" / "results.md"
     text = doc.read_text()
     for name, table in tables.items():
