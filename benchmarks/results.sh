@@ -61,6 +61,7 @@ for section in $SECTIONS; do
         $ART --setting ours:epochs=4 $ART_OURS
         $PY benchmarks/segmentation_grid.py --seeds 0 1 2 --config configs/demo.yaml --root runs/art \
             --run basic/cam:combine=cam --run ours/all:combine=all
+        $ART --setting "ours_top:epochs=4,coatt_pool_share=0.25" $ART_OURS  # top-r pooling of s^{m∩n}
         $ART --setting "tiny_basic:$BASIC,$TINY" --variant cam:combine=cam
         $ART --setting "tiny_ours:$TINY" $ART_OURS
         $ART --figure figures/art_maps.png --images 6 --column "basic CAM=basic/cam" --column "ours: own CAM=ours/cam" \

@@ -8,7 +8,7 @@ from torch import nn
 from wsss.data.pairs import self_pair_views
 from wsss.losses import LossConfig, loss_terms
 from wsss.models import BACKBONES, CoAttentionClassifier, build_backbone
-from wsss.models.classifier import gap
+from wsss.models.classifier import gap, top_mean
 from wsss.models.coattention import co_attention
 
 K = 3
@@ -178,6 +178,25 @@ def test_pair_outputs_follow_method():
                 torch.testing.assert_close(out[f"s_{kind}{side}"], gap(out[f"S_{kind}{side}"]))
     assert out["s_m"].shape == (2, K) and out["B_m"].shape == (2, 1, 4, 4)
     assert "self" not in out
+
+
+def test_top_r_pooling_matches_a_sorting_reference():
+    """s^{m∩n} with coatt_pool_share r: per sample and class the mean of the round(r·hw)
+    largest scores (at least one); r = 1 is GAP; only the co-attention scores change."""
+    maps = torch.randn(2, K, 4, 5, dtype=torch.float64)
+    for share in (0.05, 0.25, 0.5, 1.0):
+        k = max(1, round(share * 20))
+        ref = torch.tensor([[sorted(maps[b, c].flatten().tolist(), reverse=True)[:k] for c in range(K)]
+                            for b in range(2)], dtype=torch.float64).mean(dim=2)
+        torch.testing.assert_close(top_mean(maps, share), ref)
+    assert torch.equal(top_mean(maps, 1.0), gap(maps))
+    x_m, x_n = _images()
+    plain, top = _model()(x_m, x_n, self_pairs=False), _model(coatt_pool_share=0.25)(x_m, x_n, self_pairs=False)
+    for side in ("m", "n"):
+        torch.testing.assert_close(top[f"s_co_{side}"], top_mean(top[f"S_co_{side}"], 0.25))
+        torch.testing.assert_close(top[f"S_co_{side}"], plain[f"S_co_{side}"])
+        for kind in ("", "con_"):
+            torch.testing.assert_close(top[f"s_{kind}{side}"], plain[f"s_{kind}{side}"])
 
 
 def test_self_pairs_pair_x_m_with_its_views():

@@ -4,7 +4,8 @@ For a pair (I_m, I_n) with backbone features F_m, F_n:
 
 - basic branch: S = phi_0(F) (1x1 conv to K), s = GAP(S);
 - co-attention: F_m^{m∩n}, F_n^{m∩n} = co_attention(F_m, F_n, W_P), S_co = phi(F^{m∩n})
-  (phi: its own 1x1 conv to K, no bias), s_co = GAP(S_co);
+  (phi: its own 1x1 conv to K, no bias), s_co = GAP(S_co), or with ``coatt_pool_share`` r < 1
+  the mean of each class's r·hw highest scores (top-r pooling, METHOD.md sec. 1);
 - contrastive co-attention: B = sigmoid(W_B F^{m∩n}) (1x1 conv to 1 channel),
   S_con = phi(F ⊙ (1 - B)), s_con = GAP(S_con).
 
@@ -43,16 +44,27 @@ def gap(maps: torch.Tensor) -> torch.Tensor:
     return maps.mean(dim=(2, 3))
 
 
+def top_mean(maps: torch.Tensor, share: float) -> torch.Tensor:
+    """Top-r pooling (B, K, h, w) -> (B, K): per class, the mean of the ``share`` x h·w highest
+    scores (at least one). ``share = 1`` is GAP."""
+    if share == 1:
+        return gap(maps)
+    flat = maps.flatten(2)
+    k = max(1, round(share * flat.shape[2]))
+    return flat.topk(k, dim=2).values.mean(dim=2)
+
+
 class CoAttentionClassifier(nn.Module):
     """Shared backbone + basic head phi_0 + co-attention (W_P) + class-aware head phi + gate W_B."""
 
     def __init__(self, num_classes: int, backbone: str = "tiny", pretrained: str | None = None, output_stride: int = 8,
                  coatt_impl: str = "fused", heads: str = "ours", attention: str = "softmax",
-                 frozen_bn: bool | None = None, freeze_body: bool = False) -> None:
+                 frozen_bn: bool | None = None, freeze_body: bool = False, coatt_pool_share: float = 1.0) -> None:
         super().__init__()
         if heads not in HEADS:
             raise ValueError(f"unknown heads {heads!r}; choose one of {HEADS}")
         self.num_classes = num_classes
+        self.coatt_pool_share = coatt_pool_share
         self.backbone = build_backbone(backbone, pretrained=pretrained, output_stride=output_stride,
                                        frozen_bn=frozen_bn, freeze_body=freeze_body)
         c = self.backbone.out_channels
@@ -97,7 +109,7 @@ class CoAttentionClassifier(nn.Module):
             s_co = self.phi(co)
             gate = torch.sigmoid(self.gate(co))
             s_con = self.phi(f * (1 - gate))
-            out.update({f"S_co_{side}": s_co, f"s_co_{side}": gap(s_co), f"B_{side}": gate,
+            out.update({f"S_co_{side}": s_co, f"s_co_{side}": top_mean(s_co, self.coatt_pool_share), f"B_{side}": gate,
                         f"S_con_{side}": s_con, f"s_con_{side}": gap(s_con)})
         return out
 

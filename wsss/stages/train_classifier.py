@@ -51,6 +51,7 @@ class ClassifierConfig:
     freeze_body: bool = False
     coatt_impl: Literal["fused", "explicit"] = "fused"
     attention: Literal["softmax", "mutual"] = "softmax"
+    coatt_pool_share: float = 1.0
     heads: Literal["ours", "reference"] = "ours"
     # data
     image_size: int = 96
@@ -101,6 +102,8 @@ HELP = {
     "coatt_impl": "co-attention implementation (fused never materialises HW x HW)",
     "attention": "softmax: the paper's co-attention; mutual: each pair of positions weighed by both softmaxes "
                  "(docs/localisation.md)",
+    "coatt_pool_share": "share r of positions pooled into the co-attention score s^{m∩n}: 1 = GAP (the paper); "
+                        "r < 1 = the mean of each class's r·hw highest scores (docs/localisation.md)",
     "heads": "biases and init of phi_0, phi, W_B, W_P: ours or reference (models/classifier.py)",
     "image_size": "training crop (or squash size) and val resize, pixels",
     "augment": "crop: random scale + crop; squash: resize to image_size x image_size (reference)",
@@ -151,7 +154,8 @@ def build_model(cfg: ClassifierConfig, num_classes: int):
 
     return CoAttentionClassifier(num_classes, backbone=cfg.backbone, pretrained=cfg.pretrained,
                                  output_stride=cfg.output_stride, coatt_impl=cfg.coatt_impl, heads=cfg.heads,
-                                 attention=cfg.attention, frozen_bn=cfg.frozen_bn, freeze_body=cfg.freeze_body)
+                                 attention=cfg.attention, frozen_bn=cfg.frozen_bn, freeze_body=cfg.freeze_body,
+                                 coatt_pool_share=cfg.coatt_pool_share)
 
 
 def build_optimizer(cfg: ClassifierConfig, model) -> torch.optim.Optimizer:
