@@ -235,6 +235,26 @@ def test_run_merges_metrics_json(tree, tmp_path, monkeypatch):
         ev.run({"data_root": str(tree), "run_dir": str(tmp_path / "empty_run")})
 
 
+def test_unchanged_parts_keep_their_numbers_and_a_changed_one_is_evaluated_again(tree, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    write_maps(run_dir / "maps", {"p": ([MAP_P], [1]), "q": ([np.ones((2, 4), np.float32)], [2])})
+    save_mask(run_dir / "pseudo" / "p.png", GT_P)
+    save_mask(run_dir / "pseudo" / "q.png", GT_Q)
+    cfg = {"data_root": str(tree), "run_dir": str(run_dir), "thresholds": [0.3, 0.6]}
+    first = ev.run(cfg)
+    assert ev.state(cfg) == ("keep", "inputs and settings equal")
+    calls = []
+    monkeypatch.setattr(ev, "evaluate_masks", lambda *a, **k: calls.append("pseudo") or {"miou": 0.5})
+    assert ev.run(cfg) == first and not calls
+    assert ev.state({**cfg, "thresholds": [0.5]}) == ("recompute", "maps changed")
+    save_mask(run_dir / "pseudo" / "p.png", GT_Q)  # same folder settings, another file: the count decides
+    (run_dir / "pseudo" / "q.png").unlink()
+    assert ev.state(cfg) == ("recompute", "pseudo changed")
+    out = ev.run(cfg)
+    assert calls == ["pseudo"] and out["pseudo"]["miou"] == 0.5 and out["maps"] == first["maps"]
+    assert ev.run({**cfg, "overwrite": True})["pseudo"]["miou"] == 0.5 and calls == ["pseudo", "pseudo"]
+
+
 def test_a_read_only_run_directory_is_evaluated_without_writing(tree, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     write_maps(run_dir / "maps", {"p": ([MAP_P], [1]), "q": ([np.ones((2, 4), np.float32)], [2])})

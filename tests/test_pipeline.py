@@ -90,11 +90,12 @@ def test_a_finished_pipeline_runs_again_without_redoing_anything(smoke_run, monk
     monkeypatch.setenv("WSSS_DATA", str(tmp / "data"))
     monkeypatch.setenv("WSSS_RUNS", str(tmp / "runs"))
     run_dir = tmp / "runs" / "smoke"
-    stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.pt")}
+    stamps = {p: p.stat().st_mtime_ns for p in [*run_dir.rglob("*.pt"), run_dir / "metrics.json"]}
     cfg = pipeline.C.load_yaml(pipeline.PipelineConfig, SMOKE)
     result = pipeline.run(cfg)
-    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.pt")} == stamps
-    assert result["seconds"]["classifier"] < 5 and result["seconds"]["segmenter"] < 5, result["seconds"]
+    assert {p: p.stat().st_mtime_ns for p in [*run_dir.rglob("*.pt"), run_dir / "metrics.json"]} == stamps
+    seconds = result["seconds"]
+    assert seconds["classifier"] < 5 and seconds["segmenter"] < 5 and seconds["evaluate"] < 5, seconds
 
 
 def test_a_copied_run_stays_valid_and_outputs_never_outlive_a_retrained_classifier(smoke_run, monkeypatch):

@@ -643,7 +643,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, train_set
         if state.epoch > epochs or state.step > total:
             raise ValueError(f"{ckpt_path} has {state.epoch} epoch(s) ({state.step} steps) done, more than asked "
                              f"now (epochs={epochs}, {total} steps): resuming would keep the longer training under "
-                             f"the new label. Pass --no-resume (resume=False) to train again, or use another run_dir")
+                             f"the new label. Pass --no-resume (resume=False) to train again, or use another --run-dir")
         state.batch_in_epoch, state.count = int(ex.get("batch_in_epoch", 0)), int(ex.get("count", 0))
         state.sums, state.history = dict(ex.get("sums", {})), list(ex.get("history", []))
         if state.batch_in_epoch:
@@ -705,4 +705,4 @@ def _check_resumable(old: dict | None, new: dict | None, path: Path) -> None:
     if changed:
         raise ValueError(f"{path} was written with other settings ({', '.join(changed)}): pass --no-resume "
                          "(resume=False) to train again with the new ones (what was made from the old weights is "
-                         "then refused until it is made again), or use another run_dir")
+                         "then refused until it is made again), or use another --run-dir")

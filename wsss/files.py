@@ -81,21 +81,47 @@ def write_json(path: str | Path, obj) -> Path:
     return write_text(path, json.dumps(_clean(obj), indent=2, default=str) + "\n")
 
 
+def changed_settings(out_dir: Path, name: str, settings: dict, explain: dict[str, str] | None = None) -> list[str]:
+    """What differs between ``settings`` and those recorded in ``out_dir/name`` (``explain``
+    says what a changed key means, {"classifier": "classifier.pt (retrained)"}); [] when they
+    are the same or nothing is recorded."""
+    path = Path(out_dir) / name
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    return [(explain or {}).get(k, k) for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
+
+
+def folder_state(out_dir: Path, name: str, settings: dict, files: list[str],
+                 explain: dict[str, str] | None = None) -> tuple[str, str]:
+    """("keep" | "resume" | "recompute" | "run", why) for a stage that writes ``files`` into
+    ``out_dir`` and records its settings in ``out_dir/name`` (see ``wsss.stages.training.state``)."""
+    if not (Path(out_dir) / name).is_file():
+        return "run", "nothing made yet"
+    if changed := changed_settings(out_dir, name, settings, explain):
+        return "recompute", ", ".join(changed) + " changed"
+    listing = set(os.listdir(out_dir))
+    missing = sum(f not in listing for f in files)
+    return ("resume", f"{missing} of {len(files)} to make") if missing else ("keep", "settings equal, all made")
+
+
 def check_settings(out_dir: Path, name: str, settings: dict, overwrite: bool, what: str, option: str,
-                   explain: dict[str, str] | None = None) -> None:
+                   explain: dict[str, str] | None = None, pattern: str = "*") -> None:
     """Refuse to mix outputs made with other settings in one folder: ``out_dir/name`` records
     the settings of what is already there; unless overwriting, they must equal ``settings``.
     ``what`` names the outputs ("maps"), ``option`` the other way out ("maps_dir"), and
-    ``explain`` says what a changed key means ({"classifier": "the classifier (... rewritten)"})."""
+    ``explain`` says what a changed key means. With ``overwrite`` the old outputs
+    (``pattern``) and then their record are deleted first, so that an interrupted
+    recomputation never leaves old and new outputs together under the new record."""
     path = Path(out_dir) / name
-    if overwrite or not path.is_file():
-        return
-    old = json.loads(path.read_text())
-    if old != settings:
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        names = ", ".join((explain or {}).get(k, k) for k in changed)
-        raise ValueError(f"{out_dir} holds {what} made with other settings than these ({names} differ from "
-                         f"{path}); pass overwrite=True to recompute them, or choose another {option}")
+    if overwrite:
+        for old in Path(out_dir).glob(pattern) if path.is_file() else ():
+            old.unlink()
+        path.unlink(missing_ok=True)
+    elif changed := changed_settings(out_dir, name, settings, explain):
+        raise ValueError(f"{out_dir} holds {what} made with other settings (changed: {', '.join(changed)}; see "
+                         f"{path}): pass --overwrite (overwrite=True) to recompute them, or choose another "
+                         f"--{option.replace('_', '-')}")
 
 
 def fingerprint(run_dir: str | Path, name: str) -> dict:

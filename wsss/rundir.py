@@ -43,15 +43,15 @@ def folder_config(folder: str | Path) -> str:
     return f"config_{Path(folder).name}.yaml"
 
 
-#: training stage -> (its resumable checkpoint, the command that trains it); its weights: TRAINED
-_TRAINING = {"classifier": (CHECKPOINT, "train-classifier"),
-             "segmenter": (f"{SEGMENTER_STATE}/{CHECKPOINT}", "train-segmenter")}
+#: training stage -> its resumable checkpoint; its weights: TRAINED
+TRAINING_STATE = {"classifier": CHECKPOINT, "segmenter": f"{SEGMENTER_STATE}/{CHECKPOINT}"}
+_COMMANDS = {"classifier": "train-classifier", "segmenter": "train-segmenter"}
 
 
 def trained(run_dir_or_path: str | Path, stage: str) -> Path:
     """RUN/classifier.pt or RUN/segmenter.pt (``stage``) for a run directory, or the file itself;
     FileNotFoundError saying how to make it (resume an unfinished training, or train) when missing."""
-    checkpoint, command = _TRAINING[stage]
+    checkpoint, command = TRAINING_STATE[stage], _COMMANDS[stage]
     p = Path(run_dir_or_path)
     if p.is_dir():
         p = p / TRAINED[stage]

@@ -23,7 +23,7 @@ from wsss import rundir as R
 from wsss.crf import CRF_REFERENCE_SIZE, CRFParams
 from wsss.crf import HELP as CRF_HELP
 from wsss.evaluation import DEFAULT_THRESHOLDS, evaluate_maps, evaluate_masks, evaluate_segmenter
-from wsss.files import check_current, write_json
+from wsss.files import check_current, fingerprint, write_json
 from wsss.stages import train_segmenter
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ class EvalConfig:
     ``crf_scale`` (spatial widths x max(H, W) / 500 per image), ``scales``, ``flip``: how
     the segmenter is tested (reference: scales 0.5-1.5, flips and a CRF). ``allow_missing``:
     evaluate only the images that have maps / pseudo masks. ``limit``: only the first N
-    images of the segmenter's split.
+    images of the segmenter's split. A part whose inputs and settings are those recorded
+    in RUN/metrics.json keeps its numbers unless ``overwrite``.
     """
 
     data_root: str
@@ -68,6 +69,7 @@ class EvalConfig:
     amp: bool = True
     allow_missing: bool = False
     limit: int | None = None
+    overwrite: bool = False
 
 
 def _inputs(cfg: EvalConfig) -> dict[str, Path]:
@@ -85,6 +87,49 @@ def _recorded(part: str, path: Path) -> dict | None:
             return None
     settings = path / R.SETTINGS
     return json.loads(settings.read_text()) if settings.is_file() else None
+
+
+#: the settings each part's numbers depend on
+PART_SETTINGS = {"maps": ("maps_split", "maps_dir", "thresholds", "allow_missing"),
+                 "pseudo": ("pseudo_split", "pseudo_dir", "allow_missing"),
+                 "segmenter": ("seg_split", "crf", "crf_params", "crf_scale", "scales", "flip", "limit")}
+
+
+def made_from(cfg: EvalConfig, part: str, path: Path) -> dict:
+    """What a part's numbers are made from: its settings and its input (the segmenter's file,
+    or the maps / masks folder's settings and file count), recorded beside the numbers."""
+    if part == "segmenter":
+        source = fingerprint(path.parent, path.name)
+    else:
+        files = path.glob("*.npz" if part == "maps" else "*.png")
+        source = {"settings": _recorded(part, path), "files": sum(1 for _ in files)}
+    return {"settings": {k: C.to_dict(getattr(cfg, k)) for k in PART_SETTINGS[part]}, "input": source}
+
+
+def state(cfg: EvalConfig | dict) -> tuple[str, str]:
+    """What ``run(cfg)`` would do ("keep", "recompute" or "run") and why; reads RUN only."""
+    cfg = C.from_dict(EvalConfig, cfg) if isinstance(cfg, dict) else cfg
+    try:
+        parts = choose_parts(cfg)
+    except FileNotFoundError:
+        return "run", "nothing to evaluate yet"
+    stored, inputs = _read_metrics(Path(cfg.run_dir) / R.SUMMARY), _inputs(cfg)
+    new = [p for p in parts if _made_from(stored, p) is None]
+    changed = [p for p in parts if p not in new and _made_from(stored, p) != _json(made_from(cfg, p, inputs[p]))]
+    if changed:
+        return "recompute", ", ".join(changed) + " changed"
+    return ("run", "not evaluated yet: " + ", ".join(new)) if new else ("keep", "inputs and settings equal")
+
+
+def _made_from(metrics: dict, part: str) -> dict | None:
+    """What the numbers of ``part`` in a metrics.json were made from (None: not recorded)."""
+    entry = metrics.get(part)
+    return entry.get("made_from") if isinstance(entry, dict) else None
+
+
+def _json(obj):
+    """``obj`` as it reads back from metrics.json (tuples as lists)."""
+    return json.loads(json.dumps(obj))
 
 
 def _has_input(part: str, path: Path) -> bool:
@@ -149,10 +194,18 @@ def run(cfg: EvalConfig | dict) -> dict:
         log.warning("%s is read-only: the metrics are computed and returned but not saved to %s", run_dir,
                     R.SUMMARY)
     results: dict = {}
+    stored, kept = _read_metrics(run_dir / R.SUMMARY), []
     for part in parts:
+        source = _json(made_from(cfg, part, inputs[part]))
+        if not cfg.overwrite and _made_from(stored, part) == source:
+            log.info("%s: evaluated already from these inputs with these settings; kept (--overwrite evaluates "
+                     "again)", part)
+            results[part] = stored[part]
+            kept.append(part)
+            continue
         check_current(_recorded(part, inputs[part]), run_dir, f"the {part} in {inputs[part]}",
-                      "run the stages from the changed one on again (python -m wsss pipeline ..., or each stage with "
-                      "--overwrite / --no-resume) before evaluating")
+                      "bring the run up to date first (python -m wsss pipeline with the run's config recomputes "
+                      "the stages from the changed one on)")
         t0 = time.perf_counter()
         if part == "maps":
             res = evaluate_maps(cfg.data_root, cfg.maps_split, inputs["maps"], cfg.thresholds,
@@ -165,11 +218,12 @@ def run(cfg: EvalConfig | dict) -> dict:
                                      flip=cfg.flip, crf_params=cfg.crf_params, crf_scale=cfg.crf_scale,
                                      limit=cfg.limit, amp=cfg.amp)
         res["seconds"] = round(time.perf_counter() - t0, 3)
+        res["made_from"] = source
         results[part] = res
         crf_note = f", with CRF {res['miou_crf']:.4f}" if res.get("miou_crf") is not None else ""
         log.info("%s: mIoU %s%s%s", part, f"{res['miou']:.4f}" if res["miou"] is not None else "n/a",
                  f" at threshold {res['best_threshold']}" if part == "maps" else "", crf_note)
-    if writable:
+    if writable and any(p not in kept for p in results):
         write_metrics(run_dir, results)
     return results
 
@@ -193,4 +247,5 @@ HELP = {
     "amp": "bf16 autocast on CUDA for the segmenter",
     "allow_missing": "evaluate only the images that have maps / pseudo masks",
     "limit": "only the first N images of the segmenter's split",
+    "overwrite": "evaluate again the parts whose inputs and settings are unchanged",
 }

@@ -25,7 +25,7 @@ from wsss import rundir as R
 from wsss.data.pairs import partners_for_class
 from wsss.data.transforms import eval_transforms
 from wsss.data.voc import VOCDataset, label_ids
-from wsss.files import check_settings, fingerprint, write_json
+from wsss.files import check_settings, fingerprint, folder_state, write_json
 from wsss.maps import (
     KINDS,
     SELF_TRANSFORMS,
@@ -126,6 +126,20 @@ def _first(batch: list):
     return batch[0]
 
 
+EXPLAIN = {"classifier": "classifier.pt"}  # what a changed key of settings.json means
+
+
+def state(cfg: MapsConfig | dict) -> tuple[str, str]:
+    """What ``run(cfg)`` would do ("keep", "resume", "recompute" or "run") and why; reads RUN only."""
+    cfg = C.from_dict(MapsConfig, cfg) if isinstance(cfg, dict) else cfg
+    run_dir, out_dir = Path(cfg.run_dir), Path(cfg.run_dir) / cfg.maps_dir
+    if not (run_dir / R.CLASSIFIER).is_file():
+        return ("recompute" if (out_dir / R.SETTINGS).is_file() else "run"), "no classifier.pt yet"
+    names = VOCDataset(cfg.data_root, cfg.split, with_mask=False).names[:cfg.limit]
+    files = [maps_path(out_dir, n).name for n in names]
+    return folder_state(out_dir, R.SETTINGS, _settings(cfg, run_dir / R.CLASSIFIER), files, EXPLAIN)
+
+
 def run(cfg: MapsConfig | dict) -> dict:
     """Write RUN/R.MAPS/NAME.npz for every image of ``cfg.split`` (skipping finished ones)
     and the settings to RUN/config_maps.yaml (config_NAME.yaml for another maps_dir NAME).
@@ -146,8 +160,7 @@ def run(cfg: MapsConfig | dict) -> dict:
     checkpoint = R.trained(run_dir, "classifier")  # raises, saying how to train or resume, when missing
     out_dir = run_dir / cfg.maps_dir
     settings = _settings(cfg, checkpoint)
-    check_settings(out_dir, R.SETTINGS, settings, cfg.overwrite, "maps", "maps_dir",
-                   {"classifier": "the classifier (classifier.pt was retrained)"})
+    check_settings(out_dir, R.SETTINGS, settings, cfg.overwrite, "maps", "maps_dir", EXPLAIN, "*.npz")
 
     base = VOCDataset(cfg.data_root, cfg.split, transforms=None, with_mask=False)
     inputs = MapInputs(base, eval_transforms(cfg.image_size), cfg.k, cfg.seed, with_partners,

@@ -1,8 +1,11 @@
 """The whole pipeline from one YAML file: classifier -> maps -> pseudo masks -> segmenter -> evaluation.
 
 Each stage is still its own ``run(cfg)`` reading and writing the run directory; this module
-only builds their configs from one file and calls them in order, so a half-finished
-pipeline picks up where it stopped (every stage skips or resumes finished work).
+builds their configs from one file and brings the run up to date, stage by stage in order:
+a stage whose outputs are current is kept, an unfinished one resumes, and one whose outputs
+were made with other settings or from inputs that have changed since (the stage's
+``state(cfg)``) is recomputed, which makes everything after it stale in turn. One log line
+per stage says which and why; ``dry_run`` prints that plan without running anything.
 
 YAML layout (every section optional; keys are the fields of that stage's config)::
 
@@ -27,6 +30,7 @@ section's own keys win. The merged settings are saved as RUN/config.yaml.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -67,6 +71,7 @@ class PipelineConfig:
     pseudo: dict = field(default_factory=dict)
     segmenter: dict = field(default_factory=dict)
     evaluate: dict = field(default_factory=dict)
+    dry_run: bool = False
 
 
 def resolve_run_dir(run_dir: str | Path) -> Path:
@@ -126,18 +131,47 @@ def prepare_data(cfg: PipelineConfig) -> Path:
         raise C.ConfigError(f"scene: {err}") from None
 
 
+#: the settings that make a stage recompute its outputs (evaluate needs none: it evaluates
+#: again exactly the parts whose inputs changed)
+RECOMPUTE = {"classifier": {"resume": False}, "maps": {"overwrite": True}, "pseudo": {"overwrite": True},
+             "segmenter": {"resume": False}}
+
+
+def plan(configs: dict) -> list[tuple[str, str, str]]:
+    """(stage, action, why) for each stage, as the run directory stands now: a stage after
+    one that will run, resume or recompute is recomputed too (its inputs will change)."""
+    out, changed = [], None
+    for name, stage_cfg in configs.items():
+        action, why = STAGES[name][0].state(stage_cfg)
+        if changed is not None and action in ("keep", "resume"):
+            action, why = "recompute", f"after {changed}"
+        if action != "keep" and changed is None:
+            changed = name
+        out.append((name, action, why))
+    return out
+
+
 def run(cfg: PipelineConfig | dict) -> dict:
-    """Run the chosen stages in order; returns {stage: its metrics} and RUN/metrics.json's summary."""
+    """Bring the chosen stages up to date in order (see the module's docstring); returns
+    {stage: its metrics} and RUN/metrics.json's summary, or with ``dry_run`` {"plan": [...]}."""
     cfg = C.from_dict(PipelineConfig, cfg) if isinstance(cfg, dict) else cfg
     run_dir = resolve_run_dir(cfg.run_dir)
     data_root = prepare_data(cfg)
     configs = stage_configs(cfg, data_root, run_dir)  # check every section before spending time
+    if cfg.dry_run:
+        steps = plan(configs)
+        for name, action, why in steps:
+            log.info("%s: would %s (%s)", name, action, why)
+        return {"plan": [{"stage": n, "action": a, "why": w} for n, a, w in steps], "run_dir": str(run_dir)}
     C.save_yaml(cfg, run_dir / R.PIPELINE_CONFIG)  # its atomic write creates RUN
     results, seconds = {}, {}
     for name, stage_cfg in configs.items():
         module, _ = STAGES[name]
-        log.info("stage %s -> %s", name, run_dir)
+        action, why = module.state(stage_cfg)  # now, after the stages before it have run
+        log.info("%s: %s (%s)", name, action, why)
         t0 = time.perf_counter()
+        if action == "recompute":
+            stage_cfg = dataclasses.replace(stage_cfg, **RECOMPUTE.get(name, {}))
         results[name] = module.run(stage_cfg)
         seconds[name] = round(time.perf_counter() - t0, 1)
     return {**results, "seconds": seconds, "run_dir": str(run_dir), "data_root": str(data_root)}
@@ -175,5 +209,6 @@ HELP = {
              "split's label noise); wsss.data.synth",
     "seed": "seed for every stage",
     "stages": f"stages to run, in order, from {list(STAGES)}",
+    "dry_run": "print what each stage would do (kept, resumed, recomputed, run) and why, and run nothing",
     **{name: f"overrides of the {name} stage config as a YAML mapping of its fields" for name in STAGES},
 }

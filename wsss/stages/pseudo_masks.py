@@ -43,7 +43,7 @@ from wsss import provenance
 from wsss import rundir as R
 from wsss.crf import CRF_REFERENCE_SIZE
 from wsss.data.voc import IMAGE_DIR, VOCDataset, load_image, load_mask, load_saliency, save_mask
-from wsss.files import check_current, check_settings, remove_stale_tmp, write_json
+from wsss.files import check_current, check_settings, folder_state, remove_stale_tmp, write_json
 from wsss.maps import load_maps, maps_path
 from wsss.progress import progress
 from wsss.pseudo import HELP as RULES_HELP
@@ -184,6 +184,19 @@ def summary(results: list[dict], seconds: float) -> dict:
             "num_all_ignored": sum(r["ignored"] == r["pixels"] for r in results)}
 
 
+EXPLAIN = {"maps": "the maps"}  # what a changed key of settings.json means
+
+
+def state(cfg: PseudoConfig | dict) -> tuple[str, str]:
+    """What ``run(cfg)`` would do ("keep", "resume", "recompute" or "run") and why; reads RUN only."""
+    cfg = C.from_dict(PseudoConfig, cfg) if isinstance(cfg, dict) else cfg
+    run_dir = Path(cfg.run_dir)
+    names = VOCDataset(cfg.data_root, cfg.split, with_mask=False).names
+    names = names if cfg.limit is None else names[:max(0, cfg.limit)]
+    return folder_state(run_dir / cfg.out_dir, R.SETTINGS, _settings(cfg, run_dir / cfg.maps_dir),
+                        [f"{n}.png" for n in names], EXPLAIN)
+
+
 def run(cfg: PseudoConfig | dict) -> dict:
     """Write RUN/OUT_DIR/NAME.png for every image of ``cfg.split`` (skipping finished ones)
     and the settings to RUN/config_pseudo.yaml (config_NAME.yaml for another out_dir NAME).
@@ -213,8 +226,7 @@ def run(cfg: PseudoConfig | dict) -> dict:
     check_current(settings["maps"], run_dir, f"the maps in {maps_dir}",
                   f"make them again (python -m wsss make-maps --data-root {cfg.data_root} --run-dir {run_dir} "
                   f"--maps-dir {cfg.maps_dir} --overwrite), then these pseudo-masks (--overwrite)")
-    check_settings(out_dir, R.SETTINGS, settings, cfg.overwrite, "pseudo masks", "out_dir",
-                   {"maps": "the maps (they were recomputed)"})
+    check_settings(out_dir, R.SETTINGS, settings, cfg.overwrite, "pseudo masks", "out_dir", EXPLAIN, "*.png")
     write_json(out_dir / R.SETTINGS, settings)
     C.save_yaml(cfg, run_dir / R.folder_config(out_dir))
     provenance.record(run_dir, out_dir.name)

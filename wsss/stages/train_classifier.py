@@ -204,6 +204,12 @@ def stored_settings(cfg: dict) -> dict:
     return C.to_dict(C.from_dict(ClassifierConfig, cfg))
 
 
+def state(cfg: ClassifierConfig | dict) -> tuple[str, str]:
+    """What ``run(cfg)`` would do ("keep", "resume", "recompute" or "run") and why; reads RUN only."""
+    cfg = C.from_dict(ClassifierConfig, cfg) if isinstance(cfg, dict) else cfg
+    return training.state(cfg, "classifier", normalise=stored_settings)
+
+
 def _run(cfg: ClassifierConfig, dist: E.DistInfo, t_start: float) -> dict:
     if (done := training.finished(cfg, "classifier", dist, normalise=stored_settings)) is not None:
         return done

@@ -182,6 +182,12 @@ def run(cfg: SegmenterConfig | dict) -> dict:
     return training.run(C.from_dict(SegmenterConfig, cfg) if isinstance(cfg, dict) else cfg, _run)
 
 
+def state(cfg: SegmenterConfig | dict) -> tuple[str, str]:
+    """What ``run(cfg)`` would do ("keep", "resume", "recompute" or "run") and why; reads RUN only."""
+    cfg = C.from_dict(SegmenterConfig, cfg) if isinstance(cfg, dict) else cfg
+    return training.state(cfg, "segmenter", _masks_settings(cfg))
+
+
 def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
     run_dir = Path(cfg.run_dir)
     inputs = _masks_settings(cfg)

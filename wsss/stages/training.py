@@ -58,6 +58,43 @@ def finished(cfg, stage: str, dist: E.DistInfo, inputs=None, normalise=None) -> 
     return done
 
 
+def state(cfg, stage: str, inputs=None, normalise=None) -> tuple[str, str]:
+    """What running the training ``stage`` with ``cfg`` would do to RUN, and why: "keep" (its
+    weights were trained with these settings on these ``inputs``), "resume" (from a checkpoint
+    of these settings), "recompute" (what is there was made with other settings or inputs;
+    ``resume=False`` trains again) or "run" (nothing there yet). Reads RUN only."""
+    run_dir, new = Path(cfg.run_dir), C.to_dict(cfg)
+    weights, checkpoint = run_dir / R.TRAINED[stage], run_dir / R.TRAINING_STATE[stage]
+    if E.finished_metrics(weights, new, inputs, normalise) is not None:
+        return "keep", f"{weights.name} has these settings"
+    for path, ignore in ((checkpoint, E.RESUME_FREE_KEYS), (weights, C.MACHINERY_KEYS)):
+        if not path.is_file():
+            continue
+        try:
+            old = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception:  # noqa: BLE001 - unreadable: made again
+            return "recompute", f"{path.name} cannot be read"
+        old_cfg = old.get("cfg") or {}
+        if normalise is not None and path == weights:
+            try:
+                old_cfg = normalise(old_cfg)
+            except ValueError:
+                return "recompute", f"{path.name} records settings this version cannot read"
+        why = [d.split(":")[0] + " changed" for d in C.config_differences(old_cfg, new, ignore)]
+        old_inputs = (old.get("extra") or {}).get("inputs") if path == checkpoint else old.get("inputs")
+        if old_inputs != inputs:
+            why.append("the pseudo-masks changed")
+        if path == checkpoint and (old.get("epoch", 0) > cfg.epochs
+                                   or (cfg.max_steps is not None and old.get("step", 0) > cfg.max_steps)):
+            why.append(f"more done ({old.get('epoch')} epochs, {old.get('step')} steps) than asked")
+        if why:
+            return "recompute", ", ".join(why)
+        if path == checkpoint:
+            return "resume", f"from {path.name} after {old.get('epoch', 0)} epoch(s)"
+        return "recompute", f"{path.name} records no metrics"
+    return "run", "nothing trained yet"
+
+
 def start(cfg, stage: str, dist: E.DistInfo):
     """(device, channels_last); the main process creates RUN and records the config and provenance."""
     device = E.resolve_device(cfg.device, dist.local_rank)
