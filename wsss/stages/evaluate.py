@@ -196,6 +196,9 @@ def run(cfg: EvalConfig | dict) -> dict:
     results: dict = {}
     stored, kept = _read_metrics(run_dir / R.SUMMARY), []
     for part in parts:
+        check_current(_recorded(part, inputs[part]), run_dir, f"the {part} in {inputs[part]}",
+                      "bring the run up to date first (python -m wsss pipeline with the run's config recomputes "
+                      "the stages from the changed one on)")
         source = _json(made_from(cfg, part, inputs[part]))
         if not cfg.overwrite and _made_from(stored, part) == source:
             log.info("%s: evaluated already from these inputs with these settings; kept (--overwrite evaluates "
@@ -203,9 +206,6 @@ def run(cfg: EvalConfig | dict) -> dict:
             results[part] = stored[part]
             kept.append(part)
             continue
-        check_current(_recorded(part, inputs[part]), run_dir, f"the {part} in {inputs[part]}",
-                      "bring the run up to date first (python -m wsss pipeline with the run's config recomputes "
-                      "the stages from the changed one on)")
         t0 = time.perf_counter()
         if part == "maps":
             res = evaluate_maps(cfg.data_root, cfg.maps_split, inputs["maps"], cfg.thresholds,
