@@ -43,8 +43,8 @@ def test_help_lists_every_subcommand():
 
 
 def test_every_stage_flag_says_what_it_is():
-    """Each flag's help is more than its default: the stage's HELP, config.SHARED_HELP or a nested
-    config's own (crf.HELP) names it."""
+    """Each flag's help is more than its default: every config field says what it is
+    (wsss.config.setting), nested configs' fields (crf, loss) included."""
     subparsers = cli.build_parser()._subparsers._group_actions[0].choices
     for name in cli.STAGES:
         for action in subparsers[name]._actions:

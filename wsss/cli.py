@@ -20,7 +20,7 @@ from wsss import config as C
 from wsss.paths import REPO_ROOT, benchmark_root
 
 # subcommand -> (module, its config class, one-line help). Each module has the config
-# dataclass, HELP (flag help per field) and run(cfg) -> dict of metrics.
+# config dataclass (its fields carry their help: wsss.config.setting) and run(cfg) -> dict of metrics.
 STAGES = {
     "train-classifier": ("wsss.stages.train_classifier", "ClassifierConfig",
                          "train the co-attention classifier on image pairs (METHOD.md sec 1)"),
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stats_parser(sub)
     for name, (_, _, text) in STAGES.items():
         module, cls = _stage(name)
-        C.command_line(sub.add_parser(name, help=text, description=text), cls, module.HELP)
+        C.command_line(sub.add_parser(name, help=text, description=text), cls)
     return parser
 
 

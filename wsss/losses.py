@@ -58,6 +58,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from wsss import config as C
+
 TERMS = ("basic", "coatt", "contrastive", "self_basic", "self_coatt")
 
 
@@ -65,44 +67,25 @@ TERMS = ("basic", "coatt", "contrastive", "self_basic", "self_coatt")
 class LossConfig:
     """Ablation switches and weights of the loss terms (METHOD.md sec. 1)."""
 
-    basic: bool = True
-    coatt: bool = True
-    contrastive: bool = True
-    self_pairs: bool = True
-    w_basic: float = 1.0
-    w_coatt: float = 1.0
-    w_con: float = 1.0
-    w_self: float = 1.0
-    con_warmup_epochs: int = 2
-    empty_contrastive: Literal["negative", "skip"] = "skip"
-    self_weighting: Literal["mean", "sum"] = "mean"
+    basic: bool = C.setting(True, "basic (plain CAM) loss")
+    coatt: bool = C.setting(True, "co-attention loss")
+    contrastive: bool = C.setting(True, "contrastive co-attention loss")
+    self_pairs: bool = C.setting(True, "self-pairs (flip, 0.75x, 2x)")
+    w_basic: float = C.setting(1.0, "weight of the basic loss", allowed=">= 0")
+    w_coatt: float = C.setting(1.0, "weight of the co-attention loss", allowed=">= 0")
+    w_con: float = C.setting(1.0, "weight of the contrastive loss", allowed=">= 0")
+    w_self: float = C.setting(1.0, "weight of the self-pair losses", allowed=">= 0")
+    con_warmup_epochs: int = C.setting(2, "epochs before the contrastive loss is switched on", allowed=">= 0")
+    empty_contrastive: Literal["negative", "skip"] = C.setting(
+        "skip", "an empty contrastive target: skip (left out of the mean) or negative (all-negative target, the "
+                "reference)")
+    self_weighting: Literal["mean", "sum"] = C.setting(
+        "mean", "mean: the pair and the mean self-pair weigh half each (ours); sum: self-pair terms added (the "
+                "reference)")
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # the ranges and choices are the fields' own (checked by config.from_dict)
         if not (self.basic or self.coatt or self.contrastive):
             raise ValueError("LossConfig: at least one of basic, coatt, contrastive must be on")
-        if min(self.w_basic, self.w_coatt, self.w_con, self.w_self) < 0:
-            raise ValueError("LossConfig: loss weights must be >= 0")
-        if self.self_weighting not in ("mean", "sum"):
-            raise ValueError(f"LossConfig.self_weighting must be 'mean' or 'sum', got {self.self_weighting!r}")
-        if self.empty_contrastive not in ("negative", "skip"):
-            raise ValueError(f"LossConfig.empty_contrastive must be 'negative' or 'skip', "
-                             f"got {self.empty_contrastive!r}")
-        if self.con_warmup_epochs < 0:
-            raise ValueError(f"LossConfig.con_warmup_epochs must be >= 0, got {self.con_warmup_epochs}")
-
-
-#: flag help of the LossConfig fields (the classifier's config nests them: ``config.prefixed("loss", HELP)``)
-HELP = {
-    "basic": "basic (plain CAM) loss", "coatt": "co-attention loss",
-    "contrastive": "contrastive co-attention loss", "self_pairs": "self-pairs (flip, 0.75x, 2x)",
-    "w_basic": "weight of the basic loss", "w_coatt": "weight of the co-attention loss",
-    "w_con": "weight of the contrastive loss", "w_self": "weight of the self-pair losses",
-    "con_warmup_epochs": "epochs before the contrastive loss is switched on",
-    "empty_contrastive": "an empty contrastive target: skip (left out of the mean) or negative (all-negative "
-                         "target, the reference)",
-    "self_weighting": "mean: the pair and the mean self-pair weigh half each (ours); sum: self-pair terms "
-                      "added (the reference)",
-}
 
 
 def multilabel_soft_margin(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -59,19 +59,27 @@ RECIPES_DIR = REPO_ROOT / "configs" / "recipes"
 
 @dataclass
 class PipelineConfig:
-    run_dir: str = "demo"
-    recipe: str | None = None
-    data_root: str | None = None
-    benchmark: Literal["smoke", "demo", "full", "art-smoke", "art-demo", "art-full"] = "demo"
-    scene: dict = field(default_factory=dict)
-    seed: int = 0
-    stages: tuple[str, ...] = tuple(STAGES)
-    classifier: dict = field(default_factory=dict)
-    maps: dict = field(default_factory=dict)
-    pseudo: dict = field(default_factory=dict)
-    segmenter: dict = field(default_factory=dict)
-    evaluate: dict = field(default_factory=dict)
-    dry_run: bool = False
+    run_dir: str = C.setting("demo", "run directory (relative paths go under runs/)")
+    recipe: str | None = C.setting(
+        None, "stage overrides from configs/recipes/NAME.yaml (official: the authors' code) or a YAML path")
+    data_root: str | None = C.setting(None, "VOC-layout dataset; leave unset to use the embedded benchmark")
+    benchmark: Literal["smoke", "demo", "full", "art-smoke", "art-demo", "art-full"] = C.setting(
+        "demo", "size of the embedded benchmark used when --data-root is unset")
+    scene: dict = C.setting(
+        factory=dict, help="its knobs as a YAML mapping: body_class, context_p, context_size (realism), noise_rate "
+                           "(the web split's label noise); wsss.data.synth")
+    seed: int = C.setting(0, "seed for every stage", allowed=">= 0")
+    stages: tuple[str, ...] = C.setting(tuple(STAGES), f"stages to run, in order, from {list(STAGES)}")
+    classifier: dict = C.setting(
+        factory=dict, help="overrides of the classifier stage config as a YAML mapping of its fields")
+    maps: dict = C.setting(factory=dict, help="overrides of the maps stage config as a YAML mapping of its fields")
+    pseudo: dict = C.setting(factory=dict, help="overrides of the pseudo stage config as a YAML mapping of its fields")
+    segmenter: dict = C.setting(
+        factory=dict, help="overrides of the segmenter stage config as a YAML mapping of its fields")
+    evaluate: dict = C.setting(
+        factory=dict, help="overrides of the evaluate stage config as a YAML mapping of its fields")
+    dry_run: bool = C.setting(
+        False, "print what each stage would do (kept, resumed, recomputed, run) and why, and run nothing")
 
 
 def resolve_run_dir(run_dir: str | Path) -> Path:
@@ -199,16 +207,3 @@ def summary_table(run_dir: str | Path) -> str:
     return "\n".join([f"{'':{width}}  mIoU (%)", *(f"{name:{width}}  {fmt(v)}" for name, v in rows)])
 
 
-#: --help text per PipelineConfig field
-HELP = {
-    "run_dir": "run directory (relative paths go under runs/)",
-    "recipe": "stage overrides from configs/recipes/NAME.yaml (official: the authors' code) or a YAML path",
-    "data_root": "VOC-layout dataset; leave unset to use the embedded benchmark",
-    "benchmark": "size of the embedded benchmark used when --data-root is unset",
-    "scene": "its knobs as a YAML mapping: body_class, context_p, context_size (realism), noise_rate (the web "
-             "split's label noise); wsss.data.synth",
-    "seed": "seed for every stage",
-    "stages": f"stages to run, in order, from {list(STAGES)}",
-    "dry_run": "print what each stage would do (kept, resumed, recomputed, run) and why, and run nothing",
-    **{name: f"overrides of the {name} stage config as a YAML mapping of its fields" for name in STAGES},
-}
