@@ -36,6 +36,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Literal
 
 from wsss import config as C
@@ -45,13 +46,29 @@ from wsss.stages import evaluate, make_maps, pseudo_masks, train_classifier, tra
 
 log = logging.getLogger(__name__)
 
-# stage name -> (module, config class); the order is the pipeline's order
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: its module (``run(cfg)``, ``state(cfg)``), its config class, and its
+    command line subcommand with that command's one-line help (wsss.cli)."""
+
+    module: ModuleType
+    config: type
+    command: str
+    help: str
+
+
+#: the one registry of the stages, in the pipeline's order
 STAGES = {
-    "classifier": (train_classifier, train_classifier.ClassifierConfig),
-    "maps": (make_maps, make_maps.MapsConfig),
-    "pseudo": (pseudo_masks, pseudo_masks.PseudoConfig),
-    "segmenter": (train_segmenter, train_segmenter.SegmenterConfig),
-    "evaluate": (evaluate, evaluate.EvalConfig),
+    "classifier": Stage(train_classifier, train_classifier.ClassifierConfig, "train-classifier",
+                        "train the co-attention classifier on image pairs (METHOD.md sec 1)"),
+    "maps": Stage(make_maps, make_maps.MapsConfig, "make-maps",
+                  "localization maps with cross-image context (METHOD.md sec 2)"),
+    "pseudo": Stage(pseudo_masks, pseudo_masks.PseudoConfig, "pseudo-masks",
+                    "CRF-refined pseudo-masks from the maps (METHOD.md sec 3)"),
+    "segmenter": Stage(train_segmenter, train_segmenter.SegmenterConfig, "train-segmenter",
+                       "train the segmentation network on the pseudo-masks (METHOD.md sec 4)"),
+    "evaluate": Stage(evaluate, evaluate.EvalConfig, "evaluate",
+                      "mIoU of maps, pseudo-masks and segmentation into RUN/metrics.json"),
 }
 SEEDED = {"classifier", "maps", "segmenter"}
 RECIPES_DIR = REPO_ROOT / "configs" / "recipes"
@@ -111,7 +128,7 @@ def stage_configs(cfg: PipelineConfig, data_root: Path, run_dir: Path) -> dict:
     recipe = load_recipe(cfg.recipe)
     out = {}
     for name in cfg.stages:
-        _, cls = STAGES[name]
+        cls = STAGES[name].config
         section = C.merge(recipe.get(name) or {}, getattr(cfg, name) or {})
         shared = {"data_root": str(data_root), "run_dir": str(run_dir)}
         if name in SEEDED:
@@ -150,7 +167,7 @@ def plan(configs: dict) -> list[tuple[str, str, str]]:
     one that will run, resume or recompute is recomputed too (its inputs will change)."""
     out, changed = [], None
     for name, stage_cfg in configs.items():
-        action, why = STAGES[name][0].state(stage_cfg)
+        action, why = STAGES[name].module.state(stage_cfg)
         if changed is not None and action in ("keep", "resume"):
             action, why = "recompute", f"after {changed}"
         if action != "keep" and changed is None:
@@ -174,7 +191,7 @@ def run(cfg: PipelineConfig | dict) -> dict:
     C.save_yaml(cfg, run_dir / R.PIPELINE_CONFIG)  # its atomic write creates RUN
     results, seconds = {}, {}
     for name, stage_cfg in configs.items():
-        module, _ = STAGES[name]
+        module = STAGES[name].module
         action, why = module.state(stage_cfg)  # now, after the stages before it have run
         log.info("%s: %s (%s)", name, action, why)
         t0 = time.perf_counter()
