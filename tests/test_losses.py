@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
+from wsss.config import from_dict
 from wsss.losses import TERMS, LossConfig, loss_terms
+from wsss.stages.train_classifier import ClassifierConfig
 
 K = 4
 PAIR_KEYS = ("s_m", "s_n", "s_co_m", "s_co_n", "s_con_m", "s_con_n")
@@ -147,8 +149,8 @@ def test_all_empty_contrastive_is_zero_and_keeps_graph():
 def test_config_validation_and_missing_self():
     with pytest.raises(ValueError, match="at least one"):
         LossConfig(basic=False, coatt=False, contrastive=False)
-    with pytest.raises(ValueError, match=">= 0"):
-        LossConfig(w_con=-1.0)
+    with pytest.raises(ValueError, match=r"LossConfig.w_con \(--loss.w-con\) = -1.0: must be >= 0"):
+        from_dict(ClassifierConfig, {"data_root": "d", "run_dir": "r", "loss": {"w_con": -1.0}})
     out, (l_m, l_n) = fake_out(), labels()
     del out["self"]
     with pytest.raises(ValueError, match="self_pairs"):

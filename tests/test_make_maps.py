@@ -360,7 +360,7 @@ def test_run_writes_maps_then_skips_them(stage, caplog):
 
 
 def test_command_line_flags():
-    parser = C.command_line(argparse.ArgumentParser(), mm.MapsConfig, mm.HELP)
+    parser = C.command_line(argparse.ArgumentParser(), mm.MapsConfig)
     args = parser.parse_args(["--data-root", "D", "--run-dir", "R", "--combine", "cam", "self",
                               "--scales", "1.0", "0.5", "--image-size", "none", "--no-amp"])
     cfg = C.from_args(mm.MapsConfig, args, parser=parser)

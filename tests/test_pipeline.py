@@ -34,19 +34,19 @@ def smoke_run(tmp_path_factory):
 
 def test_help_lists_every_subcommand():
     out = subprocess.run([sys.executable, "-m", "wsss", "--help"], capture_output=True, text=True, check=True).stdout
-    for name in ["demo", "make-benchmark", "stats", *cli.STAGES]:
+    for name in ["demo", "make-benchmark", "stats", *cli.stage_commands()]:
         assert name in out, name
     # and each subcommand has its own help with its flags
     subparsers = cli.build_parser()._subparsers._group_actions[0].choices
-    for name in cli.STAGES:
+    for name in cli.stage_commands():
         assert "--run-dir" in subparsers[name].format_help(), name
 
 
 def test_every_stage_flag_says_what_it_is():
-    """Each flag's help is more than its default: the stage's HELP, config.SHARED_HELP or a nested
-    config's own (crf.HELP) names it."""
+    """Each flag's help is more than its default: every config field says what it is
+    (wsss.config.setting), nested configs' fields (crf, loss) included."""
     subparsers = cli.build_parser()._subparsers._group_actions[0].choices
-    for name in cli.STAGES:
+    for name in cli.stage_commands():
         for action in subparsers[name]._actions:
             if action.option_strings and action.dest not in ("help", "config"):
                 text = action.help.replace("(required unless in --config)", "")

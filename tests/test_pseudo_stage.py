@@ -247,7 +247,7 @@ def test_every_field_is_read_and_flags_parse():
     assert not unread, f"PseudoConfig fields never read by the stage: {unread}"
     cfg = C.from_dict(P.PseudoConfig, {"data_root": "d", "run_dir": "r", "alpha": 0.5, "conflict": 0.9, "crf.iters": 2})
     assert cfg.mask_params() == PseudoMaskParams(alpha=0.5, conflict=0.9, crf=CRFParams(iters=2))
-    parser = C.command_line(argparse.ArgumentParser(), P.PseudoConfig, P.HELP)
+    parser = C.command_line(argparse.ArgumentParser(), P.PseudoConfig)
     args = parser.parse_args(["--data-root", "D", "--run-dir", "R", "--no-use-crf", "--crf.iters", "3",
                               "--bg-mode", "threshold", "--limit", "5", "--no-crf-scale"])
     got = C.from_args(P.PseudoConfig, args, parser=parser)

@@ -89,7 +89,7 @@ def test_config_rejects_unknown_keys_and_every_field_is_read():
 
 
 def test_command_line_flags():
-    parser = C.command_line(argparse.ArgumentParser(), T.ClassifierConfig, T.HELP)
+    parser = C.command_line(argparse.ArgumentParser(), T.ClassifierConfig)
     args = parser.parse_args(["--data-root", "D", "--run-dir", "R", "--no-amp", "--loss.w-con", "0.5",
                               "--no-loss.self-pairs", "--step-epochs", "3", "6", "--max-steps", "5",
                               "--val-split", "none", "--schedule", "step", "--scale", "0.9", "1.1"])
@@ -108,7 +108,7 @@ def test_none_means_none_for_optional_fields_in_yaml_flags_and_parameters(tmp_pa
                     "frozen_bn: none\n")
     cfg = C.load_yaml(T.ClassifierConfig, path)
     assert (cfg.pretrained, cfg.val_split, cfg.max_steps, cfg.frozen_bn) == (None, None, None, None)
-    parser = C.command_line(argparse.ArgumentParser(), T.ClassifierConfig, T.HELP)
+    parser = C.command_line(argparse.ArgumentParser(), T.ClassifierConfig)
     args = parser.parse_args(["--data-root", "D", "--run-dir", "R", "--pretrained", "none"])
     assert C.from_args(T.ClassifierConfig, args, parser=parser).pretrained is None
     papermill = {"data_root": "d", "run_dir": "r", "pretrained": "null", "loss.con_warmup_epochs": 0}

@@ -244,7 +244,7 @@ def test_config_fields_are_read_flags_parse_and_the_reference_builds():
     source = inspect.getsource(T) + inspect.getsource(training)  # the stage and its shared steps
     unread = [f.name for f in fields(T.SegmenterConfig) if f"cfg.{f.name}" not in source]
     assert not unread, f"SegmenterConfig fields never read by the stage: {unread}"
-    parser = C.command_line(argparse.ArgumentParser(), T.SegmenterConfig, T.HELP)
+    parser = C.command_line(argparse.ArgumentParser(), T.SegmenterConfig)
     args = parser.parse_args(["--data-root", "D", "--run-dir", "R", "--no-amp", "--crop", "64", "--scale", "0.5",
                               "1.5", "--model", "deeplabv3_resnet50", "--max-steps", "7", "--val-split", "none",
                               "--masks-dir", "/abs/masks"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import importlib
 import json
 import logging
 import os
@@ -19,25 +18,17 @@ from pathlib import Path
 from wsss import config as C
 from wsss.paths import REPO_ROOT, benchmark_root
 
-# subcommand -> (module, its config class, one-line help). Each module has the config
-# dataclass, HELP (flag help per field) and run(cfg) -> dict of metrics.
-STAGES = {
-    "train-classifier": ("wsss.stages.train_classifier", "ClassifierConfig",
-                         "train the co-attention classifier on image pairs (METHOD.md sec 1)"),
-    "make-maps": ("wsss.stages.make_maps", "MapsConfig", "localization maps with cross-image context (METHOD.md sec 2)"),
-    "pseudo-masks": ("wsss.stages.pseudo_masks", "PseudoConfig",
-                     "CRF-refined pseudo-masks from the maps (METHOD.md sec 3)"),
-    "train-segmenter": ("wsss.stages.train_segmenter", "SegmenterConfig",
-                        "train the segmentation network on the pseudo-masks (METHOD.md sec 4)"),
-    "evaluate": ("wsss.stages.evaluate", "EvalConfig", "mIoU of maps, pseudo-masks and segmentation into RUN/metrics.json"),
-    "pipeline": ("wsss.stages.pipeline", "PipelineConfig", "run the stages above in order from one YAML config"),
-}
 
+def stage_commands() -> dict:
+    """subcommand -> (module, its config class, one-line help): the pipeline's stages
+    (wsss.stages.pipeline.STAGES) and the pipeline itself. Each module has the config
+    dataclass (its fields carry their help: wsss.config.setting) and run(cfg) -> dict of metrics."""
+    from wsss.stages import pipeline
 
-def _stage(command: str):
-    """(module, config class) of a stage subcommand."""
-    module = importlib.import_module(STAGES[command][0])
-    return module, getattr(module, STAGES[command][1])
+    commands = {s.command: (s.module, s.config, s.help) for s in pipeline.STAGES.values()}
+    commands["pipeline"] = (pipeline, pipeline.PipelineConfig,
+                            "bring the stages above up to date, in order, from one YAML config")
+    return commands
 
 
 def _add_benchmark_parser(sub) -> None:
@@ -83,9 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figures", default=None, help="folder for the figures (default: figures/)")
     _add_benchmark_parser(sub)
     _add_stats_parser(sub)
-    for name, (_, _, text) in STAGES.items():
-        module, cls = _stage(name)
-        C.command_line(sub.add_parser(name, help=text, description=text), cls, module.HELP)
+    for name, (_, cls, text) in stage_commands().items():
+        C.command_line(sub.add_parser(name, help=text, description=text), cls)
     return parser
 
 
@@ -211,7 +201,7 @@ def _dispatch(args, parser) -> int:
     elif args.command == "stats":
         print_dataset_statistics(args.root or benchmark_root("demo"), args.split, args.p_common, args.seed)
     else:
-        module, cls = _stage(args.command)
+        module, cls, _ = stage_commands()[args.command]
         metrics = module.run(C.from_args(cls, args, parser=parser))
         print(json.dumps(metrics, indent=2, default=str))
     return 0

@@ -30,6 +30,17 @@ class ConfigError(ValueError):
     """A config value or key that does not fit the dataclass; the message lists what would."""
 
 
+def setting(default=dataclasses.MISSING, help: str = "", *, allowed: str | None = None, factory=None):
+    """A config field with everything about it in one place: its default (or ``factory``
+    for a mutable one; neither: required), its flag help, and the values ``allowed`` for a
+    number (">= 1", "> 0", "[0, 1]", "(0, 1]"; a sequence: each item), checked by
+    ``from_dict`` for YAML, flags and papermill parameters alike before any work starts."""
+    meta = {"help": help, "allowed": allowed}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
 # --------------------------------------------------------------------------- type helpers
 
 def _strip_optional(tp) -> tuple[Any, bool]:
@@ -162,23 +173,6 @@ def valid_keys(cls) -> list[str]:
     return keys
 
 
-#: Allowed values of numeric fields, by field name, for every stage config that has the
-#: field (a sequence field: each item). Checked by ``from_dict``, i.e. for YAML, CLI flags
-#: and papermill parameters alike, before any work starts.
-RANGES = {
-    "batch_size": ">= 1", "eval_batch_size": ">= 1", "batch": ">= 1", "epochs": ">= 1", "max_steps": ">= 1",
-    "k": ">= 1", "image_size": ">= 16", "crop": ">= 16",
-    "lr": "> 0", "new_lr_mult": "> 0", "bias_lr_mult": "> 0", "poly_power": "> 0", "alpha": "> 0",
-    "scale": "> 0", "scales": "> 0", "momentum": "[0, 1)", "weight_decay": ">= 0", "jitter": ">= 0",
-    "hue": "[0, 0.5]", "p_common": "[0, 1]", "coatt_pool_share": "(0, 1]", "thresholds": "[0, 1]",
-    "bg_threshold": "[0, 1]", "score_floor": "[0, 1]", "conflict": "[0, 1]", "min_fg_fraction": "[0, 1]",
-    "saliency_threshold": "[0, 1]",
-    "workers": ">= 0", "limit": ">= 0", "log_every": ">= 0", "ckpt_every": ">= 0", "seed": ">= 0",
-    "step_epochs": ">= 0", "con_warmup_epochs": ">= 0",
-    "w_basic": ">= 0", "w_coatt": ">= 0", "w_con": ">= 0", "w_self": ">= 0",
-}
-
-
 def _in_range(value: float, spec: str) -> bool:
     if spec[0] in "<>":
         op = spec[:2] if spec[1] == "=" else spec[0]
@@ -188,24 +182,25 @@ def _in_range(value: float, spec: str) -> bool:
     return (lo <= value if spec[0] == "[" else lo < value) and (value <= hi if spec[-1] == "]" else value < hi)
 
 
-def check_range(cls_name: str, name: str, value) -> None:
-    """Raise a ConfigError naming the field, its flag, the value and the allowed range."""
-    spec = RANGES.get(name)
+def check_range(cls_name: str, name: str, value, spec: str | None, flag: str) -> None:
+    """Raise a ConfigError naming the field, its ``flag``, the value and the allowed range ``spec``."""
     if spec is None or value is None or isinstance(value, (str, bool)):
         return
     items = value if isinstance(value, (list, tuple)) else [value]
     bad = [v for v in items if isinstance(v, (int, float)) and not _in_range(float(v), spec)]
     if bad:
         rule = f"lie in {spec}" if spec[0] in "[(" else f"be {spec}"
-        raise ConfigError(f"{cls_name}.{name} ({_flag(name)}) = {value!r}: must {rule}"
+        raise ConfigError(f"{cls_name}.{name} ({flag}) = {value!r}: must {rule}"
                           + (f"; {bad[0]!r} is not" if isinstance(value, (list, tuple)) else ""))
 
 
-def from_dict(cls, data: dict | None, *, base=None):
+def from_dict(cls, data: dict | None, *, base=None, prefix: str = ""):
     """Build ``cls`` from a mapping, rejecting unknown keys with a message listing the valid ones.
 
     Missing keys take the dataclass default, or the value from ``base`` (an instance of
-    ``cls``) when given. Values are type-checked against the annotations (see ``_coerce``).
+    ``cls``) when given. Values are type-checked against the annotations (see ``_coerce``)
+    and their fields' allowed ranges; ``prefix`` is a nested config's place in its parent
+    ("loss."), for the flag a message names.
     """
     data = nest_dotted(dict(data or {}))
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -226,12 +221,12 @@ def from_dict(cls, data: dict | None, *, base=None):
             if base_value is None and f.default_factory is not dataclasses.MISSING:
                 base_value = f.default_factory()  # a nested default may differ from the inner class's own
             try:
-                kwargs[name] = from_dict(inner, sub or {}, base=base_value)
+                kwargs[name] = from_dict(inner, sub or {}, base=base_value, prefix=f"{prefix}{name}.")
             except ConfigError as e:
                 raise ConfigError(f"in {cls.__name__}.{name}: {e}") from None
         elif name in data:
             kwargs[name] = _coerce(data[name], hints[name], f"{cls.__name__}.{name}")
-            check_range(cls.__name__, name, kwargs[name])
+            check_range(cls.__name__, name, kwargs[name], f.metadata.get("allowed"), _flag(prefix + name))
         elif base is not None:
             kwargs[name] = base_value
     missing = [n for n, f in fields.items()
@@ -287,41 +282,15 @@ def _parse_optional(tp):
     return parse
 
 
-#: flag help of the fields that mean the same in every stage config (a stage's HELP may say more)
-SHARED_HELP = {
-    "data_root": "dataset root in VOC layout",
-    "device": "auto | cpu | cuda[:i]",
-    "amp": "bf16 autocast on CUDA",
-    "channels_last": "channels_last memory format on CUDA",
-    "log_every": "progress-bar loss update every N steps",
-    "ckpt_every": "also checkpoint every N steps (0: once per epoch)",
-    "limit": "only the first N images of the split",
-    "flip": "random horizontal flips",
-    "jitter": "colour jitter strength (0 = off)",
-    "epochs": "training epochs",
-    "max_steps": "stop after this many optimizer steps in all (the lr schedule ends there)",
-    "momentum": "SGD momentum",
-    "weight_decay": "SGD weight decay",
-    "step_epochs": "epochs at which the step schedule divides the lr by 10",
-    "workers": "DataLoader worker processes",
-}
-
-
-def prefixed(prefix: str, help_texts: dict) -> dict:
-    """The help of a nested config's fields under its field name: {"crf.iters": ..., ...}."""
-    return {f"{prefix}.{key}": text for key, text in help_texts.items()}
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "", help_texts: dict | None = None,
-                  defaults=None) -> None:
+def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "", defaults=None) -> None:
     """Add one typed flag per field of ``cls`` (``--field-name``; nested: ``--loss.field-name``).
 
     Flags default to "not given" (argparse.SUPPRESS) so that ``from_args`` can layer them
     over a ``--config`` YAML file and the dataclass defaults. Booleans get
     ``--x / --no-x`` (BooleanOptionalAction), sequences take several values, Literal
-    fields become choices, ``X | None`` fields also accept the word ``none``.
+    fields become choices, ``X | None`` fields also accept the word ``none``. The help is
+    the field's own (``setting``).
     """
-    help_texts = help_texts or {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp, optional = _strip_optional(hints[f.name])
@@ -333,10 +302,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "", hel
         else:
             default = None if f.default is dataclasses.MISSING else f.default
         if _is_dataclass_type(tp):
-            add_arguments(parser, tp, prefix=dest + ".", help_texts=help_texts, defaults=default)
+            add_arguments(parser, tp, prefix=dest + ".", defaults=default)
             continue
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        text = help_texts.get(dest, SHARED_HELP.get(dest, ""))
+        text = f.metadata.get("help", "")
         text = f"{text} (required unless in --config)" if required else f"{text} (default: {default})"
         kw: dict = dict(dest=dest, default=argparse.SUPPRESS, help=text.strip())
         item = _sequence_item_type(tp)
@@ -356,13 +325,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "", hel
         parser.add_argument(_flag(dest), **kw)
 
 
-def command_line(parser: argparse.ArgumentParser, cls, help_texts: dict | None = None) -> argparse.ArgumentParser:
+def command_line(parser: argparse.ArgumentParser, cls) -> argparse.ArgumentParser:
     """A stage's command line: ``--config YAML`` plus one typed flag per field of ``cls``
-    (``--loss.w-con``, ``--no-amp``, ...) with ``help_texts`` as their help; read it back with
+    (``--loss.w-con``, ``--no-amp``, ...) with the fields' own help; read it back with
     ``from_args(cls, args)``."""
     parser.add_argument("--config", default=None, metavar="YAML",
                         help="read settings from a YAML file first; flags given on the command line override it")
-    add_arguments(parser, cls, help_texts=help_texts)
+    add_arguments(parser, cls)
     return parser
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from wsss import config as C
+
 #: probabilities are clipped to at least this before the log of the unary
 PROB_FLOOR = 1e-5
 #: the long side, in pixels, of the images the defaults were chosen for (PASCAL VOC)
@@ -34,12 +36,12 @@ CRF_REFERENCE_SIZE = 500
 class CRFParams:
     """Parameters of :func:`dense_crf` (METHOD.md section 3). Spatial widths in pixels."""
 
-    iters: int = 10
-    gauss_sxy: float = 3.0
-    gauss_compat: float = 3.0
-    bilateral_sxy: float = 50.0
-    bilateral_srgb: float = 13.0
-    bilateral_compat: float = 10.0
+    iters: int = C.setting(10, "CRF mean-field iterations")
+    gauss_sxy: float = C.setting(3.0, "CRF Gaussian width (px at VOC size)")
+    gauss_compat: float = C.setting(3.0, "CRF Gaussian weight")
+    bilateral_sxy: float = C.setting(50.0, "CRF bilateral spatial width (px at VOC size)")
+    bilateral_srgb: float = C.setting(13.0, "CRF bilateral colour width")
+    bilateral_compat: float = C.setting(10.0, "CRF bilateral weight")
 
     def scaled(self, factor: float) -> "CRFParams":
         """A copy with both spatial widths multiplied by ``factor``.
@@ -55,15 +57,6 @@ class CRFParams:
         """A copy scaled by max(H, W) / CRF_REFERENCE_SIZE: these settings, meant for a VOC
         image, made proportionally the same on an image of ``size`` (H, W)."""
         return self.scaled(max(size[:2]) / CRF_REFERENCE_SIZE)
-
-
-#: flag help of the CRFParams fields (a stage's config nests them: ``config.prefixed("crf", HELP)``)
-HELP = {
-    "iters": "CRF mean-field iterations",
-    "gauss_sxy": "CRF Gaussian width (px at VOC size)", "gauss_compat": "CRF Gaussian weight",
-    "bilateral_sxy": "CRF bilateral spatial width (px at VOC size)",
-    "bilateral_srgb": "CRF bilateral colour width", "bilateral_compat": "CRF bilateral weight",
-}
 
 
 def _check_inputs(image: np.ndarray, probs: np.ndarray) -> None:

@@ -52,57 +52,39 @@ the forward pass gets a gradient (zero), which DistributedDataParallel expects.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-TERMS = ("basic", "coatt", "contrastive", "self_basic", "self_coatt")
+from wsss import config as C
 
 
 @dataclass
 class LossConfig:
     """Ablation switches and weights of the loss terms (METHOD.md sec. 1)."""
 
-    basic: bool = True
-    coatt: bool = True
-    contrastive: bool = True
-    self_pairs: bool = True
-    w_basic: float = 1.0
-    w_coatt: float = 1.0
-    w_con: float = 1.0
-    w_self: float = 1.0
-    con_warmup_epochs: int = 2
-    empty_contrastive: Literal["negative", "skip"] = "skip"
-    self_weighting: Literal["mean", "sum"] = "mean"
+    basic: bool = C.setting(True, "basic (plain CAM) loss")
+    coatt: bool = C.setting(True, "co-attention loss")
+    contrastive: bool = C.setting(True, "contrastive co-attention loss")
+    self_pairs: bool = C.setting(True, "self-pairs (flip, 0.75x, 2x)")
+    w_basic: float = C.setting(1.0, "weight of the basic loss", allowed=">= 0")
+    w_coatt: float = C.setting(1.0, "weight of the co-attention loss", allowed=">= 0")
+    w_con: float = C.setting(1.0, "weight of the contrastive loss", allowed=">= 0")
+    w_self: float = C.setting(1.0, "weight of the self-pair losses", allowed=">= 0")
+    con_warmup_epochs: int = C.setting(2, "epochs before the contrastive loss is switched on", allowed=">= 0")
+    empty_contrastive: Literal["negative", "skip"] = C.setting(
+        "skip", "an empty contrastive target: skip (left out of the mean) or negative (all-negative target, the "
+                "reference)")
+    self_weighting: Literal["mean", "sum"] = C.setting(
+        "mean", "mean: the pair and the mean self-pair weigh half each (ours); sum: self-pair terms added (the "
+                "reference)")
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # the ranges and choices are the fields' own (checked by config.from_dict)
         if not (self.basic or self.coatt or self.contrastive):
             raise ValueError("LossConfig: at least one of basic, coatt, contrastive must be on")
-        if min(self.w_basic, self.w_coatt, self.w_con, self.w_self) < 0:
-            raise ValueError("LossConfig: loss weights must be >= 0")
-        if self.self_weighting not in ("mean", "sum"):
-            raise ValueError(f"LossConfig.self_weighting must be 'mean' or 'sum', got {self.self_weighting!r}")
-        if self.empty_contrastive not in ("negative", "skip"):
-            raise ValueError(f"LossConfig.empty_contrastive must be 'negative' or 'skip', "
-                             f"got {self.empty_contrastive!r}")
-        if self.con_warmup_epochs < 0:
-            raise ValueError(f"LossConfig.con_warmup_epochs must be >= 0, got {self.con_warmup_epochs}")
-
-
-#: flag help of the LossConfig fields (the classifier's config nests them: ``config.prefixed("loss", HELP)``)
-HELP = {
-    "basic": "basic (plain CAM) loss", "coatt": "co-attention loss",
-    "contrastive": "contrastive co-attention loss", "self_pairs": "self-pairs (flip, 0.75x, 2x)",
-    "w_basic": "weight of the basic loss", "w_coatt": "weight of the co-attention loss",
-    "w_con": "weight of the contrastive loss", "w_self": "weight of the self-pair losses",
-    "con_warmup_epochs": "epochs before the contrastive loss is switched on",
-    "empty_contrastive": "an empty contrastive target: skip (left out of the mean) or negative (all-negative "
-                         "target, the reference)",
-    "self_weighting": "mean: the pair and the mean self-pair weigh half each (ours); sum: self-pair terms "
-                      "added (the reference)",
-}
 
 
 def multilabel_soft_margin(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -131,28 +113,64 @@ def ce_any_nonempty(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return loss if bool((targets > 0).any()) else loss * 0.0
 
 
-CONTRASTIVE_CE = {"negative": ce_any_nonempty, "skip": ce_nonempty}
+def basic(out: dict, l_m: torch.Tensor, l_n: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """CE(s_m, l_m) + CE(s_n, l_n): the plain CAM classifier's loss."""
+    return ce(out["s_m"], l_m) + ce(out["s_n"], l_n)
 
 
-def pair_terms(out: dict, l_m: torch.Tensor, l_n: torch.Tensor,
-               empty_contrastive: str = "skip") -> dict[str, torch.Tensor]:
-    """Unweighted basic / coatt / contrastive terms of one pair (METHOD.md sec. 1)."""
-    l_m, l_n = (l_m > 0).float(), (l_n > 0).float()
+def coatt(out: dict, l_m: torch.Tensor, l_n: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """CE(s_co_m, l_m ∩ l_n) + CE(s_co_n, l_m ∩ l_n): the co-attention loss."""
     common = l_m * l_n
-    con = CONTRASTIVE_CE[empty_contrastive]
-    return {
-        "basic": ce(out["s_m"], l_m) + ce(out["s_n"], l_n),
-        "coatt": ce(out["s_co_m"], common) + ce(out["s_co_n"], common),
-        "contrastive": con(out["s_con_m"], l_m * (1 - l_n)) + con(out["s_con_n"], l_n * (1 - l_m)),
-    }
+    return ce(out["s_co_m"], common) + ce(out["s_co_n"], common)
 
 
-def self_pair_terms(out: dict, l_m: torch.Tensor) -> dict[str, torch.Tensor]:
-    """basic and coatt terms summed over the self-pairs in out["self"] (target l_m)."""
-    per_view = [pair_terms(o, l_m, l_m) for o in out["self"].values()]
-    if not per_view:
+def contrastive(out: dict, l_m: torch.Tensor, l_n: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """CE(s_con_m, l_m minus l_n) + CE(s_con_n, l_n minus l_m), empty targets by ``cfg.empty_contrastive``."""
+    con = {"negative": ce_any_nonempty, "skip": ce_nonempty}[cfg.empty_contrastive]
+    return con(out["s_con_m"], l_m * (1 - l_n)) + con(out["s_con_n"], l_n * (1 - l_m))
+
+
+@dataclass(frozen=True)
+class Term:
+    """One loss term: its function of a pair's outputs and labels, the LossConfig fields
+    that switch it on and weigh it, whether self-pairs also have it (as ``self_NAME``,
+    target l_m on both sides), and the LossConfig field of its first epoch (warm-up)."""
+
+    fn: Callable[[dict, torch.Tensor, torch.Tensor, LossConfig], torch.Tensor]
+    switch: str
+    weight: str
+    on_self_pairs: bool
+    from_epoch: str | None = None
+
+
+#: the loss terms of METHOD.md sec. 1; a new term is a function above and a row here (with
+#: its switch and weight settings in LossConfig)
+LOSS_TERMS = {
+    "basic": Term(basic, "basic", "w_basic", on_self_pairs=True),
+    "coatt": Term(coatt, "coatt", "w_coatt", on_self_pairs=True),
+    "contrastive": Term(contrastive, "contrastive", "w_con", on_self_pairs=False, from_epoch="con_warmup_epochs"),
+}
+SELF_TERMS = tuple(f"self_{name}" for name, term in LOSS_TERMS.items() if term.on_self_pairs)
+TERMS = (*LOSS_TERMS, *SELF_TERMS)
+#: the LossConfig switches of the terms, and of the self-pairs
+SWITCHES = (*(term.switch for term in LOSS_TERMS.values()), "self_pairs")
+
+
+def pair_terms(out: dict, l_m: torch.Tensor, l_n: torch.Tensor, cfg: LossConfig,
+               names=tuple(LOSS_TERMS)) -> dict[str, torch.Tensor]:
+    """The unweighted terms ``names`` of one pair (METHOD.md sec. 1)."""
+    l_m, l_n = (l_m > 0).float(), (l_n > 0).float()
+    return {name: LOSS_TERMS[name].fn(out, l_m, l_n, cfg) for name in names}
+
+
+def self_pair_terms(out: dict, l_m: torch.Tensor, cfg: LossConfig) -> dict[str, torch.Tensor]:
+    """The self-pair terms (self_basic, self_coatt), each summed over the self-pairs in
+    out["self"] (target l_m on both sides)."""
+    if not out["self"]:
         raise ValueError("out['self'] holds no self-pairs")
-    return {"self_basic": sum(t["basic"] for t in per_view), "self_coatt": sum(t["coatt"] for t in per_view)}
+    names = [name for name, term in LOSS_TERMS.items() if term.on_self_pairs]
+    per_view = [pair_terms(o, l_m, l_m, cfg, names) for o in out["self"].values()]
+    return {f"self_{name}": sum(terms[name] for terms in per_view) for name in names}
 
 
 def loss_terms(out: dict, l_m: torch.Tensor, l_n: torch.Tensor, cfg: LossConfig,
@@ -163,24 +181,31 @@ def loss_terms(out: dict, l_m: torch.Tensor, l_n: torch.Tensor, cfg: LossConfig,
     Raises if cfg.self_pairs is on but ``out`` has no "self" entry. Tensors below float32
     (from a bf16 autocast forward pass) are upcast: the losses are computed in float32 at least.
     """
-    terms = pair_terms(out, l_m, l_n, cfg.empty_contrastive)
-    con_on = cfg.contrastive and epoch >= cfg.con_warmup_epochs
+    if cfg.self_pairs and "self" not in out:
+        raise ValueError("LossConfig.self_pairs is on but the model output has no self-pairs; "
+                         "call the model with self_pairs=True or set self_pairs=False")
+    terms = pair_terms(out, l_m, l_n, cfg)
     if cfg.self_pairs:
-        if "self" not in out:
-            raise ValueError("LossConfig.self_pairs is on but the model output has no self-pairs; "
-                             "call the model with self_pairs=True or set self_pairs=False")
-        terms.update(self_pair_terms(out, l_m))
-    zero = terms["basic"].new_zeros(())
-    # self_weighting "mean": the pair's and the mean self-pair's basic / co-att terms average
-    # (1/2 each), so turning self-pairs on keeps the loss scale the lr was chosen for
-    pair_w, self_w = (0.5, 0.5 / len(out["self"])) if cfg.self_pairs and cfg.self_weighting == "mean" else (1.0, 1.0)
-    switches = {"basic": cfg.basic, "coatt": cfg.coatt, "contrastive": con_on,
-                "self_basic": cfg.self_pairs and cfg.basic,
-                "self_coatt": cfg.self_pairs and cfg.coatt}
-    weights = {"basic": pair_w * cfg.w_basic, "coatt": pair_w * cfg.w_coatt, "contrastive": cfg.w_con,
-               "self_basic": self_w * cfg.w_self * cfg.w_basic, "self_coatt": self_w * cfg.w_self * cfg.w_coatt}
-    # Terms computed but switched off enter as 0 * term: same value, and every parameter of
-    # the forward pass still gets a (zero) gradient, so DDP needs no find_unused_parameters.
-    total = sum(((weights[name] if switches[name] else 0.0) * term for name, term in terms.items()), start=zero)
-    return {name: (terms[name] if switches[name] else zero) for name in TERMS} | {"total": total}
+        terms.update(self_pair_terms(out, l_m, cfg))
 
+    # self_weighting "mean": a term's cross pair and its mean self-pair weigh 1/2 each, so
+    # turning self-pairs on keeps the loss scale the lr was chosen for
+    mean = cfg.self_pairs and cfg.self_weighting == "mean"
+    switches, weights = {}, {}
+    for name, term in LOSS_TERMS.items():
+        warm = term.from_epoch is None or epoch >= getattr(cfg, term.from_epoch)
+        switches[name] = getattr(cfg, term.switch) and warm
+        weights[name] = getattr(cfg, term.weight) * (0.5 if mean and term.on_self_pairs else 1.0)
+        if term.on_self_pairs:
+            switches[f"self_{name}"] = cfg.self_pairs and switches[name]
+            per_view = 0.5 / len(out["self"]) if mean else 1.0
+            weights[f"self_{name}"] = per_view * cfg.w_self * getattr(cfg, term.weight)
+
+    # A term computed but switched off enters as 0 * term: the same value, and every parameter
+    # of the forward pass still gets a (zero) gradient, so DDP needs no find_unused_parameters.
+    zero = terms["basic"].new_zeros(())
+    total = zero
+    for name, value in terms.items():
+        total = total + (weights[name] if switches[name] else 0.0) * value
+    out_terms = {name: terms[name] if switches[name] else zero for name in TERMS}
+    return {**out_terms, "total": total}

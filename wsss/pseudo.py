@@ -37,14 +37,13 @@ The exact rules of :func:`scores_to_mask`, in order (``p`` = :class:`PseudoMaskP
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 
+from wsss import config as C
 from wsss.classes import IGNORE_INDEX
-from wsss.config import prefixed
-from wsss.crf import HELP as CRF_HELP
 from wsss.crf import CRFParams, dense_crf
 
 BG_MODES = ("power", "threshold", "saliency")
@@ -65,33 +64,21 @@ class PseudoMaskParams:
     salient for rule 6 (saliency mode only).
     """
 
-    bg_mode: str = "power"
-    alpha: float = 4.0
-    bg_threshold: float = 0.2
-    saliency_threshold: float = 0.5
-    score_floor: float = 0.3
-    conflict: float = 0.99
-    min_fg_fraction: float = 0.01
-    use_crf: bool = True
-    crf: CRFParams = field(default_factory=CRFParams)
+    bg_mode: str = C.setting("power", f"background score: {' | '.join(BG_MODES)}")
+    alpha: float = C.setting(4.0, "power of the background score (1 - max_c M_c)^alpha", allowed="> 0")
+    bg_threshold: float = C.setting(0.2, "constant background score (bg_mode=threshold)", allowed="[0, 1]")
+    saliency_threshold: float = C.setting(
+        0.5, "saliency above which a pixel may not be background (bg_mode=saliency)", allowed="[0, 1]")
+    score_floor: float = C.setting(0.3, "class scores below this are dropped", allowed="[0, 1]")
+    conflict: float = C.setting(0.99, "pixels with two class scores above this are ignored (255)", allowed="[0, 1]")
+    min_fg_fraction: float = C.setting(
+        0.01, "images with less foreground than this fraction are ignored whole", allowed="[0, 1]")
+    use_crf: bool = C.setting(True, "refine the scores with a dense CRF")
+    crf: CRFParams = C.setting(factory=CRFParams)
 
     def __post_init__(self) -> None:
         if self.bg_mode not in BG_MODES:
             raise ValueError(f"PseudoMaskParams.bg_mode must be one of {BG_MODES}, got {self.bg_mode!r}")
-
-
-#: flag help of the PseudoMaskParams fields (the pseudo-mask stage's config inherits them)
-HELP = {
-    "bg_mode": f"background score: {' | '.join(BG_MODES)}",
-    "alpha": "power of the background score (1 - max_c M_c)^alpha",
-    "bg_threshold": "constant background score (bg_mode=threshold)",
-    "saliency_threshold": "saliency above which a pixel may not be background (bg_mode=saliency)",
-    "score_floor": "class scores below this are dropped",
-    "conflict": "pixels with two class scores above this are ignored (255)",
-    "min_fg_fraction": "images with less foreground than this fraction are ignored whole",
-    "use_crf": "refine the scores with a dense CRF",
-    **prefixed("crf", CRF_HELP),
-}
 
 
 def _check_unit_range(name: str, array: np.ndarray) -> np.ndarray:

@@ -39,6 +39,7 @@ from wsss import config as C
 from wsss import rundir as R
 from wsss.config import MACHINERY_KEYS, config_differences  # noqa: F401  (part of report's API)
 from wsss.files import write_json  # noqa: F401  (notebooks call report.write_json)
+from wsss.losses import SWITCHES
 from wsss.paths import REPO_ROOT, runs_dir
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,6 @@ def load_pipeline(data_size: str = "demo", config: str | Path | None = None, run
     if stages is not None:
         cfg.stages = tuple(stages)
     return cfg
-
-
-SWITCHES = ("basic", "coatt", "contrastive", "self_pairs")
 
 
 def loss_switches(basic: bool | None = None, coatt: bool | None = None, contrastive: bool | None = None,

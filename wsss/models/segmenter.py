@@ -12,7 +12,8 @@
 - "tiny": a small fully convolutional net (output stride 4, dilated context) that trains
   on 96 px images on a laptop CPU in a minute or two, for the embedded benchmark.
 Every model maps images (B, 3, H, W) to logits (B, C, H, W) at the input size and has
-``param_groups() -> (backbone_params, head_params)`` (the head usually gets 10x the lr).
+``param_groups() -> (backbone_params, head_params)`` (the head usually gets 10x the lr); the
+ones with an ImageNet backbone also ``load_backbone(weights, name)``.
 
 :func:`segmentation_loss` is cross-entropy that ignores 255; :func:`predict` averages the
 softmax over scales and horizontal flips (the reference tests at 0.5-1.5 with flips).
@@ -91,6 +92,10 @@ class TorchvisionSegmenter(nn.Module):
         """(backbone params, head params): the pretrained ResNet and the new DeepLab head."""
         return list(self.net.backbone.parameters()), list(self.net.classifier.parameters())
 
+    def load_backbone(self, weights: dict, name: str) -> None:
+        """Load an ImageNet ResNet state dict into the backbone, strictly (its fc dropped)."""
+        load_body_state(self.net.backbone, weights, f"{name} backbone")
+
 
 class BackboneSegmenter(nn.Module):
     """DeepLabV3's ASPP head on a :mod:`wsss.models.backbones` body (output stride 16).
@@ -115,6 +120,11 @@ class BackboneSegmenter(nn.Module):
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(backbone params, head params): the pretrained body and the new ASPP head."""
         return list(self.backbone.backbone_parameters()), list(self.head.parameters())
+
+    def load_backbone(self, weights: dict, name: str) -> None:
+        """Load the body's ImageNet weights, then freeze its BatchNorm."""
+        self.backbone.load_pretrained(weights)
+        self.backbone.set_frozen(frozen_bn=True, freeze_body=False)
 
 
 #: name -> constructor(num_classes_incl_bg)
@@ -143,12 +153,7 @@ def build_segmenter(name: str, num_classes_incl_bg: int, pretrained_backbone: st
     model = SEGMENTERS[name](num_classes_incl_bg)
     if pretrained_backbone is None:
         return model
-    weights = resolve_pretrained(name.removeprefix("deeplabv3_"), pretrained_backbone)
-    if isinstance(model, BackboneSegmenter):
-        model.backbone.load_pretrained(weights)
-        model.backbone.set_frozen(frozen_bn=True, freeze_body=False)
-    else:
-        load_body_state(model.net.backbone, weights, f"{name} backbone")
+    model.load_backbone(resolve_pretrained(name.removeprefix("deeplabv3_"), pretrained_backbone), name)
     return model
 
 

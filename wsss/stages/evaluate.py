@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +21,6 @@ from wsss import engine as E
 from wsss import provenance
 from wsss import rundir as R
 from wsss.crf import CRF_REFERENCE_SIZE, CRFParams
-from wsss.crf import HELP as CRF_HELP
 from wsss.evaluation import DEFAULT_THRESHOLDS, evaluate_maps, evaluate_masks, evaluate_segmenter
 from wsss.files import check_current, fingerprint, write_json
 from wsss.stages import train_segmenter
@@ -51,25 +50,27 @@ class EvalConfig:
     in RUN/metrics.json keeps its numbers unless ``overwrite``.
     """
 
-    data_root: str
-    run_dir: str
-    parts: tuple[str, ...] = ("auto",)
-    maps_split: str = "train"
-    maps_dir: str = R.MAPS
-    pseudo_split: str = "train"
-    pseudo_dir: str = R.PSEUDO
-    seg_split: str = "val"
-    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-    crf: bool = True
-    crf_params: CRFParams = field(default_factory=CRFParams)
-    crf_scale: bool = True
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
-    device: str = "auto"
-    amp: bool = True
-    allow_missing: bool = False
-    limit: int | None = None
-    overwrite: bool = False
+    data_root: str = C.setting(help="dataset root in VOC layout")
+    run_dir: str = C.setting(help="run directory (maps/, pseudo/, segmenter.pt; metrics.json is written here)")
+    parts: tuple[str, ...] = C.setting(("auto",), "what to evaluate: maps pseudo segmenter, or auto (whatever exists)")
+    maps_split: str = C.setting("train", "split of the localization maps")
+    maps_dir: str = C.setting(R.MAPS, "maps folder inside the run directory")
+    pseudo_split: str = C.setting("train", "split of the pseudo masks")
+    pseudo_dir: str = C.setting(R.PSEUDO, "pseudo-mask folder inside the run directory")
+    seg_split: str = C.setting("val", "split the segmenter is tested on")
+    thresholds: tuple[float, ...] = C.setting(
+        DEFAULT_THRESHOLDS, "background thresholds swept for the maps", allowed="[0, 1]")
+    crf: bool = C.setting(True, "also report the segmenter's mIoU after a dense CRF")
+    crf_params: CRFParams = C.setting(factory=CRFParams)
+    crf_scale: bool = C.setting(
+        True, f"scale the CRF spatial widths by max(H, W) / {CRF_REFERENCE_SIZE} per image (as pseudo masks do)")
+    scales: tuple[float, ...] = C.setting((1.0,), "test scales of the segmenter", allowed="> 0")
+    flip: bool = C.setting(False, "average the segmenter over horizontal flips")
+    device: str = C.setting("auto", "auto | cpu | cuda[:i]")
+    amp: bool = C.setting(True, "bf16 autocast on CUDA for the segmenter")
+    allow_missing: bool = C.setting(False, "evaluate only the images that have maps / pseudo masks")
+    limit: int | None = C.setting(None, "only the first N images of the segmenter's split", allowed=">= 0")
+    overwrite: bool = C.setting(False, "evaluate again the parts whose inputs and settings are unchanged")
 
 
 def _inputs(cfg: EvalConfig) -> dict[str, Path]:
@@ -230,22 +231,3 @@ def run(cfg: EvalConfig | dict) -> dict:
 
 # =========================================================================== command line
 
-HELP = {
-    "run_dir": "run directory (maps/, pseudo/, segmenter.pt; metrics.json is written here)",
-    "parts": "what to evaluate: maps pseudo segmenter, or auto (whatever exists)",
-    "maps_split": "split of the localization maps",
-    "maps_dir": "maps folder inside the run directory",
-    "pseudo_split": "split of the pseudo masks",
-    "pseudo_dir": "pseudo-mask folder inside the run directory",
-    "seg_split": "split the segmenter is tested on",
-    "thresholds": "background thresholds swept for the maps",
-    "crf": "also report the segmenter's mIoU after a dense CRF",
-    **C.prefixed("crf_params", CRF_HELP),
-    "crf_scale": f"scale the CRF spatial widths by max(H, W) / {CRF_REFERENCE_SIZE} per image (as pseudo masks do)",
-    "scales": "test scales of the segmenter",
-    "flip": "average the segmenter over horizontal flips",
-    "amp": "bf16 autocast on CUDA for the segmenter",
-    "allow_missing": "evaluate only the images that have maps / pseudo masks",
-    "limit": "only the first N images of the segmenter's split",
-    "overwrite": "evaluate again the parts whose inputs and settings are unchanged",
-}

@@ -60,24 +60,30 @@ class MapsConfig:
     "replace" (the reference: k draws with replacement, I_m itself included).
     """
 
-    data_root: str
-    run_dir: str
-    split: str = "train"
-    k: int = 3
-    combine: tuple[str, ...] = KINDS
-    scales: tuple[float, ...] = (1.0,)
-    self_transforms: tuple[str, ...] = SELF_TRANSFORMS
-    aggregate: Literal["mean", "reference"] = "mean"
-    partners: Literal["distinct", "replace"] = "distinct"
-    image_size: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    batch: int = 8
-    workers: int = 0
-    limit: int | None = None
-    maps_dir: str = R.MAPS
-    overwrite: bool = False
+    data_root: str = C.setting(help="dataset root in VOC layout")
+    run_dir: str = C.setting(help="run directory holding classifier.pt")
+    split: str = C.setting("train", "split whose images get maps (ImageSets/Segmentation/SPLIT.txt)")
+    k: int = C.setting(3, "partners per class for the cross-image maps", allowed=">= 1")
+    combine: tuple[str, ...] = C.setting(
+        KINDS, "kinds of map averaged: cam (single image), coatt (cross-image), self (self-pairs)")
+    scales: tuple[float, ...] = C.setting(
+        (1.0,), "inference scales (each rescales the image and its partners)", allowed="> 0")
+    self_transforms: tuple[str, ...] = C.setting(SELF_TRANSFORMS, "self-pair transforms: identity flip down up")
+    aggregate: Literal["mean", "reference"] = C.setting(
+        "mean", "mean: normalised maps averaged per kind (ours); reference: the authors' five-map rule")
+    partners: Literal["distinct", "replace"] = C.setting(
+        "distinct", "distinct: k other images per class; replace: k draws with replacement, the image included "
+                    "(reference)")
+    image_size: int | None = C.setting(
+        None, "resize images to this square size for the network (none: native); maps keep the native size", allowed=">= 16")
+    seed: int = C.setting(0, "seed of the partner draws (one generator per image)", allowed=">= 0")
+    device: str = C.setting("auto", "auto | cpu | cuda[:i]")
+    amp: bool = C.setting(True, "bf16 autocast on CUDA")
+    batch: int = C.setting(8, "images per backbone call", allowed=">= 1")
+    workers: int = C.setting(0, "DataLoader worker processes (image and partner loading)", allowed=">= 0")
+    limit: int | None = C.setting(None, "only the first N images of the split", allowed=">= 0")
+    maps_dir: str = C.setting(R.MAPS, "output folder inside the run directory (or an absolute path)")
+    overwrite: bool = C.setting(False, "recompute maps that already exist")
 
 
 def _settings(cfg: MapsConfig, checkpoint: Path) -> dict:
@@ -200,19 +206,3 @@ def run(cfg: MapsConfig | dict) -> dict:
 
 # =========================================================================== command line
 
-HELP = {
-    "run_dir": "run directory holding classifier.pt",
-    "split": "split whose images get maps (ImageSets/Segmentation/SPLIT.txt)",
-    "k": "partners per class for the cross-image maps",
-    "combine": "kinds of map averaged: cam (single image), coatt (cross-image), self (self-pairs)",
-    "scales": "inference scales (each rescales the image and its partners)",
-    "self_transforms": "self-pair transforms: identity flip down up",
-    "aggregate": "mean: normalised maps averaged per kind (ours); reference: the authors' five-map rule",
-    "partners": "distinct: k other images per class; replace: k draws with replacement, the image included (reference)",
-    "image_size": "resize images to this square size for the network (none: native); maps keep the native size",
-    "seed": "seed of the partner draws (one generator per image)",
-    "batch": "images per backbone call",
-    "workers": "DataLoader worker processes (image and partner loading)",
-    "maps_dir": "output folder inside the run directory (or an absolute path)",
-    "overwrite": "recompute maps that already exist",
-}

