@@ -15,7 +15,7 @@ downloaded):
 - the classifier's loss under bf16 autocast against float32 on the same batch and
   weights: relative difference, which must stay under ``--tolerance`` (exit code 1 if not).
 
-    python benchmarks/gpu_check.py                       # on the GPU (about 2 minutes on an H100)
+    python benchmarks/gpu_check.py                       # on the GPU (sized for a few minutes; not yet timed on one)
     python benchmarks/gpu_check.py --device cpu --quick  # small shapes, a check that it runs (tests)
 
 Peak memory is torch.cuda.max_memory_allocated() above what was allocated before the
