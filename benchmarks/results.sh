@@ -66,7 +66,7 @@ for section in $SECTIONS; do
         $ART --setting "tiny_ours:$TINY" $ART_OURS
         $ART --figure figures/art_maps.png --images 6 --column "basic CAM=basic/cam" --column "ours: own CAM=ours/cam" \
             --column "ours: co-att (k = 3)=ours/coatt" --column "ours: CAM + co-att=ours/cam_coatt" \
-            --column "ours: CAM + co-att + self=ours/all" ;;
+            --column "ours: CAM + co-att + self=ours/all" --column "top-r pooling: co-att=ours_top/coatt" ;;
     *) echo "unknown section $section: choose from ablation inference segmentation settings knobs figures art" >&2
        exit 2 ;;
     esac

@@ -55,6 +55,7 @@ INFERENCE = {"cam": "single-image CAM", "coatt_k1": "co-attention, k = 1", "coat
              "reference": "the reference's five-map aggregate"}
 # the art benchmark (docs/results.md section 7, runs/art): classifier setting -> row label
 ART = {"basic": "Lite0 ImageNet: basic only (plain CAM)", "ours": "Lite0 ImageNet: `ours`",
+       "ours_top": "Lite0 ImageNet: `ours`, top-r pooling of s^{m∩n} (r = 0.25)",
        "tiny_basic": "tiny from scratch: basic only", "tiny_ours": "tiny from scratch: `ours`"}
 # the attention diagnostics (wsss.diagnostics) -> column label
 DIAGNOSTICS = {"att/obj->obj": "attention object -> object", "att/obj_area_n": "(partner's object share of cells)",
@@ -218,6 +219,8 @@ def main(argv=None) -> None:
     if not art.empty:
         tables["art"] = ablation_table(art, ART)
         tables["art_inference"] = inference_table(art)
+        tables["art_top_inference"] = inference_table(art, "ours_top")
+        tables["art_tiny_inference"] = inference_table(art, "tiny_ours")
         tables["art_diagnostics"] = diagnostics_table(art, ART)
         tables["art_segmentation"] = segmentation_table(art_seg, "art_segmentation.jsonl", "art")
     doc = REPO_ROOT / "docs" / "results.md"

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from wsss import cli
 from wsss import config as C
 from wsss import rundir as R
 from wsss.stages import make_maps, pipeline, pseudo_masks, training
@@ -90,7 +92,9 @@ def test_a_changed_setting_recomputes_its_stage_and_what_follows_then_nothing(be
     assert outputs(run_dir) == outputs(old_run)  # a dry run changes nothing
 
     caplog.clear()
-    pipeline.run(config(bench, run_dir, NEW_LR))  # no resume / overwrite edit needed
+    path = tmp_path / "p.yaml"  # the user's YAML with the new lr: no resume / overwrite edit needed
+    path.write_text(yaml.safe_dump(config(bench, run_dir, NEW_LR)))
+    assert cli.main(["pipeline", "--config", str(path)]) == 0
     assert actions(caplog) == {"classifier": "recompute (lr changed)", "maps": "recompute (classifier.pt changed)",
                                "pseudo": "recompute (the maps changed)"}
     assert outputs(run_dir) == reference
@@ -166,8 +170,6 @@ def flags_named(message: str, command: str) -> list[tuple[str, str]]:
 
 
 def test_every_flag_an_error_names_is_one_its_command_accepts(bench, old_run, tmp_path, capsys):
-    from wsss import cli
-
     run_dir = copy_of(old_run, tmp_path)
     stages = pipeline.stage_configs(C.from_dict(pipeline.PipelineConfig, config(bench, run_dir)), bench, run_dir)
     files = {}

@@ -83,7 +83,7 @@ def write_json(path: str | Path, obj) -> Path:
 
 def changed_settings(out_dir: Path, name: str, settings: dict, explain: dict[str, str] | None = None) -> list[str]:
     """What differs between ``settings`` and those recorded in ``out_dir/name`` (``explain``
-    says what a changed key means, {"classifier": "classifier.pt (retrained)"}); [] when they
+    says what a changed key means, {"classifier": "classifier.pt"}); [] when they
     are the same or nothing is recorded."""
     path = Path(out_dir) / name
     if not path.is_file():
