@@ -21,20 +21,7 @@ from wsss.stages import make_maps, pipeline, pseudo_masks, training
 LR, NEW_LR = 1e-2, 5e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    from wsss.data.synth import ensure_benchmark
-
-    return ensure_benchmark(tmp_path_factory.mktemp("bench") / "tiny", size="smoke", image_size=32, num_train=8,
-                            num_val=4, num_single=0, num_web=0, num_classes=4)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(bench, run_dir, lr=LR, **kw) -> dict:
