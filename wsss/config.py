@@ -343,8 +343,11 @@ def from_args(cls, args: argparse.Namespace, *, parser: argparse.ArgumentParser 
     try:
         config_path = getattr(args, "config", None)
         merged = nest_dotted(read_yaml_mapping(config_path, f"{cls.__name__} fields")) if config_path else {}
-        for k, v in nest_dotted(given).items():  # flags over the YAML; a section over a section: one level deep
-            merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+        for k, v in nest_dotted(given).items():  # flags over the YAML
+            if isinstance(v, dict) and isinstance(merged.get(k), dict):
+                merged[k] = {**merged[k], **v}  # flags of a nested section (--loss.w-con) over its YAML keys
+            else:
+                merged[k] = v
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in merged
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:

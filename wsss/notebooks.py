@@ -203,9 +203,15 @@ def _entry_specs(entry: dict, where: str, base: Path, runs_root: Path, exp: str,
         if RUN_DIR in params:
             raise GridError(f"{where}: {RUN_DIR} is set by the runner (RUNS/EXP/ID); remove it")
         param_id = make_run_id({k: params[k] for k in varying})
-        run_id = f"{notebook.stem}__{param_id}" if list_form and param_id else param_id or notebook.stem
-        run_dir = (runs_root / exp / param_id if param_id else runs_root / exp) if RUN_DIR in declared else None
-        if run_dir is not None:
+        if not param_id:
+            run_id = notebook.stem
+        elif list_form:  # several notebooks share the experiment: the notebook's name tells them apart
+            run_id = f"{notebook.stem}__{param_id}"
+        else:
+            run_id = param_id
+        run_dir = None
+        if RUN_DIR in declared:  # the notebook takes its run directory from the runner
+            run_dir = runs_root / exp / param_id if param_id else runs_root / exp
             params[RUN_DIR] = str(run_dir)
         output = runs_root / exp / "notebooks" / f"{run_id}.ipynb"
         specs.append(RunSpec(notebook, exp, run_id, params, output, run_dir, stage, source))
@@ -271,7 +277,10 @@ def validate(spec: RunSpec) -> None:
     for name, value in spec.parameters.items():
         default = declared[name]
         types, want = KINDS.get(type(default), (object, ""))  # None, text, expressions: anything
-        if value is not None and not (isinstance(value, types) and (type(default) is bool or type(value) is not bool)):
+        if value is None:
+            continue
+        stray_bool = isinstance(value, bool) and not isinstance(default, bool)  # to Python, True is also an int
+        if not isinstance(value, types) or stray_bool:
             raise GridError(f"{where}: parameter {name} = {value!r} should be {want} "
                             f"(its default in {spec.notebook} is {default!r})")
 

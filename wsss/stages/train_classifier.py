@@ -219,7 +219,7 @@ def _run(cfg: ClassifierConfig, dist: E.DistInfo, t_start: float) -> dict:
     metrics = {"val_map": last.get("val/map"),
                "val_ap": dict(zip(base.class_names, last["val/ap"])) if "val/ap" in last else None,
                **training.summary(history, t_start, "val/ap")}
-    training.save(cfg, "classifier", dist, model, base, metrics, f"val mAP {metrics['val_map']}")
+    training.save(cfg, "classifier", dist, model, base.class_names, metrics, f"val mAP {metrics['val_map']}")
     return metrics
 
 

@@ -225,7 +225,8 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
     metrics = {"val_miou": last.get("val/miou"), "val_pixel_acc": last.get("val/pixel_acc"),
                "val_iou": dict(zip(["background", *train.class_names], last["val/iou"])) if "val/iou" in last else None,
                **training.summary(history, t_start, "val/iou")}
-    training.save(cfg, "segmenter", dist, model, train, metrics, f"val mIoU {metrics['val_miou']}", inputs=inputs)
+    training.save(cfg, "segmenter", dist, model, train.class_names, metrics, f"val mIoU {metrics['val_miou']}",
+                  inputs=inputs)
     return metrics
 
 

@@ -10,7 +10,7 @@
         evaluate = training.evaluator(evaluate_map, cfg, val, device, channels_last, dist)
         history = E.fit(..., evaluate=evaluate, ...)
         metrics = {...its own numbers..., **training.summary(history, t_start, "val/ap")}
-        training.save(cfg, "classifier", dist, model, train, metrics, "val mAP ...")
+        training.save(cfg, "classifier", dist, model, train.class_names, metrics, "val mAP ...")
 
 and ``training.load_trained`` reads the weights back. The loop itself (resume, checkpoints,
 DDP) is ``wsss.engine.fit``; where the files go is ``wsss.rundir``.
@@ -137,15 +137,16 @@ def summary(history: list[dict], t_start: float, per_class: str) -> dict:
     }
 
 
-def save(cfg, stage: str, dist: E.DistInfo, model, train, metrics: dict, headline: str, **record) -> None:
-    """RUN's weights (the model, its config, the class names and number of classes of the train
-    set ``train``, ``record``, the metrics) and metrics file, written by the main process;
-    every process waits for them."""
+def save(cfg, stage: str, dist: E.DistInfo, model, class_names: list[str], metrics: dict, headline: str,
+         **record) -> None:
+    """RUN's weights (the model, its config, the ``class_names`` it was trained on and their
+    number, ``record``, the metrics) and metrics file, written by the main process; every
+    process waits for them."""
     if dist.is_main:
         run_dir = Path(cfg.run_dir)
-        E.atomic_torch_save({"model": model.state_dict(), "cfg": C.to_dict(cfg),
-                             "class_names": list(train.class_names), "num_classes": train.num_classes, **record,
-                             "metrics": metrics}, run_dir / R.TRAINED[stage])
+        E.atomic_torch_save({"model": model.state_dict(), "cfg": C.to_dict(cfg), "class_names": list(class_names),
+                             "num_classes": len(class_names), **record, "metrics": metrics},
+                            run_dir / R.TRAINED[stage])
         write_json(run_dir / R.METRICS[stage], metrics)
         log.info("%s done: %s, %s", stage, headline, run_dir / R.TRAINED[stage])
     E.barrier()
