@@ -62,7 +62,7 @@ DIAGNOSTICS = {"att/obj->obj": "attention object -> object", "att/obj_area_n": "
                "att/bg->obj": "background -> object", "cam/object": "CAM mass on the object",
                "coatt/object": "co-att mass on the object", "phi0/object": "phi_0 score on the object",
                "phi0/background": "phi_0 score on background"}
-SEGMENTATION = {("basic", "cam"): "the basic classifier's CAM", ("ours", "all"): "`ours`, CAM + co-att + self (the demo)",
+SEGMENTATION = {("basic", "cam"): "the basic classifier's CAM", ("ours", "all"): "`ours`, CAM + co-att + self",
                 ("ours", "cam_coatt"): "`ours`, CAM + co-att (no self-pair maps)"}
 
 
