@@ -23,7 +23,7 @@ import yaml
 from _settings import parse_setting
 
 from wsss import config as C
-from wsss import engine as E
+from wsss import loaders, lr_schedule
 from wsss.data.synth import ensure_benchmark
 from wsss.paths import REPO_ROOT, benchmark_root
 from wsss.stages import train_classifier as T
@@ -31,14 +31,14 @@ from wsss.stages import train_classifier as T
 
 def diagnose(cfg: T.ClassifierConfig, steps: int, every: int, name: str) -> list[dict]:
     base, pairs, _ = T._datasets(cfg)
-    E.seed_everything(cfg.seed)
+    loaders.seed_everything(cfg.seed)
     model = T.build_model(cfg, base.num_classes)
     optimizer = T.build_optimizer(cfg, model)
-    spe = E.steps_per_epoch(len(pairs), cfg.batch_size)
-    scheduler = E.build_scheduler(optimizer, schedule=cfg.schedule, total_steps=cfg.epochs * spe,
+    spe = loaders.steps_per_epoch(len(pairs), cfg.batch_size)
+    scheduler = lr_schedule.build_scheduler(optimizer, schedule=cfg.schedule, total_steps=cfg.epochs * spe,
                                   steps_per_epoch=spe, step_epochs=cfg.step_epochs)
     step_fn = T.make_step_fn(cfg.loss)
-    loader = E.make_train_loader(pairs, cfg.batch_size, seed=cfg.seed, epoch=0)
+    loader = loaders.make_train_loader(pairs, cfg.batch_size, seed=cfg.seed, epoch=0)
     feats = {}
     model.backbone.register_forward_hook(lambda mod, inp, out: feats.__setitem__("f", out.detach()))
     rows, step = [], 0

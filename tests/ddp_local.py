@@ -27,6 +27,6 @@ def _local_worker(rank: int, world_size: int, port: int, threads: int, fn, args)
 def launch_local(fn, world_size: int, *args, threads: int = 1) -> None:
     """Run ``fn(*args)`` in ``world_size`` spawned processes on this machine, with the
     environment torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1, a
-    free MASTER_PORT), so that ``wsss.engine.init_distributed`` inside ``fn`` joins them (gloo
+    free MASTER_PORT), so that ``wsss.distributed.init_distributed`` inside ``fn`` joins them (gloo
     on CPU). ``fn`` must be importable (a module-level function) and ``args`` picklable."""
     mp.spawn(_local_worker, args=(world_size, free_port(), threads, fn, args), nprocs=world_size, join=True)

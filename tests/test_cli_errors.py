@@ -82,7 +82,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_exit_code_5(tmp_path, m
 
     import torch
 
-    from wsss import engine as E
+    from wsss import checkpoints
 
     def full(obj, f):
         raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
@@ -91,7 +91,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_exit_code_5(tmp_path, m
     monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("U", "total used free")(10, 10, 0))
     (tmp_path / "checkpoint_last.pt").write_bytes(b"the last good one")
     with pytest.raises(OSError) as err:
-        E.atomic_torch_save({"x": 1}, tmp_path / "checkpoint_last.pt")
+        checkpoints.atomic_torch_save({"x": 1}, tmp_path / "checkpoint_last.pt")
     kind, message = cli.classify_error(err.value)
     assert kind == "disk" and cli.EXIT_CODES[kind] == 5
     assert message.startswith(f"disk full while writing {tmp_path / 'checkpoint_last.pt'}")

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from wsss import checkpoints, distributed, engine, loaders, lr_schedule
 from wsss import config as C
-from wsss import engine as E
 from wsss import rundir as R
 
 # --------------------------------------------------------------------------- toys
@@ -66,14 +66,14 @@ def make_toy(lr=0.01, schedule="poly", total=12, spe=6):
     torch.manual_seed(0)
     model = DropToy()
     body, head = model.param_groups()
-    opt = torch.optim.SGD(E.param_groups(body, head, lr, 1e-4), lr=lr, momentum=0.9, nesterov=True)
-    sched = E.build_scheduler(opt, schedule=schedule, total_steps=total, steps_per_epoch=spe, step_epochs=(1,))
+    opt = torch.optim.SGD(lr_schedule.param_groups(body, head, lr, 1e-4), lr=lr, momentum=0.9, nesterov=True)
+    sched = lr_schedule.build_scheduler(opt, schedule=schedule, total_steps=total, steps_per_epoch=spe, step_epochs=(1,))
     return model, opt, sched
 
 
 def fit_toy(run_dir, epochs=2, **kw):
     model, opt, sched = make_toy()
-    hist = E.fit(model, opt, sched, NoisyToy(), kw.pop("step_fn", mse_step), run_dir=run_dir, cfg={"toy": 1},
+    hist = engine.fit(model, opt, sched, NoisyToy(), kw.pop("step_fn", mse_step), run_dir=run_dir, cfg={"toy": 1},
                  epochs=epochs, batch_size=4, seed=3, device=torch.device("cpu"), log_every=0, **kw)
     return model, hist
 
@@ -85,14 +85,14 @@ def sha(path):
 # --------------------------------------------------------------------------- lr
 
 def test_lr_factor_poly_and_step_by_hand():
-    assert E.lr_factor(0, schedule="poly", total_steps=10, steps_per_epoch=5) == 1.0
-    assert E.lr_factor(5, schedule="poly", total_steps=10, steps_per_epoch=5) == pytest.approx(0.5 ** 0.9)
-    assert E.lr_factor(10, schedule="poly", total_steps=10, steps_per_epoch=5) == 0.0
+    assert lr_schedule.lr_factor(0, schedule="poly", total_steps=10, steps_per_epoch=5) == 1.0
+    assert lr_schedule.lr_factor(5, schedule="poly", total_steps=10, steps_per_epoch=5) == pytest.approx(0.5 ** 0.9)
+    assert lr_schedule.lr_factor(10, schedule="poly", total_steps=10, steps_per_epoch=5) == 0.0
     # step: x0.1 at epochs 5 and 10 (reference), 4 steps per epoch
-    f = [E.lr_factor(s, schedule="step", total_steps=60, steps_per_epoch=4, step_epochs=(5, 10)) for s in (19, 20, 39, 40)]
+    f = [lr_schedule.lr_factor(s, schedule="step", total_steps=60, steps_per_epoch=4, step_epochs=(5, 10)) for s in (19, 20, 39, 40)]
     assert f == pytest.approx([1.0, 0.1, 0.1, 0.01])
     with pytest.raises(ValueError, match="schedule"):
-        E.lr_factor(0, schedule="cosine", total_steps=1, steps_per_epoch=1)
+        lr_schedule.lr_factor(0, schedule="cosine", total_steps=1, steps_per_epoch=1)
 
 
 def test_param_groups_give_new_layers_ten_times_the_lr_and_scheduler_steps_per_step():
@@ -116,14 +116,14 @@ def test_checkpoint_round_trip_restores_model_optimizer_scheduler_and_rng(tmp_pa
         opt.step()
         sched.step()
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    path = E.save_checkpoint(tmp_path / "ck.pt", model, opt, sched, epoch=2, step=3, cfg={"a": [1, 2]},
+    path = checkpoints.save_checkpoint(tmp_path / "ck.pt", model, opt, sched, epoch=2, step=3, cfg={"a": [1, 2]},
                              extra={"note": "x"})
     expect = (random.random(), np.random.rand(), torch.rand(1))
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"], "no temporary file may be left behind"
 
     model2, opt2, sched2 = make_toy()
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    ck = E.load_checkpoint(path, model2, opt2, sched2)
+    ck = checkpoints.load_checkpoint(path, model2, opt2, sched2)
     assert (ck["epoch"], ck["step"], ck["cfg"], ck["extra"]) == (2, 3, {"a": [1, 2]}, {"note": "x"})
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)
@@ -136,7 +136,7 @@ def test_load_checkpoint_explains_a_corrupt_file(tmp_path):
     bad = tmp_path / "checkpoint_last.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="delete it to start over"):
-        E.load_checkpoint(bad)
+        checkpoints.load_checkpoint(bad)
 
 
 # --------------------------------------------------------------------------- loop
@@ -145,7 +145,7 @@ def test_train_loader_order_is_a_function_of_seed_and_epoch():
     ds = NoisyToy()
 
     def batches(epoch, workers=0):
-        return [b for b in E.make_train_loader(ds, 4, seed=5, epoch=epoch, workers=workers)]
+        return [b for b in loaders.make_train_loader(ds, 4, seed=5, epoch=epoch, workers=workers)]
 
     a, b, c = batches(0), batches(0), batches(1)
     assert ds.epoch == 1, "set_epoch must reach the dataset"
@@ -159,7 +159,7 @@ def test_train_loader_order_is_a_function_of_seed_and_epoch():
 
 def test_fit_logs_every_term_per_epoch(tmp_path):
     _, hist = fit_toy(tmp_path, epochs=2)
-    log = E.read_log(tmp_path)
+    log = engine.read_log(tmp_path)
     assert [r["epoch"] for r in log] == [1, 2] and log == hist
     assert {"loss/mse", "loss/total", "lr/backbone", "lr/new", "seconds", "step"} <= set(log[0])
     assert log[1]["step"] == 12
@@ -192,14 +192,14 @@ def test_resume_mid_epoch_gives_the_same_weights(tmp_path):
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     saved = []
-    original = E.save_checkpoint
+    original = checkpoints.save_checkpoint
 
     def recording_save(path, *a, **kw):
         out = original(path, *a, **kw)
         saved.append(sha(out))
         return out
 
-    monkeypatch.setattr(E, "save_checkpoint", recording_save)
+    monkeypatch.setattr(engine, "save_checkpoint", recording_save)
     calls = {"n": 0}
 
     def nan_at_step_8(model, batch, epoch):
@@ -210,7 +210,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
             terms["total"] = terms["mse"]
         return terms
 
-    with pytest.raises(E.NonFiniteLossError) as err:
+    with pytest.raises(engine.NonFiniteLossError) as err:
         fit_toy(tmp_path, epochs=2, step_fn=nan_at_step_8)
     msg = str(err.value)
     ckpt = tmp_path / R.CHECKPOINT
@@ -219,9 +219,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     assert err.value.terms == ["mse", "total"] and err.value.checkpoint == ckpt
     assert len(saved) == 1 and sha(ckpt) == saved[0], "the last good checkpoint must not be rewritten"
     model, opt, sched = make_toy()
-    ck = E.load_checkpoint(ckpt, model, opt, sched)
+    ck = checkpoints.load_checkpoint(ckpt, model, opt, sched)
     assert ck["epoch"] == 1 and all(torch.isfinite(p).all() for p in model.parameters())
-    assert len(E.read_log(tmp_path)) == 1
+    assert len(engine.read_log(tmp_path)) == 1
 
 
 def test_max_steps_stops_mid_epoch_and_a_rerun_does_nothing(tmp_path):
@@ -233,17 +233,17 @@ def test_max_steps_stops_mid_epoch_and_a_rerun_does_nothing(tmp_path):
 
 
 def test_single_process_helpers():
-    dist = E.init_distributed("cpu")
+    dist = distributed.init_distributed("cpu")
     assert (dist.rank, dist.world_size, dist.enabled, dist.is_main) == (0, 1, False, True)
-    assert E.is_main() and E.all_reduce_mean({"a": 1.5, "b": 2}) == {"a": 1.5, "b": 2.0}
-    assert E.all_reduce_mean(3) == 3.0 and E.all_gather_objects("x") == ["x"]
-    assert E.resolve_device("cpu").type == "cpu"
+    assert distributed.is_main() and distributed.all_reduce_mean({"a": 1.5, "b": 2}) == {"a": 1.5, "b": 2.0}
+    assert distributed.all_reduce_mean(3) == 3.0 and distributed.all_gather_objects("x") == ["x"]
+    assert distributed.resolve_device("cpu").type == "cpu"
     with pytest.raises(ValueError, match="device must be"):
-        E.resolve_device("tpu")
+        distributed.resolve_device("tpu")
     m = nn.Linear(2, 2)
-    assert E.wrap_ddp(m, torch.device("cpu"), dist) is m and E.unwrap(m) is m
-    assert E.steps_per_epoch(41, 4, 2) == 5
-    with E.autocast(torch.device("cpu"), True):  # a no-op on CPU
+    assert distributed.wrap_ddp(m, torch.device("cpu"), dist) is m and distributed.unwrap(m) is m
+    assert loaders.steps_per_epoch(41, 4, 2) == 5
+    with distributed.autocast(torch.device("cpu"), True):  # a no-op on CPU
         assert m(torch.ones(1, 2)).dtype == torch.float32
 
 
@@ -321,6 +321,6 @@ def test_a_checkpoint_write_removes_what_a_killed_earlier_write_left(tmp_path):
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     left = tmp_path / f".checkpoint_last.pt.{finished.stdout.strip()}.tmp"  # SIGKILL in the middle of torch.save
     left.write_bytes(b"half a checkpoint")
-    E.atomic_torch_save({"step": 3}, tmp_path / "checkpoint_last.pt")
+    checkpoints.atomic_torch_save({"step": 3}, tmp_path / "checkpoint_last.pt")
     assert not left.exists() and [p.name for p in tmp_path.iterdir()] == ["checkpoint_last.pt"]
     assert torch.load(tmp_path / "checkpoint_last.pt")["step"] == 3

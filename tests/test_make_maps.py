@@ -20,10 +20,10 @@ from PIL import Image
 from wsss import config as C
 from wsss import maps as wm
 from wsss import rundir as R
+from wsss.checkpoints import atomic_torch_save
 from wsss.classes import write_class_names
 from wsss.data.pairs import self_pair_views
 from wsss.data.voc import save_mask
-from wsss.engine import atomic_torch_save
 from wsss.models.classifier import CoAttentionClassifier
 from wsss.stages import make_maps as mm
 from wsss.stages.train_classifier import ClassifierConfig, build_model

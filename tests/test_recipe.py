@@ -12,7 +12,7 @@ from PIL import Image
 from torch import nn
 
 from wsss import config as C
-from wsss import engine as E
+from wsss import lr_schedule
 from wsss.classes import write_class_names
 from wsss.data.pairs import PairDataset, partners_for_class, sample_partner
 from wsss.data.transforms import source_view_transforms, train_transforms
@@ -76,13 +76,13 @@ def test_bias_lr_multiplier_gives_the_references_four_groups():
     model = CoAttentionClassifier(5, backbone="tiny", heads="reference")
     body, new = model.param_groups()
     biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
-    groups = E.param_groups(body, new, 1e-3, 5e-4, 10.0, 2.0, biases)
+    groups = lr_schedule.param_groups(body, new, 1e-3, 5e-4, 10.0, 2.0, biases)
     assert {g["name"]: g["lr"] for g in groups} == pytest.approx(
         {"backbone": 1e-3, "backbone_bias": 2e-3, "new": 1e-2, "new_bias": 2e-2})
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(ids) == len(set(ids))
     assert {id(p) for p in groups[3]["params"]} == {id(model.phi0.bias)}
-    assert [g["name"] for g in E.param_groups(body, new, 1e-3)] == ["backbone", "new"]
+    assert [g["name"] for g in lr_schedule.param_groups(body, new, 1e-3)] == ["backbone", "new"]
 
 
 LABELS = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 1]], dtype=np.uint8)  # class 2 only in image 3

@@ -14,8 +14,8 @@ import pytest
 import torch
 from ddp_local import launch_local
 
+from wsss import checkpoints, engine, loaders
 from wsss import config as C
-from wsss import engine as E
 from wsss import evaluation as evl
 from wsss import metrics as M
 from wsss import rundir as R
@@ -107,7 +107,7 @@ def test_run_writes_every_output(finished_run, bench):
     run_dir, metrics = finished_run
     for name in (R.CLASSIFIER, R.CHECKPOINT, R.LOG, R.CLASSIFIER_METRICS, R.CLASSIFIER_CONFIG):
         assert (run_dir / name).is_file(), name
-    log = E.read_log(run_dir)
+    log = engine.read_log(run_dir)
     assert [r["epoch"] for r in log] == [1, 2]
     for term in ("basic", "coatt", "contrastive", "self_basic", "self_coatt", "total"):
         assert np.isfinite(log[-1][f"loss/{term}"]), term
@@ -125,7 +125,7 @@ def test_load_classifier_reproduces_the_recorded_map(finished_run, bench):
     model = T.load_classifier(run_dir, "cpu")
     assert not model.training and len(model.class_names) == 4 and model.train_config.image_size == 32
     val = VOCDataset(bench, "val", transforms=eval_transforms(32), with_mask=False)
-    loader = E.make_eval_loader(val, 8)
+    loader = loaders.make_eval_loader(val, 8)
     assert evl.evaluate_map(model, loader, torch.device("cpu"))["val/map"] == pytest.approx(metrics["val_map"])
     with pytest.raises(FileNotFoundError, match="train the classifier first"):
         T.load_classifier(run_dir.parent / "nothing-here")
@@ -151,17 +151,17 @@ class Interrupt(Exception):
 
 def test_interrupted_then_resumed_run_ends_with_the_same_weights(finished_run, bench, tmp_path, monkeypatch):
     ref_dir, _ = finished_run
-    original = E.append_log
+    original = engine.append_log
 
     def log_then_crash(run_dir, record):
         original(run_dir, record)
         raise Interrupt  # after epoch 1: its checkpoint and log line are written
 
-    monkeypatch.setattr(E, "append_log", log_then_crash)
+    monkeypatch.setattr(engine, "append_log", log_then_crash)
     with pytest.raises(Interrupt):
         T.run(tiny_cfg(bench, tmp_path))
     assert not (tmp_path / R.CLASSIFIER).exists()
-    monkeypatch.setattr(E, "append_log", original)
+    monkeypatch.setattr(engine, "append_log", original)
     T.run(tiny_cfg(bench, tmp_path))
 
     ref, got = weights(ref_dir), weights(tmp_path)
@@ -169,8 +169,8 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(finished_run, b
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
     timing = ("seconds", "eval_seconds")
-    assert [{k: v for k, v in r.items() if k not in timing} for r in E.read_log(tmp_path)] == \
-        [{k: v for k, v in r.items() if k not in timing} for r in E.read_log(ref_dir)]
+    assert [{k: v for k, v in r.items() if k not in timing} for r in engine.read_log(tmp_path)] == \
+        [{k: v for k, v in r.items() if k not in timing} for r in engine.read_log(ref_dir)]
 
 
 def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(bench, tmp_path, monkeypatch):
@@ -186,7 +186,7 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(bench, tmp_path, mon
         return terms
 
     monkeypatch.setattr(T, "loss_terms", nan_in_epoch_2)
-    with pytest.raises(E.NonFiniteLossError) as err:
+    with pytest.raises(engine.NonFiniteLossError) as err:
         T.run(tiny_cfg(bench, tmp_path))
     ckpt = tmp_path / R.CHECKPOINT
     msg = str(err.value)
@@ -195,7 +195,7 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(bench, tmp_path, mon
     assert "'basic'" not in msg.split("are NaN")[0]
     assert not (tmp_path / R.CLASSIFIER).exists()
     model = T.build_model(tiny_cfg(bench, tmp_path), 4)
-    ck = E.load_checkpoint(ckpt, model)
+    ck = checkpoints.load_checkpoint(ckpt, model)
     assert ck["epoch"] == 1 and ck["step"] == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -209,7 +209,7 @@ def test_ddp_two_processes_match_one_process_on_the_same_global_batch(bench, tmp
     single = tiny_cfg(bench, tmp_path / "single", epochs=1)
     launch_local(T.run, 2, replace(single, run_dir=str(tmp_path / "ddp"), batch_size=2))
     T.run(single)
-    one, two = E.read_log(tmp_path / "single"), E.read_log(tmp_path / "ddp")
+    one, two = engine.read_log(tmp_path / "single"), engine.read_log(tmp_path / "ddp")
     assert len(one) == len(two) == 1 and one[0]["step"] == two[0]["step"] == 2
     for key in ("loss/total", "loss/basic", "loss/coatt", "loss/self_basic", "val/map"):
         assert two[0][key] == pytest.approx(one[0][key], rel=1e-5, abs=1e-6), key

@@ -18,8 +18,8 @@ from ddp_local import launch_local
 from torch import nn
 from torchvision import tv_tensors
 
+from wsss import checkpoints, engine, loaders
 from wsss import config as C
-from wsss import engine as E
 from wsss import evaluation as evl
 from wsss import rundir as R
 from wsss.stages import train_segmenter as T
@@ -76,7 +76,7 @@ def test_rerun_keeps_the_segmenter_unless_its_masks_changed(bench, tmp_path, cap
     with caplog.at_level("WARNING"):
         T.run(cfg)
     assert path.stat().st_mtime_ns != stamp and "pseudo-masks changed" in caplog.text
-    assert [r["epoch"] for r in E.read_log(state_dir(run_dir))] == [1]  # trained again from scratch
+    assert [r["epoch"] for r in engine.read_log(state_dir(run_dir))] == [1]  # trained again from scratch
     assert torch.load(path, weights_only=False)["inputs"] == {"alpha": 0.5}
 
 
@@ -91,7 +91,7 @@ def test_run_writes_every_output_and_the_loss_is_finite(finished_run, bench):
     for path in (run_dir / R.SEGMENTER, run_dir / R.SEGMENTER_METRICS, run_dir / R.SEGMENTER_CONFIG,
                  state_dir(run_dir) / R.CHECKPOINT, state_dir(run_dir) / R.LOG):
         assert path.is_file(), path
-    log = E.read_log(state_dir(run_dir))
+    log = engine.read_log(state_dir(run_dir))
     assert [r["epoch"] for r in log] == [1, 2] and [r["step"] for r in log] == [2, 4]
     assert all(np.isfinite(r["loss/total"]) and 0 <= r["val/miou"] <= 1 for r in log)
     assert log[1]["lr/new"] == pytest.approx(10 * log[1]["lr/backbone"])
@@ -109,7 +109,7 @@ def test_load_segmenter_reproduces_the_recorded_miou(finished_run, bench):
     model = T.load_segmenter(run_dir, "cpu")
     assert not model.training and len(model.class_names) == 4 and model.train_config.crop == 32
     val = VOCDataset(bench, "val", transforms=eval_transforms(None))
-    loader = E.make_eval_loader(val, 5, collate_fn=list)
+    loader = loaders.make_eval_loader(val, 5, collate_fn=list)
     got = evl.evaluate_miou(model, loader, torch.device("cpu"), 4)
     assert got["val/miou"] == pytest.approx(metrics["val_miou"])
     with pytest.raises(FileNotFoundError, match="train the segmenter first"):
@@ -118,7 +118,7 @@ def test_load_segmenter_reproduces_the_recorded_miou(finished_run, bench):
 
 def test_more_steps_lower_the_training_loss(bench, tmp_path):
     T.run(tiny_cfg(bench, tmp_path, epochs=4, val_split=None, scale=(1.0, 1.0), flip=False, new_lr_mult=None))
-    log = E.read_log(state_dir(tmp_path))
+    log = engine.read_log(state_dir(tmp_path))
     assert log[-1]["loss/total"] < log[0]["loss/total"]
     assert "val/miou" not in log[0]
 
@@ -153,8 +153,8 @@ def test_interrupted_then_resumed_run_ends_with_the_same_weights(finished_run, b
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
-    finished = [r for r in E.read_log(state_dir(tmp_path)) if float(r["epoch"]).is_integer()]
-    assert comparable(finished) == comparable(E.read_log(state_dir(ref_dir)))
+    finished = [r for r in engine.read_log(state_dir(tmp_path)) if float(r["epoch"]).is_integer()]
+    assert comparable(finished) == comparable(engine.read_log(state_dir(ref_dir)))
 
 
 def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(bench, tmp_path, monkeypatch):
@@ -167,14 +167,14 @@ def test_nan_loss_raises_and_keeps_the_last_good_checkpoint(bench, tmp_path, mon
         return loss + float("nan") if calls["n"] == 3 else loss
 
     monkeypatch.setattr(T, "segmentation_loss", nan_in_epoch_2)
-    with pytest.raises(E.NonFiniteLossError) as err:
+    with pytest.raises(engine.NonFiniteLossError) as err:
         T.run(tiny_cfg(bench, tmp_path))
     ckpt = state_dir(tmp_path) / R.CHECKPOINT
     for part in ("step 3", "epoch 2", "'total'", str(ckpt), "lower the learning rate"):
         assert part in str(err.value), part
     assert not (tmp_path / R.SEGMENTER).exists()
     model = T.build_model(tiny_cfg(bench, tmp_path), 4)
-    assert E.load_checkpoint(ckpt, model)["step"] == 2
+    assert checkpoints.load_checkpoint(ckpt, model)["step"] == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -196,10 +196,10 @@ def test_ddp_evaluation_covers_the_split_once(finished_run, bench, tmp_path):
 
     cfg = tiny_cfg(bench, tmp_path, epochs=1, batch_size=2)
     launch_local(T.run, 2, cfg)
-    log = E.read_log(state_dir(tmp_path))
+    log = engine.read_log(state_dir(tmp_path))
     assert len(log) == 1 and log[0]["step"] == 2 and np.isfinite(log[0]["loss/total"])
     model = T.load_segmenter(tmp_path, "cpu")
-    loader = E.make_eval_loader(VOCDataset(bench, "val", transforms=eval_transforms(None)), 8,
+    loader = loaders.make_eval_loader(VOCDataset(bench, "val", transforms=eval_transforms(None)), 8,
                                 collate_fn=list)
     assert evl.evaluate_miou(model, loader, torch.device("cpu"), 4)["val/miou"] == pytest.approx(log[0]["val/miou"])
 

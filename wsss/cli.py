@@ -153,9 +153,9 @@ EXIT_CODES = {"config": 2, "data": 3, "run": 4, "disk": 5, "interrupted": 130}
 
 def classify_error(err: BaseException) -> tuple[str, str] | None:
     """(kind, one- or two-line message) for the errors a user can fix; None for a bug."""
+    from wsss.checkpoints import WeightsError
     from wsss.data.voc import DatasetError
     from wsss.engine import NonFiniteLossError
-    from wsss.models.backbones import WeightsError
 
     if isinstance(err, KeyboardInterrupt):
         return "interrupted", "interrupted: finished work is kept; run the same command again to continue"

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torchvision import tv_tensors
 
-from wsss import engine as E
+from wsss import distributed
 from wsss.classes import IGNORE_INDEX
 from wsss.crf import CRFParams, crf_labels
 from wsss.data.transforms import eval_transforms
@@ -233,7 +233,7 @@ def evaluate_segmenter(model, data_root, split: str = "val", crf: bool = False, 
         gt = torch.from_numpy(_gt_mask(root, split, name, k, image.shape[:2], image_dir / f"{name}.jpg"))
         x = to_input(tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))).as_subclass(torch.Tensor)
         x = x[None].to(device)
-        with E.autocast(device, amp):
+        with distributed.autocast(device, amp):
             probs = predict(model, x, scales=tuple(scales), flip=flip)[0].float()
         if probs.shape[0] != k + 1:
             raise ValueError(f"the model predicts {probs.shape[0]} classes but {root} has {k} + background")
@@ -258,8 +258,8 @@ def predict_scores(model, loader, device: torch.device, *, amp: bool = True, cha
     model.eval()
     idx, probs, labels = [], [], []
     for batch in loader:
-        x = E.to_device(batch["image"], device, channels_last)
-        with E.autocast(device, amp):
+        x = distributed.to_device(batch["image"], device, channels_last)
+        with distributed.autocast(device, amp):
             s = model.cam(x).float().mean(dim=(2, 3))
         idx.append(torch.as_tensor(batch["index"]).cpu())
         probs.append(torch.sigmoid(s).cpu())
@@ -273,7 +273,7 @@ def predict_scores(model, loader, device: torch.device, *, amp: bool = True, cha
 def evaluate_map(model, loader, device: torch.device, *, amp: bool = True, channels_last: bool = False) -> dict:
     """Image-level classification mAP on a (possibly sharded) val loader: every rank scores
     its shard, the shards are gathered and de-duplicated by index."""
-    parts = E.all_gather_objects(predict_scores(model, loader, device, amp=amp, channels_last=channels_last))
+    parts = distributed.all_gather_objects(predict_scores(model, loader, device, amp=amp, channels_last=channels_last))
     idx = np.concatenate([p[0] for p in parts])
     _, first = np.unique(idx, return_index=True)
     probs = np.concatenate([p[1] for p in parts])[first]
@@ -297,13 +297,13 @@ def evaluate_miou(model: nn.Module, loader, device: torch.device, num_classes: i
     cm = ConfusionMatrix(num_classes + 1, device)
     for items in loader:
         for group in same_size_groups(items):
-            x = E.to_device(torch.stack([it["image"].as_subclass(torch.Tensor) for it in group]), device,
+            x = distributed.to_device(torch.stack([it["image"].as_subclass(torch.Tensor) for it in group]), device,
                             channels_last)
             target = torch.stack([it["mask"].as_subclass(torch.Tensor) for it in group]).to(device)
-            with E.autocast(device, amp):
+            with distributed.autocast(device, amp):
                 probs = predict(model, x)
             cm.update(probs.argmax(1), target)
-    cm.mat = sum(E.all_gather_objects(cm.mat.cpu()))
+    cm.mat = sum(distributed.all_gather_objects(cm.mat.cpu()))
     result = cm.compute()
     return {"val/miou": result["miou"], "val/pixel_acc": result["pixel_acc"],
             "val/iou": [_finite(v) for v in result["iou"]]}

@@ -40,6 +40,7 @@ import torch
 import torchvision
 from torch import nn
 
+from wsss.checkpoints import load_weights
 from wsss.data.transforms import MEAN as DATASET_MEAN
 from wsss.data.transforms import STD as DATASET_STD
 
@@ -136,26 +137,6 @@ def load_body_state(body: nn.Module, path: Path, what: str = "backbone", ignore_
              if not k.startswith(ignore_prefixes)}
     load_weights(body, state, path, what)
     log.info("loaded pretrained backbone weights from %s", path)
-
-
-class WeightsError(RuntimeError):
-    """Weights that do not fit the model they are loaded into (the CLI prints one line)."""
-
-
-def load_weights(module: nn.Module, state: dict, source, what: str) -> None:
-    """``module.load_state_dict(state)``, strictly; weights that do not fit raise one short
-    RuntimeError naming ``source`` and counting the keys (not torch's line per tensor)."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        example = (f"{shapes[0]} is {tuple(state[shapes[0]].shape)} there, {tuple(own[shapes[0]].shape)} here"
-                   if shapes else f"{(missing or unexpected)[0]!r} is {'missing' if missing else 'unexpected'}")
-        raise WeightsError(f"weights in {source} do not fit the {what}: {len(shapes)} tensor(s) of another shape, "
-                           f"{len(missing)} missing, {len(unexpected)} unexpected (e.g. {example}); they are "
-                           f"from another architecture: pass weights of this one")
-    module.load_state_dict(state)
 
 
 class Backbone(nn.Module):

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from wsss import config as C
-from wsss import engine as E
-from wsss import provenance
+from wsss import distributed, provenance
 from wsss import rundir as R
 from wsss.crf import CRF_REFERENCE_SIZE, CRFParams
 from wsss.evaluation import DEFAULT_THRESHOLDS, evaluate_maps, evaluate_masks, evaluate_segmenter
@@ -214,7 +213,7 @@ def run(cfg: EvalConfig | dict) -> dict:
         elif part == "pseudo":
             res = evaluate_masks(cfg.data_root, cfg.pseudo_split, inputs["pseudo"], allow_missing=cfg.allow_missing)
         else:
-            model = load_segmenter(run_dir, E.resolve_device(cfg.device))
+            model = load_segmenter(run_dir, distributed.resolve_device(cfg.device))
             res = evaluate_segmenter(model, cfg.data_root, cfg.seg_split, crf=cfg.crf, scales=cfg.scales,
                                      flip=cfg.flip, crf_params=cfg.crf_params, crf_scale=cfg.crf_scale,
                                      limit=cfg.limit, amp=cfg.amp)

@@ -19,8 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from wsss import config as C
-from wsss import engine as E
-from wsss import provenance
+from wsss import distributed, provenance
 from wsss import rundir as R
 from wsss.data.pairs import partners_for_class
 from wsss.data.transforms import eval_transforms
@@ -179,7 +178,7 @@ def run(cfg: MapsConfig | dict) -> dict:
 
     C.save_yaml(cfg, run_dir / R.folder_config(out_dir))
     provenance.record(run_dir, out_dir.name)
-    device = E.resolve_device(cfg.device)
+    device = distributed.resolve_device(cfg.device)
     model = load_classifier(checkpoint, device)  # in eval mode
     loader = DataLoader(Subset(inputs, todo), batch_size=1, shuffle=False, num_workers=cfg.workers, collate_fn=_first)
     lonely, t0 = 0, time.perf_counter()
@@ -191,7 +190,7 @@ def run(cfg: MapsConfig | dict) -> dict:
                             "Logged once; the total is returned as num_no_partner.", item["name"], cfg.split,
                             item["lonely"])
             lonely += len(item["lonely"])
-        with E.autocast(device, cfg.amp):
+        with distributed.autocast(device, cfg.amp):
             maps = localization_maps(model, item["image"][None], item["classes"], item["partners"], kinds,
                                      cfg.scales, out_size=item["size"], self_transforms=cfg.self_transforms,
                                      batch=cfg.batch, aggregate=cfg.aggregate)

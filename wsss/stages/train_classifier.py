@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from wsss import config as C
-from wsss import engine as E
+from wsss import distributed, engine, loaders, lr_schedule, rundir
 from wsss.evaluation import evaluate_map
 from wsss.losses import LossConfig, loss_terms
 from wsss.stages import training
@@ -140,11 +141,11 @@ def build_model(cfg: ClassifierConfig, num_classes: int):
 
 
 def build_optimizer(cfg: ClassifierConfig, model) -> torch.optim.Optimizer:
-    """SGD (the reference, METHOD.md sec. 1) or AdamW over the groups of ``E.param_groups``:
+    """SGD (the reference, METHOD.md sec. 1) or AdamW over the groups of ``lr_schedule.param_groups``:
     backbone body at lr, new layers at new_lr_mult x lr, biases at bias_lr_mult x that."""
     body, new = model.param_groups()
     biases = [p for name, p in model.named_parameters() if name.endswith(".bias")]
-    groups = E.param_groups(body, new, cfg.lr, cfg.weight_decay, cfg.new_lr_mult, cfg.bias_lr_mult, biases)
+    groups = lr_schedule.param_groups(body, new, cfg.lr, cfg.weight_decay, cfg.new_lr_mult, cfg.bias_lr_mult, biases)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer != "sgd":
@@ -191,30 +192,33 @@ def state(cfg: ClassifierConfig | dict) -> tuple[str, str]:
     return training.state(cfg, "classifier", normalise=stored_settings)
 
 
-def _run(cfg: ClassifierConfig, dist: E.DistInfo, t_start: float) -> dict:
+def _run(cfg: ClassifierConfig, dist: distributed.DistInfo, t_start: float) -> dict:
     if (done := training.finished(cfg, "classifier", dist, normalise=stored_settings)) is not None:
         return done
     device, channels_last = training.start(cfg, "classifier", dist)
 
     base, pairs, val = _datasets(cfg)
-    E.seed_everything(cfg.seed)  # same initial weights on every rank
+    loaders.seed_everything(cfg.seed)  # same initial weights on every rank
     model = build_model(cfg, base.num_classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
     scheduler, spe, _ = training.schedule(cfg, optimizer, len(pairs), dist)
-    ddp_model = E.wrap_ddp(model, device, dist, find_unused_parameters=False)  # losses touch every parameter
+    ddp_model = distributed.wrap_ddp(model, device, dist, find_unused_parameters=False)  # losses touch every parameter
     if dist.is_main:
         log.info("classifier: %d %s pairs, %d val images, %d classes, %d steps/epoch x %d epochs on %s%s",
                  len(pairs), base.split, len(val) if val is not None else 0, base.num_classes, spe, cfg.epochs,
                  device, f" x {dist.world_size} processes" if dist.enabled else "")
 
     evaluate = training.evaluator(evaluate_map, cfg, val, device, channels_last, dist)
-    history = E.fit(ddp_model, optimizer, scheduler, pairs, make_step_fn(cfg.loss), run_dir=Path(cfg.run_dir),
-                    cfg=C.to_dict(cfg), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
-                    dist=dist, max_steps=cfg.max_steps, amp=cfg.amp, channels_last=channels_last,
-                    workers=cfg.workers, evaluate=evaluate, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
-                    resume=cfg.resume, extra={"class_names": list(base.class_names)}, desc="classifier")
+    run_dir = Path(cfg.run_dir)
+    resumable = partial(training.check_resumable, new=C.to_dict(cfg), path=run_dir / rundir.CHECKPOINT)
+    history = engine.fit(ddp_model, optimizer, scheduler, pairs, make_step_fn(cfg.loss), run_dir=run_dir,
+                         cfg=C.to_dict(cfg), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+                         device=device, dist=dist, max_steps=cfg.max_steps, amp=cfg.amp, channels_last=channels_last,
+                         workers=cfg.workers, evaluate=evaluate, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+                         resume=cfg.resume, extra={"class_names": list(base.class_names)}, desc="classifier",
+                         check_resumable=resumable)
     last = history[-1] if history else {}
     metrics = {"val_map": last.get("val/map"),
                "val_ap": dict(zip(base.class_names, last["val/ap"])) if "val/ap" in last else None,

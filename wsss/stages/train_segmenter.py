@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from wsss import config as C
-from wsss import engine as E
+from wsss import distributed, engine, loaders, lr_schedule
 from wsss import rundir as R
 from wsss.data.voc import PseudoMaskDataset, VOCDataset
 from wsss.evaluation import evaluate_miou
@@ -152,7 +153,7 @@ def head_lr_mult(cfg: SegmenterConfig) -> float:
 def build_optimizer(cfg: SegmenterConfig, model: nn.Module) -> torch.optim.Optimizer:
     """SGD over (backbone: lr, head: head_lr_mult x lr) (METHOD.md section 4)."""
     backbone, head = model.param_groups()
-    groups = E.param_groups(backbone, head, cfg.lr, cfg.weight_decay, head_lr_mult(cfg))
+    groups = lr_schedule.param_groups(backbone, head, cfg.lr, cfg.weight_decay, head_lr_mult(cfg))
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
@@ -175,7 +176,7 @@ def state(cfg: SegmenterConfig | dict) -> tuple[str, str]:
     return training.state(cfg, "segmenter", _masks_settings(cfg))
 
 
-def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
+def _run(cfg: SegmenterConfig, dist: distributed.DistInfo, t_start: float) -> dict:
     run_dir = Path(cfg.run_dir)
     inputs = _masks_settings(cfg)
     check_current(inputs, (run_dir / cfg.masks_dir).parent, f"the pseudo-masks in {run_dir / cfg.masks_dir}",
@@ -195,7 +196,7 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
         raise ValueError(f"model={cfg.model} needs batch_size >= 2 per process: the BatchNorm of its ASPP "
                          f"image-pooling branch sees one value per image (got batch_size={cfg.batch_size})")
     train, val = _datasets(cfg)
-    E.seed_everything(cfg.seed)  # same initial weights on every rank
+    loaders.seed_everything(cfg.seed)  # same initial weights on every rank
     model = build_model(cfg, train.num_classes).to(device)
     if cfg.sync_bn and dist.enabled and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -203,7 +204,7 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
     scheduler, spe, total = training.schedule(cfg, optimizer, len(train), dist, power=cfg.poly_power)
-    ddp_model = E.wrap_ddp(model, device, dist, find_unused_parameters=False)
+    ddp_model = distributed.wrap_ddp(model, device, dist, find_unused_parameters=False)
     if dist.is_main:
         log.info("segmenter %s: %d %s images (masks %s), %d val images, %d classes + background, "
                  "%d steps/epoch x %d epochs (%d steps) on %s%s", cfg.model, len(train), cfg.split, train.masks_dir,
@@ -212,11 +213,14 @@ def _run(cfg: SegmenterConfig, dist: E.DistInfo, t_start: float) -> dict:
 
     evaluate = training.evaluator(evaluate_miou, cfg, val, device, channels_last, dist, collate_fn=list,
                                   num_classes=train.num_classes)
-    history = E.fit(ddp_model, optimizer, scheduler, train, step_fn, run_dir=run_dir / R.SEGMENTER_STATE,
-                    cfg=C.to_dict(cfg), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, device=device,
-                    dist=dist, max_steps=cfg.max_steps, amp=cfg.amp, channels_last=channels_last, workers=cfg.workers,
-                    evaluate=evaluate, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, resume=resume,
-                    extra={"class_names": list(train.class_names), "inputs": inputs}, desc="segmenter")
+    state_dir = run_dir / R.SEGMENTER_STATE
+    resumable = partial(training.check_resumable, new=C.to_dict(cfg), path=state_dir / R.CHECKPOINT)
+    history = engine.fit(ddp_model, optimizer, scheduler, train, step_fn, run_dir=state_dir,
+                         cfg=C.to_dict(cfg), epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed,
+                         device=device, dist=dist, max_steps=cfg.max_steps, amp=cfg.amp, channels_last=channels_last,
+                         workers=cfg.workers, evaluate=evaluate, log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+                         resume=resume, extra={"class_names": list(train.class_names), "inputs": inputs},
+                         desc="segmenter", check_resumable=resumable)
     if dist.is_main and any(r.get("loss/total") == 0.0 for r in history):
         log.warning("the training loss was exactly 0 in some epoch: every pixel of its masks is 255 (ignored), "
                     "so the segmenter learned nothing there; check the masks in %s (the pseudo-mask stage "

@@ -8,7 +8,7 @@
         ...data (its train set; training.scale_range, training.val_dataset), model, optimizer...
         scheduler, spe, total = training.schedule(cfg, optimizer, len(train), dist)
         evaluate = training.evaluator(evaluate_map, cfg, val, device, channels_last, dist)
-        history = E.fit(..., evaluate=evaluate, ...)
+        history = engine.fit(..., evaluate=evaluate, ...)
         metrics = {...its own numbers..., **training.summary(history, t_start, "val/ap")}
         training.save(cfg, "classifier", dist, model, train.class_names, metrics, "val mAP ...")
 
@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wsss import checkpoints, distributed, loaders, lr_schedule, provenance
 from wsss import config as C
-from wsss import engine as E
-from wsss import provenance
 from wsss import rundir as R
+from wsss.checkpoints import load_weights
 from wsss.data.voc import VOCDataset
 from wsss.files import write_json
-from wsss.models.backbones import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +39,61 @@ log = logging.getLogger(__name__)
 def run(cfg, body) -> dict:
     """``body(cfg, dist, t_start)`` inside the process group of a (possibly) distributed run."""
     t_start = time.perf_counter()
-    dist = E.init_distributed(cfg.device)
+    dist = distributed.init_distributed(cfg.device)
     try:
         return body(cfg, dist, t_start)
     finally:
-        E.cleanup_distributed(dist)
+        distributed.cleanup_distributed(dist)
 
 
-def finished(cfg, stage: str, dist: E.DistInfo, inputs=None, normalise=None) -> dict | None:
+def finished_metrics(path: str | Path, cfg: dict, inputs=None, normalise=None) -> dict | None:
+    """The metrics stored in a stage's final weights file (classifier.pt, segmenter.pt) when
+    it was trained with the same settings as ``cfg`` (``wsss.config.config_differences``) on the same
+    ``inputs`` (what the stage saved under that key, e.g. its masks' settings), else None.
+
+    A finished stage that runs again must leave its file untouched: later stages remember
+    which file their outputs came from and refuse to mix with a rewritten one. ``normalise``
+    maps the stored settings to the current form before comparing."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # unreadable: train again and rewrite it
+        return None
+
+    old_cfg = old.get("cfg") or {}
+    if normalise is not None:  # e.g. fill keys that an older version did not record
+        try:
+            old_cfg = normalise(old_cfg)
+        except ValueError:
+            return None
+    same = not C.config_differences(old_cfg, cfg) and old.get("inputs") == inputs
+    return old.get("metrics") if same else None
+
+
+#: what a resumed run may change: the machinery (``wsss.config.MACHINERY_KEYS``) and how long it trains
+RESUME_FREE_KEYS = C.MACHINERY_KEYS | {"epochs", "max_steps"}
+
+
+def check_resumable(old: dict | None, new: dict | None, path: Path) -> None:
+    """Refuse to resume from a checkpoint written with other settings (only the keys of
+    ``RESUME_FREE_KEYS``, e.g. a longer ``epochs``, may change): the weights would be kept
+    under the new settings' label."""
+    if not old or not new:
+        return
+    changed = C.config_differences(old, new, ignore=RESUME_FREE_KEYS)
+    if changed:
+        raise ValueError(f"{path} was written with other settings ({', '.join(changed)}): pass --no-resume "
+                         "(resume=False) to train again with the new ones (what was made from the old weights is "
+                         "then refused until it is made again), or use another --run-dir")
+
+
+def finished(cfg, stage: str, dist: distributed.DistInfo, inputs=None, normalise=None) -> dict | None:
     """The stored metrics when RUN's weights were trained with the same settings (and
     ``inputs``) and ``cfg.resume`` is on: then the stage keeps them and does nothing."""
     path = Path(cfg.run_dir) / R.TRAINED[stage]
-    done = E.finished_metrics(path, C.to_dict(cfg), inputs, normalise) if cfg.resume else None
+    done = finished_metrics(path, C.to_dict(cfg), inputs, normalise) if cfg.resume else None
     if done is not None and dist.is_main:
         log.info("%s: %s is already trained with these settings%s; keeping it (pass resume=False to train again)",
                  stage, path, " on these inputs" if inputs is not None else "")
@@ -65,9 +107,9 @@ def state(cfg, stage: str, inputs=None, normalise=None) -> tuple[str, str]:
     ``resume=False`` trains again) or "run" (nothing there yet). Reads RUN only."""
     run_dir, new = Path(cfg.run_dir), C.to_dict(cfg)
     weights, checkpoint = run_dir / R.TRAINED[stage], run_dir / R.TRAINING_STATE[stage]
-    if E.finished_metrics(weights, new, inputs, normalise) is not None:
+    if finished_metrics(weights, new, inputs, normalise) is not None:
         return "keep", f"{weights.name} has these settings"
-    for path, ignore in ((checkpoint, E.RESUME_FREE_KEYS), (weights, C.MACHINERY_KEYS)):
+    for path, ignore in ((checkpoint, RESUME_FREE_KEYS), (weights, C.MACHINERY_KEYS)):
         if not path.is_file():
             continue
         try:
@@ -95,30 +137,30 @@ def state(cfg, stage: str, inputs=None, normalise=None) -> tuple[str, str]:
     return "run", "nothing trained yet"
 
 
-def start(cfg, stage: str, dist: E.DistInfo):
+def start(cfg, stage: str, dist: distributed.DistInfo):
     """(device, channels_last); the main process creates RUN and records the config and provenance."""
-    device = E.resolve_device(cfg.device, dist.local_rank)
+    device = distributed.resolve_device(cfg.device, dist.local_rank)
     if dist.is_main:  # the config's write creates RUN (wsss.files.atomic_path makes the parent folders)
         C.save_yaml(cfg, Path(cfg.run_dir) / R.CONFIGS[stage])
         provenance.record(cfg.run_dir, stage, str(device))
-    return device, E.use_channels_last(device, cfg.channels_last)
+    return device, distributed.use_channels_last(device, cfg.channels_last)
 
 
-def schedule(cfg, optimizer, num_items: int, dist: E.DistInfo, **kwargs):
+def schedule(cfg, optimizer, num_items: int, dist: distributed.DistInfo, **kwargs):
     """(scheduler, steps per epoch, total steps) of ``cfg.schedule`` over ``cfg.epochs`` (or ``cfg.max_steps``)."""
-    spe = E.steps_per_epoch(num_items, cfg.batch_size, dist.world_size)
-    total = E.total_steps(cfg.epochs, spe, cfg.max_steps)
-    scheduler = E.build_scheduler(optimizer, schedule=cfg.schedule, total_steps=total, steps_per_epoch=spe,
+    spe = loaders.steps_per_epoch(num_items, cfg.batch_size, dist.world_size)
+    total = loaders.total_steps(cfg.epochs, spe, cfg.max_steps)
+    scheduler = lr_schedule.build_scheduler(optimizer, schedule=cfg.schedule, total_steps=total, steps_per_epoch=spe,
                                   step_epochs=cfg.step_epochs, **kwargs)
     return scheduler, spe, total
 
 
-def evaluator(score, cfg, val, device, channels_last: bool, dist: E.DistInfo, collate_fn=None, **kwargs):
-    """E.fit's ``evaluate(model, epoch)``: ``score(model, loader, device, **kwargs)`` (a
+def evaluator(score, cfg, val, device, channels_last: bool, dist: distributed.DistInfo, collate_fn=None, **kwargs):
+    """engine.fit's ``evaluate(model, epoch)``: ``score(model, loader, device, **kwargs)`` (a
     wsss.evaluation function) over the val set ``val``; None when there is none."""
     if val is None:
         return None
-    loader = E.make_eval_loader(val, cfg.eval_batch_size, dist=dist, workers=cfg.workers, collate_fn=collate_fn)
+    loader = loaders.make_eval_loader(val, cfg.eval_batch_size, dist=dist, workers=cfg.workers, collate_fn=collate_fn)
     return lambda model, epoch: score(model, loader, device, amp=cfg.amp, channels_last=channels_last, **kwargs)
 
 
@@ -137,19 +179,19 @@ def summary(history: list[dict], t_start: float, per_class: str) -> dict:
     }
 
 
-def save(cfg, stage: str, dist: E.DistInfo, model, class_names: list[str], metrics: dict, headline: str,
+def save(cfg, stage: str, dist: distributed.DistInfo, model, class_names: list[str], metrics: dict, headline: str,
          **record) -> None:
     """RUN's weights (the model, its config, the ``class_names`` it was trained on and their
     number, ``record``, the metrics) and metrics file, written by the main process; every
     process waits for them."""
     if dist.is_main:
         run_dir = Path(cfg.run_dir)
-        E.atomic_torch_save({"model": model.state_dict(), "cfg": C.to_dict(cfg), "class_names": list(class_names),
+        checkpoints.atomic_torch_save({"model": model.state_dict(), "cfg": C.to_dict(cfg), "class_names": list(class_names),
                              "num_classes": len(class_names), **record, "metrics": metrics},
                             run_dir / R.TRAINED[stage])
         write_json(run_dir / R.METRICS[stage], metrics)
         log.info("%s done: %s, %s", stage, headline, run_dir / R.TRAINED[stage])
-    E.barrier()
+    distributed.barrier()
 
 
 def scale_range(cfg) -> tuple[float, float] | None:
@@ -181,7 +223,7 @@ def load_trained(run_dir_or_path, stage: str, cls, build_model, device, arch: st
     cfg = dataclasses.replace(C.from_dict(cls, ckpt["cfg"]), **changes)
     model = build_model(cfg, int(ckpt["num_classes"]))
     load_weights(model, ckpt["model"], path, f"{stage} its config describes ({getattr(cfg, arch)})")
-    device = E.resolve_device(device) if isinstance(device, str) else device
+    device = distributed.resolve_device(device) if isinstance(device, str) else device
     model.to(device).eval()
     model.class_names = list(ckpt["class_names"])
     model.train_config = cfg
