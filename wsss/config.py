@@ -292,7 +292,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, prefix: str = "", def
     the field's own (``setting``).
     """
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    # a stage's own fields first, then the keyword-only ones it inherits (training.TrainingSettings)
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.kw_only is True):
         tp, optional = _strip_optional(hints[f.name])
         dest = prefix + f.name
         if defaults is not None:

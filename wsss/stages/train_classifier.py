@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(training.TrainingSettings):
     """Settings of stage 1. Defaults suit the embedded demo benchmark (1000 images of 96 px)
     on a 2-core CPU in about 4 minutes; the paper's settings on PASCAL VOC are the
     classifier section of configs/voc_vgg16.yaml (with the ``official`` recipe). Self-pairs
@@ -80,33 +80,18 @@ class ClassifierConfig:
     partner_self: bool = C.setting(False, "a common partner may be I_m itself (reference)")
     batch_size: int = C.setting(8, "pairs per step per process", allowed=">= 1")
     eval_batch_size: int = C.setting(32, "images per val batch", allowed=">= 1")
-    # optimisation
+    # optimisation (momentum, weight decay: training.TrainingSettings)
     optimizer: Literal["sgd", "adamw"] = C.setting("sgd", "sgd (reference: momentum, nesterov) or adamw")
-    epochs: int = C.setting(10, "training epochs", allowed=">= 1")
     lr: float = C.setting(0.015, "base learning rate (backbone body)", allowed="> 0")
     new_lr_mult: float = C.setting(10.0, "learning-rate multiplier of the new layers", allowed="> 0")
     bias_lr_mult: float = C.setting(1.0, "extra learning-rate multiplier of biases (reference: 2)", allowed="> 0")
-    momentum: float = C.setting(0.9, "SGD momentum", allowed="[0, 1)")
     nesterov: bool = C.setting(True, "Nesterov momentum")
-    weight_decay: float = C.setting(5e-4, "SGD weight decay", allowed=">= 0")
     schedule: Literal["step", "poly", "constant"] = C.setting(
         "poly", "learning-rate decay per step: poly (power 0.9), step (x0.1 at step_epochs) or constant")
     step_epochs: tuple[int, ...] = C.setting(
         (5, 10), "epochs at which the step schedule divides the lr by 10", allowed=">= 0")
     loss: LossConfig = C.setting(factory=lambda: LossConfig(self_pairs=False))
-    # machinery
-    workers: int = C.setting(0, "DataLoader worker processes", allowed=">= 0")
-    seed: int = C.setting(0, "seed of model init, pairs, order and augmentation", allowed=">= 0")
-    device: str = C.setting("auto", "auto | cpu | cuda[:i]")
-    amp: bool = C.setting(True, "bf16 autocast on CUDA")
-    channels_last: bool = C.setting(True, "channels_last memory format on CUDA")
-    log_every: int = C.setting(20, "progress-bar loss update every N steps", allowed=">= 0")
-    ckpt_every: int = C.setting(0, "also checkpoint every N steps (0: once per epoch)", allowed=">= 0")
-    max_steps: int | None = C.setting(
-        None, "stop after this many optimizer steps in all (the lr schedule ends there)", allowed=">= 1")
-    resume: bool = C.setting(
-        True, "continue from RUN/checkpoint_last.pt when present; keep a finished classifier.pt trained with the same"
-              " settings")
+    # epochs, max_steps, momentum, weight_decay, seed and the machinery: training.TrainingSettings
 
 
 # =========================================================================== the stage

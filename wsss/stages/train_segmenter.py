@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SegmenterConfig:
+class SegmenterConfig(training.TrainingSettings):
     """Settings of stage 4. Defaults suit the embedded demo benchmark on a CPU; the
     reference settings on PASCAL VOC are the segmenter section of configs/voc_vgg16.yaml.
 
@@ -79,30 +79,17 @@ class SegmenterConfig:
     batch_size: int = C.setting(8, "images per step per process", allowed=">= 1")
     eval_batch_size: int = C.setting(
         16, "images per val batch (images of different sizes are run apart)", allowed=">= 1")
-    # optimisation
-    epochs: int = C.setting(10, "training epochs", allowed=">= 1")
-    max_steps: int | None = C.setting(
-        None, "stop after this many optimizer steps in all (the lr schedule ends there)", allowed=">= 1")
+    # optimisation (momentum, weight decay: training.TrainingSettings)
     lr: float = C.setting(3e-2, "base learning rate (backbone)", allowed="> 0")
     new_lr_mult: float | None = C.setting(
-        None, "learning-rate multiplier of the head (none: 10 with a pretrained backbone, else 1)", allowed="> 0")  # None: 10 with a pretrained backbone, else 1 (see head_lr_mult)
-    momentum: float = C.setting(0.9, "SGD momentum", allowed="[0, 1)")
-    weight_decay: float = C.setting(5e-4, "SGD weight decay", allowed=">= 0")
+        None, "learning-rate multiplier of the head (none: 10 with a pretrained backbone, else 1)", allowed="> 0")
     schedule: Literal["poly", "step", "constant"] = C.setting(
         "poly", "learning-rate decay per step: poly, step (x0.1 at step_epochs) or constant")
     poly_power: float = C.setting(0.9, "power of the poly decay (1 - step / total) ** power", allowed="> 0")
     step_epochs: tuple[int, ...] = C.setting(
         (), "epochs at which the step schedule divides the lr by 10", allowed=">= 0")
-    # machinery
-    workers: int = C.setting(0, "DataLoader worker processes", allowed=">= 0")
-    seed: int = C.setting(0, "seed of model init, order and augmentation", allowed=">= 0")
-    device: str = C.setting("auto", "auto | cpu | cuda[:i]")
-    amp: bool = C.setting(True, "bf16 autocast on CUDA")
-    channels_last: bool = C.setting(True, "channels_last memory format on CUDA")
+    # epochs, max_steps, momentum, weight_decay, seed and the machinery: training.TrainingSettings
     sync_bn: bool = C.setting(True, "synchronise BatchNorm across GPUs under DDP")
-    log_every: int = C.setting(20, "progress-bar loss update every N steps", allowed=">= 0")
-    ckpt_every: int = C.setting(0, "also checkpoint every N steps (0: once per epoch)", allowed=">= 0")
-    resume: bool = C.setting(True, "continue from RUN/segmenter_train/checkpoint_last.pt when present")
 
 
 # =========================================================================== data

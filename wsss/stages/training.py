@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,27 @@ from wsss.data.voc import VOCDataset
 from wsss.files import write_json
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class TrainingSettings:
+    """The settings both training stages share (each stage's config inherits them)."""
+
+    epochs: int = C.setting(10, "training epochs", allowed=">= 1")
+    max_steps: int | None = C.setting(
+        None, "stop after this many optimizer steps in all (the lr schedule ends there)", allowed=">= 1")
+    momentum: float = C.setting(0.9, "SGD momentum", allowed="[0, 1)")
+    weight_decay: float = C.setting(5e-4, "SGD weight decay", allowed=">= 0")
+    seed: int = C.setting(0, "seed of model init, data order and augmentation (and the classifier's pairs)",
+                          allowed=">= 0")
+    workers: int = C.setting(0, "DataLoader worker processes", allowed=">= 0")
+    device: str = C.setting("auto", "auto | cpu | cuda[:i]")
+    amp: bool = C.setting(True, "bf16 autocast on CUDA")
+    channels_last: bool = C.setting(True, "channels_last memory format on CUDA")
+    log_every: int = C.setting(20, "progress-bar loss update every N steps", allowed=">= 0")
+    ckpt_every: int = C.setting(0, "also checkpoint every N steps (0: once per epoch)", allowed=">= 0")
+    resume: bool = C.setting(True, "continue from the run's checkpoint_last.pt when present; keep finished weights "
+                                   "trained with the same settings")
 
 
 def run(cfg, body) -> dict:
@@ -186,9 +208,9 @@ def save(cfg, stage: str, dist: distributed.DistInfo, model, class_names: list[s
     process waits for them."""
     if dist.is_main:
         run_dir = Path(cfg.run_dir)
-        checkpoints.atomic_torch_save({"model": model.state_dict(), "cfg": C.to_dict(cfg), "class_names": list(class_names),
-                             "num_classes": len(class_names), **record, "metrics": metrics},
-                            run_dir / R.TRAINED[stage])
+        weights = {"model": model.state_dict(), "cfg": C.to_dict(cfg), "class_names": list(class_names),
+                   "num_classes": len(class_names), **record, "metrics": metrics}
+        checkpoints.atomic_torch_save(weights, run_dir / R.TRAINED[stage])
         write_json(run_dir / R.METRICS[stage], metrics)
         log.info("%s done: %s, %s", stage, headline, run_dir / R.TRAINED[stage])
     distributed.barrier()
