@@ -72,11 +72,10 @@ def classifier_config(backbone: str, size: int, batch: int):
     """The classifier section of a VOC config (its recipe included) at ``size`` px and
     ``batch`` pairs, with random weights."""
     raw = yaml.safe_load(CONFIGS[backbone].read_text())
-    cfg = C.from_dict(pipeline.PipelineConfig, {**raw, "stages": ["classifier", "maps"]})
+    cfg = C.from_dict(pipeline.PipelineConfig, {**raw, "stages": ["classifier"]})
     stages = pipeline.stage_configs(cfg, Path("."), Path("."))
-    return (C.from_dict(train_classifier.ClassifierConfig,
-                        {**C.to_dict(stages["classifier"]), "pretrained": None, "image_size": size,
-                         "batch_size": batch}), stages["maps"])
+    return C.from_dict(train_classifier.ClassifierConfig,
+                       {**C.to_dict(stages["classifier"]), "pretrained": None, "image_size": size, "batch_size": batch})
 
 
 def pair_batch(size: int, batch: int, device: torch.device, seed: int = 0) -> dict:
@@ -115,7 +114,7 @@ def coattention_rows(device, sizes, channels, repeats, amp):
 def classifier_rows(device, size, batch, repeats, amp):
     rows, models = [], {}
     for backbone in CONFIGS:
-        cfg, maps_cfg = classifier_config(backbone, size, batch)
+        cfg = classifier_config(backbone, size, batch)
         model = train_classifier.build_model(cfg, NUM_CLASSES).to(device)
         optimizer = train_classifier.build_optimizer(cfg, model)
         step_fn = train_classifier.make_step_fn(cfg.loss)
@@ -132,14 +131,14 @@ def classifier_rows(device, size, batch, repeats, amp):
         seconds, peak = measure(step, device, repeats)
         rows.append((f"classifier step, {backbone}, {size} px, {batch} pairs, self-pairs "
                      f"{'on' if cfg.loss.self_pairs else 'off'}", f"{1 / seconds:.2f} steps/s", peak))
-        models[backbone] = (model.eval(), cfg, maps_cfg, data)
+        models[backbone] = (model.eval(), cfg, data)
     return rows, models
 
 
 def maps_row(device, models, size, repeats, amp):
     from wsss.maps import localization_maps
 
-    model, _, maps_cfg, _ = models["vgg16"]
+    model, _, _ = models["vgg16"]
     g = torch.Generator().manual_seed(1)
     image = torch.randn(1, 3, size, size, generator=g).to(device)
     partners = {c: [torch.randn(3, size, size, generator=g).to(device) for _ in range(3)] for c in (1, 2)}
@@ -176,7 +175,7 @@ def segmenter_row(device, crop, batch, repeats, amp):
 def bf16_agreement(device, models) -> float:
     """Relative difference of the classifier's total loss under bf16 autocast and in float32
     (same weights, same batch, eval mode)."""
-    model, cfg, _, data = models["vgg16"]
+    model, cfg, data = models["vgg16"]
     step_fn = train_classifier.make_step_fn(cfg.loss)
     with torch.no_grad():
         full = float(step_fn(model, data, 10)["total"])

@@ -67,7 +67,8 @@ def make_toy(lr=0.01, schedule="poly", total=12, spe=6):
     model = DropToy()
     body, head = model.param_groups()
     opt = torch.optim.SGD(lr_schedule.param_groups(body, head, lr, 1e-4), lr=lr, momentum=0.9, nesterov=True)
-    sched = lr_schedule.build_scheduler(opt, schedule=schedule, total_steps=total, steps_per_epoch=spe, step_epochs=(1,))
+    sched = lr_schedule.build_scheduler(opt, schedule=schedule, total_steps=total, steps_per_epoch=spe,
+                                        step_epochs=(1,))
     return model, opt, sched
 
 
@@ -89,7 +90,8 @@ def test_lr_factor_poly_and_step_by_hand():
     assert lr_schedule.lr_factor(5, schedule="poly", total_steps=10, steps_per_epoch=5) == pytest.approx(0.5 ** 0.9)
     assert lr_schedule.lr_factor(10, schedule="poly", total_steps=10, steps_per_epoch=5) == 0.0
     # step: x0.1 at epochs 5 and 10 (reference), 4 steps per epoch
-    f = [lr_schedule.lr_factor(s, schedule="step", total_steps=60, steps_per_epoch=4, step_epochs=(5, 10)) for s in (19, 20, 39, 40)]
+    f = [lr_schedule.lr_factor(s, schedule="step", total_steps=60, steps_per_epoch=4, step_epochs=(5, 10))
+         for s in (19, 20, 39, 40)]
     assert f == pytest.approx([1.0, 0.1, 0.1, 0.01])
     with pytest.raises(ValueError, match="schedule"):
         lr_schedule.lr_factor(0, schedule="cosine", total_steps=1, steps_per_epoch=1)

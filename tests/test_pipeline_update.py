@@ -182,3 +182,17 @@ def test_every_flag_an_error_names_is_one_its_command_accepts(bench, old_run, tm
     for cmd, flag in named:
         accepted = {**parser._option_string_actions, **parsers[cmd]._option_string_actions}  # --debug: top level
         assert flag in accepted, f"{cmd} has no {flag}: {messages}"
+
+
+def test_resume_off_or_overwrite_on_in_the_yaml_is_reported_as_a_recomputation(bench, old_run, tmp_path):
+    """The log says what the stage will do: with `resume: false` the classifier trains again,
+    with `overwrite: true` the maps are made again, every run."""
+    from wsss.stages import train_classifier
+
+    run_dir = copy_of(old_run, tmp_path)
+    stages = pipeline.stage_configs(C.from_dict(pipeline.PipelineConfig, config(bench, run_dir)), bench, run_dir)
+    assert train_classifier.state(stages["classifier"]) == ("keep", "classifier.pt has these settings")
+    assert train_classifier.state(C.merge(C.to_dict(stages["classifier"]), {"resume": False})) == (
+        "recompute", "resume is off")
+    assert make_maps.state(stages["maps"]) == ("keep", "settings equal, all made")
+    assert make_maps.state(C.merge(C.to_dict(stages["maps"]), {"overwrite": True})) == ("recompute", "overwrite is on")

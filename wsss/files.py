@@ -92,12 +92,15 @@ def changed_settings(out_dir: Path, name: str, settings: dict, explain: dict[str
     return [(explain or {}).get(k, k) for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
 
 
-def folder_state(out_dir: Path, name: str, settings: dict, files: list[str],
+def folder_state(out_dir: Path, name: str, settings: dict, files: list[str], overwrite: bool,
                  explain: dict[str, str] | None = None) -> tuple[str, str]:
     """("keep" | "resume" | "recompute" | "run", why) for a stage that writes ``files`` into
-    ``out_dir`` and records its settings in ``out_dir/name`` (see ``wsss.stages.training.state``)."""
+    ``out_dir`` and records its settings in ``out_dir/name`` (see ``wsss.stages.training.state``);
+    with ``overwrite`` whatever is there is recomputed."""
     if not (Path(out_dir) / name).is_file():
         return "run", "nothing made yet"
+    if overwrite:
+        return "recompute", "overwrite is on"
     if changed := changed_settings(out_dir, name, settings, explain):
         return "recompute", ", ".join(changed) + " changed"
     listing = set(os.listdir(out_dir))

@@ -74,7 +74,8 @@ class MapsConfig:
         "distinct", "distinct: k other images per class; replace: k draws with replacement, the image included "
                     "(reference)")
     image_size: int | None = C.setting(
-        None, "resize images to this square size for the network (none: native); maps keep the native size", allowed=">= 16")
+        None, "resize images to this square size for the network (none: native); maps keep the native size",
+        allowed=">= 16")
     seed: int = C.setting(0, "seed of the partner draws (one generator per image)", allowed=">= 0")
     device: str = C.setting("auto", "auto | cpu | cuda[:i]")
     amp: bool = C.setting(True, "bf16 autocast on CUDA")
@@ -142,7 +143,7 @@ def state(cfg: MapsConfig | dict) -> tuple[str, str]:
         return ("recompute" if (out_dir / R.SETTINGS).is_file() else "run"), "no classifier.pt yet"
     names = VOCDataset(cfg.data_root, cfg.split, with_mask=False).names[:cfg.limit]
     files = [maps_path(out_dir, n).name for n in names]
-    return folder_state(out_dir, R.SETTINGS, _settings(cfg, run_dir / R.CLASSIFIER), files, EXPLAIN)
+    return folder_state(out_dir, R.SETTINGS, _settings(cfg, run_dir / R.CLASSIFIER), files, cfg.overwrite, EXPLAIN)
 
 
 def run(cfg: MapsConfig | dict) -> dict:

@@ -46,7 +46,7 @@ from wsss.data.voc import IMAGE_DIR, VOCDataset, load_image, load_mask, load_sal
 from wsss.files import check_current, check_settings, folder_state, remove_stale_tmp, write_json
 from wsss.maps import load_maps, maps_path
 from wsss.progress import progress
-from wsss.pseudo import PseudoMaskParams, crf_params_for, mask_counts, scores_to_mask
+from wsss.pseudo import BG_MODES, PseudoMaskParams, crf_params_for, mask_counts, scores_to_mask
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class PseudoConfig(PseudoMaskParams):
     saliency_dir: str | None = C.setting(None, "folder of saliency maps NAME.png (0-255), for bg_mode=saliency")
     # the rules: the fields of wsss.pseudo.PseudoMaskParams (inherited); bg_mode narrowed for the CLI
     bg_mode: Literal["power", "threshold", "saliency"] = C.setting(
-        "power", "background score: power | threshold | saliency")
+        "power", f"background score: {' | '.join(BG_MODES)}")
     crf_scale: bool = C.setting(True, f"scale the CRF spatial widths by max(H, W) / {CRF_REFERENCE_SIZE} per image")
     # machinery
     workers: int = C.setting(2, "worker processes (<= 1: in this process)", allowed=">= 0")
@@ -181,7 +181,7 @@ def state(cfg: PseudoConfig | dict) -> tuple[str, str]:
     names = VOCDataset(cfg.data_root, cfg.split, with_mask=False).names
     names = names if cfg.limit is None else names[:max(0, cfg.limit)]
     return folder_state(run_dir / cfg.out_dir, R.SETTINGS, _settings(cfg, run_dir / cfg.maps_dir),
-                        [f"{n}.png" for n in names], EXPLAIN)
+                        [f"{n}.png" for n in names], cfg.overwrite, EXPLAIN)
 
 
 def run(cfg: PseudoConfig | dict) -> dict:

@@ -68,6 +68,30 @@ def run(cfg, body) -> dict:
         distributed.cleanup_distributed(dist)
 
 
+def compare_recorded(path: Path, cfg: dict, inputs=None, normalise=None,
+                     ignore=C.MACHINERY_KEYS) -> tuple[dict | None, list[str]]:
+    """(what ``path`` holds, what differs from it): the settings recorded in a weights file or
+    checkpoint against ``cfg`` ("lr changed"; ``ignore``d keys left out) and its recorded
+    inputs against ``inputs``. (None, []) when the file cannot be read, or its settings not
+    brought to today's form by ``normalise`` (e.g. keys an older version did not record)."""
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable: made again
+        return None, []
+    old_cfg = old.get("cfg") or {}
+    if normalise is not None:
+        try:
+            old_cfg = normalise(old_cfg)
+        except ValueError:
+            return None, []
+    changes = [d.split(":")[0] + " changed" for d in C.config_differences(old_cfg, cfg, ignore)]
+    # a weights file records its inputs at the top, a checkpoint under "extra"
+    recorded_inputs = old["inputs"] if "inputs" in old else (old.get("extra") or {}).get("inputs")
+    if recorded_inputs != inputs:
+        changes.append("the pseudo-masks changed")
+    return old, changes
+
+
 def finished_metrics(path: str | Path, cfg: dict, inputs=None, normalise=None) -> dict | None:
     """The metrics stored in a stage's final weights file (classifier.pt, segmenter.pt) when
     it was trained with the same settings as ``cfg`` (``wsss.config.config_differences``) on the same
@@ -79,19 +103,8 @@ def finished_metrics(path: str | Path, cfg: dict, inputs=None, normalise=None) -
     path = Path(path)
     if not path.is_file():
         return None
-    try:
-        old = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # unreadable: train again and rewrite it
-        return None
-
-    old_cfg = old.get("cfg") or {}
-    if normalise is not None:  # e.g. fill keys that an older version did not record
-        try:
-            old_cfg = normalise(old_cfg)
-        except ValueError:
-            return None
-    same = not C.config_differences(old_cfg, cfg) and old.get("inputs") == inputs
-    return old.get("metrics") if same else None
+    old, changes = compare_recorded(path, cfg, inputs, normalise)
+    return old.get("metrics") if old is not None and not changes else None
 
 
 #: what a resumed run may change: the machinery (``wsss.config.MACHINERY_KEYS``) and how long it trains
@@ -129,33 +142,24 @@ def state(cfg, stage: str, inputs=None, normalise=None) -> tuple[str, str]:
     ``resume=False`` trains again) or "run" (nothing there yet). Reads RUN only."""
     run_dir, new = Path(cfg.run_dir), C.to_dict(cfg)
     weights, checkpoint = run_dir / R.TRAINED[stage], run_dir / R.TRAINING_STATE[stage]
+    if not cfg.resume and (weights.is_file() or checkpoint.is_file()):
+        return "recompute", "resume is off"
     if finished_metrics(weights, new, inputs, normalise) is not None:
         return "keep", f"{weights.name} has these settings"
-    for path, ignore in ((checkpoint, RESUME_FREE_KEYS), (weights, C.MACHINERY_KEYS)):
-        if not path.is_file():
-            continue
-        try:
-            old = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except Exception:  # noqa: BLE001 - unreadable: made again
-            return "recompute", f"{path.name} cannot be read"
-        old_cfg = old.get("cfg") or {}
-        if normalise is not None and path == weights:
-            try:
-                old_cfg = normalise(old_cfg)
-            except ValueError:
-                return "recompute", f"{path.name} records settings this version cannot read"
-        why = [d.split(":")[0] + " changed" for d in C.config_differences(old_cfg, new, ignore)]
-        old_inputs = (old.get("extra") or {}).get("inputs") if path == checkpoint else old.get("inputs")
-        if old_inputs != inputs:
-            why.append("the pseudo-masks changed")
-        if path == checkpoint and (old.get("epoch", 0) > cfg.epochs
-                                   or (cfg.max_steps is not None and old.get("step", 0) > cfg.max_steps)):
-            why.append(f"more done ({old.get('epoch')} epochs, {old.get('step')} steps) than asked")
-        if why:
-            return "recompute", ", ".join(why)
-        if path == checkpoint:
-            return "resume", f"from {path.name} after {old.get('epoch', 0)} epoch(s)"
-        return "recompute", f"{path.name} records no metrics"
+    if checkpoint.is_file():
+        old, changes = compare_recorded(checkpoint, new, inputs, ignore=RESUME_FREE_KEYS)
+        if old is None:
+            return "recompute", f"{checkpoint.name} cannot be read"
+        if old.get("epoch", 0) > cfg.epochs or (cfg.max_steps is not None and old.get("step", 0) > cfg.max_steps):
+            changes.append(f"more done ({old.get('epoch')} epochs, {old.get('step')} steps) than asked")
+        if changes:
+            return "recompute", ", ".join(changes)
+        return "resume", f"from {checkpoint.name} after {old.get('epoch', 0)} epoch(s)"
+    if weights.is_file():
+        old, changes = compare_recorded(weights, new, inputs, normalise)
+        if old is None:
+            return "recompute", f"{weights.name} cannot be read with this version"
+        return "recompute", ", ".join(changes) or f"{weights.name} records no metrics"
     return "run", "nothing trained yet"
 
 
